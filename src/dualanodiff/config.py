@@ -1,0 +1,161 @@
+"""One typed configuration for every stage, with the paper's official settings as defaults.
+
+A run's `config.yaml` is this object dumped whole, so a run can always be reproduced from it::
+
+    cfg = Config.from_yaml("run/config.yaml")      # unknown keys are an error, missing keys default
+    cfg.train.steps = 20
+    cfg.to_yaml("run/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from dualanodiff.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    data: str = ""  # category directory (MVTec layout) or custom folder (images/ + masks/)
+    defect: str = ""  # defect type to learn
+    split_rounding: Literal["floor", "ceil"] = "floor"  # floor: disjoint sets (ours); ceil: official rule
+    resolution: int = 512
+    flips: bool = True  # random horizontal + vertical flips (official; off for cable)
+    foreground: Literal["auto", "object", "texture"] = "auto"
+    u2net_weights: str = ""  # optional TorchScript U^2-Net for the foreground mask
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = "tiny"  # local diffusers dir, single .safetensors, "tiny" (embedded) or "tiny-random"
+    rank: int = 32  # UNet LoRA rank (official)
+    alpha: float = 32.0
+    text_rank: int = 32  # text-encoder LoRA rank (official); 0 disables text LoRA
+    global_prompt: str = "a vfx with sks"
+    anomaly_prompt: str = "sks"
+    saim: bool = True
+    saim_rank: int = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
+    bcm: bool = True
+    bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
+    gamma_init: float = 0.1
+    bcm_hidden: int = 0  # MLP width; 0 means the layer's own width
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    batch_size: int = 4
+    lr: float = 2e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 1
+
+
+@dataclass
+class GenerateConfig:
+    num: int = 500
+    steps: int = 100  # official: SD-1.5 PNDM, 100 steps, guidance 2.5
+    guidance: float = 2.5
+    scheduler: str = "pndm"
+    batch_size: int = 4
+    seed: int = 0
+    mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
+    mask_floor: float = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
+    min_component: int = 16  # pixels; smaller connected components are dropped
+    filter: bool = True
+    max_area: float = 0.5  # drop masks covering more than this share of the image
+    min_on_object: float = 0.5  # objects: share of the mask that must lie on the foreground
+    max_tries_factor: int = 4  # sample at most num * factor pairs before giving up
+    device: str = "auto"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+@dataclass
+class EvaluateConfig:
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    resolution: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    split: dict[str, list[str]] = field(default_factory=dict)  # filled by training: file stems used
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        return _build(cls, raw, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found; pass an existing YAML file") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections (data, model, train, ...)")
+        return cls.from_dict(raw, str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        from dualanodiff.io import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise UserError(f"{where}: unknown option(s) {sorted(unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: section '{name}' must be a mapping")
+            kwargs[name] = _build(hint, value, f"{where}:{name}")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{where}:{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise UserError(f"{where}: {value!r} is not one of {list(get_args(hint))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+    return value

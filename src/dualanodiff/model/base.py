@@ -1,0 +1,223 @@
+"""The frozen base model: a Stable Diffusion 1.x/2.x directory, a single checkpoint, or the project's own.
+
+Nothing here ever reaches a model hub: every `from_pretrained` runs with `local_files_only=True`, and a
+missing path is a `UserError` listing what to provide.
+
+- `tiny`: the project's small pretrained latent diffusion model shipped in the package (see README).
+- `tiny-random`: the same architecture family at test size, randomly initialised (seeded).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dualanodiff.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+EMBEDDED_BASE = Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
+
+
+@dataclass
+class BaseModel:
+    """The parts of a latent text-to-image diffusion model that DualAnoDiff tunes on top of."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    resolution: int  # native image size in pixels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def freeze(self) -> BaseModel:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def load_base_model(spec: str) -> BaseModel:
+    """Load the base named by `spec`: 'tiny', 'tiny-random', a diffusers directory or a .safetensors file."""
+    if spec == "tiny-random":
+        return tiny_random_base()
+    if spec == "tiny":
+        if not (EMBEDDED_BASE / "unet").is_dir():
+            raise UserError(
+                f"the embedded base model is missing from {EMBEDDED_BASE}; reinstall the package or "
+                "create it with `dualanodiff pretrain-base --out DIR` and pass --base-model DIR"
+            )
+        return _load_diffusers_dir(EMBEDDED_BASE)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"--base-model {spec}: path does not exist; give a local Stable Diffusion diffusers directory "
+            f"({', '.join(COMPONENTS)}), a .safetensors checkpoint, 'tiny' or 'tiny-random'"
+        )
+    if path.is_file():
+        return _load_single_file(path)
+    return _load_diffusers_dir(path)
+
+
+def _load_diffusers_dir(path: Path) -> BaseModel:
+    missing = [name for name in COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise UserError(
+            f"--base-model {path}: incomplete diffusers directory, missing {', '.join(missing)}/; "
+            "save a full StableDiffusionPipeline there (pipe.save_pretrained(DIR))"
+        )
+    kw = {"local_files_only": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--base-model {path}: cannot load ({str(exc).splitlines()[0]})") from None
+    resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, resolution).freeze()
+
+
+def _load_single_file(path: Path) -> BaseModel:
+    if path.suffix.lower() not in (".safetensors", ".ckpt"):
+        raise UserError(f"--base-model {path}: expected a diffusers directory or a .safetensors checkpoint")
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True)
+    except Exception as exc:  # diffusers raises several types for missing local configs
+        raise UserError(
+            f"--base-model {path}: cannot read this single-file checkpoint offline ({str(exc).splitlines()[0]}); "
+            "convert it once to a diffusers directory where its configs are available and pass that directory"
+        ) from None
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, resolution).freeze()
+
+
+# --- the project's own small configurations -------------------------------------------------------
+
+# Words that become single tokens; everything else falls back to characters.
+VOCAB_WORDS = (
+    "a", "an", "the", "with", "of", "on", "and", "photo", "image", "vfx", "sks", "good", "defect", "object",
+    "texture", "scratch", "hole", "stain", "crack", "missing", "piece", "cut", "spot", "colour", "color",
+    "bent", "broken", "contamination", "print", "squeeze", "thread", "poke", "glue", "fold", "rough",
+    "nut", "disc", "pill", "bottle", "capsule", "grid", "tile", "wood", "leather", "carpet", "cable",
+    "screw", "zipper", "hazelnut", "transistor", "toothbrush", "fabric", "weave", "ring", "washer",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable character map (byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = VOCAB_WORDS) -> CLIPTokenizer:
+    """A small byte-level BPE CLIP tokenizer: every byte is a token, each word in `words` is one token."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    merges = list(dict.fromkeys(merges))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_architecture(
+    tokenizer: CLIPTokenizer,
+    resolution: int,
+    unet_channels: tuple[int, ...],
+    vae_channels: tuple[int, ...],
+    text_width: int,
+    text_layers: int,
+    heads: int,
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Stable-Diffusion-shaped UNet/VAE/CLIP text encoder at a chosen small size, randomly initialised."""
+    groups = min(8, unet_channels[0])
+    n = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2 ** (len(vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=text_width,
+        attention_head_dim=heads,
+        norm_num_groups=groups,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=min(8, vae_channels[0]),
+        sample_size=resolution,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=text_width,
+            intermediate_size=text_width * 4,
+            num_hidden_layers=text_layers,
+            num_attention_heads=max(1, text_width // 16),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def sd_scheduler() -> DDPMScheduler:
+    """Stable Diffusion 1.x's training noise schedule."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+
+
+def tiny_random_base(seed: int = 0, resolution: int = 32) -> BaseModel:
+    """A test-size random base: 32 px images, 16x16x4 latents, 2 cross-attention levels."""
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae, text_encoder = tiny_architecture(
+            tokenizer, resolution, unet_channels=(32, 64), vae_channels=(16, 32), text_width=32,
+            text_layers=2, heads=8,
+        )
+    return BaseModel(unet, vae, text_encoder, tokenizer, sd_scheduler(), resolution).freeze()

@@ -1,0 +1,30 @@
+"""Shared fixtures: a small synthetic MVTec-format dataset made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut-photos"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Root of a small synthetic dataset (64 px, 6 images per defect type, 6 good images)."""
+    from dualanodiff.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, seed=0, size=64, per_defect=6, good=6)
+    return root
+
+
+@pytest.fixture(scope="session")
+def hazelnut_photos() -> Path:
+    """The real hazelnut photos beside the repository (skipped, with the reason, where absent)."""
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"real photos not found at {SHARED_PHOTOS} (they live in ../shared beside the checkout)")
+    return SHARED_PHOTOS
