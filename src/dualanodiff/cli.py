@@ -32,11 +32,176 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 # --- data: synth, info ---------------------------------------------------------------------------
 
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the dataset into (one subfolder per category)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    size: int = typer.Option(128, "--size", help="Image side in pixels."),
+    per_defect: int = typer.Option(9, "--per-defect", help="Images per defect type."),
+    good: int = typer.Option(12, "--good", help="Normal images in train/good (and as many in test/good)."),
+    category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT, replacing its categories."),
+) -> None:
+    """Write the synthetic MVTec-format dataset (objects and a texture, several defect types, exact masks)."""
+    from rich.progress import Progress
+
+    from dualanodiff.synthetic import CATEGORIES, dataset_jobs, write_dataset
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; pick another OUT")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: folder is not empty; pick another OUT or pass --force to replace its categories")
+    names = category or list(CATEGORIES)
+    total = sum(1 for _ in dataset_jobs(names, per_defect, good))  # also rejects unknown categories
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("rendering", total=total)
+        written = write_dataset(out, seed, size, per_defect, good, names, lambda: progress.advance(task))
+    console.print(f"wrote {len(written)} categories ({', '.join(p.name for p in written)}) to {out}")
+
+
+@app.command()
+def info(
+    category_dir: Path = typer.Argument(..., help="Category folder (MVTec layout) or custom images/ + masks/ folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
+) -> None:
+    """Show a category's defect types, counts, image size and few-shot split."""
+    import json
+
+    from rich.table import Table
+
+    from dualanodiff.data import few_shot_split, open_category
+
+    cat = open_category(category_dir)
+    splits = {name: few_shot_split(pairs, split_rounding) for name, pairs in cat.defects.items()}
+    if as_json:
+        record = {
+            "category": cat.name,
+            "defects": {
+                name: {"train": [p.stem for p in train], "test": [p.stem for p in test]}
+                for name, (train, test) in splits.items()
+            },
+            "good_train": len(cat.train_good),
+            "good_test": len(cat.test_good),
+        }
+        sys.stdout.write(json.dumps(record) + "\n")
+        return
+    width, height = cat.image_size()
+    table = Table(title=cat.name, caption=f"{cat.layout} layout, {cat.kind}, {width}x{height} px, split {split_rounding}")
+    for column in ("defect", "pairs", "train", "test"):
+        table.add_column(column)
+    for name, (train, test) in splits.items():
+        table.add_row(name, str(len(train) + len(test)), " ".join(p.stem for p in train), " ".join(p.stem for p in test))
+    good = (len(cat.train_good), len(cat.test_good))
+    table.add_row("good", str(sum(good)), f"{good[0]} images", f"{good[1]} images")
+    Console().print(table)
+
+
 # --- model: train ---------------------------------------------------------------------------------
 
 # --- generation: generate -------------------------------------------------------------------------
 
 # --- baselines and evaluation: baseline, evaluate -------------------------------------------------
+
+
+@app.command()
+def baseline(
+    method: str = typer.Argument(..., help="crop-paste (real few-shot defects pasted) or perlin (DRAEM)."),
+    data: Path = typer.Option(..., "--data", help="Category folder (MVTec layout, with train/good)."),
+    defect: str = typer.Option(..., "--defect", help="Defect type (crop-paste cuts its training pairs)."),
+    num: int = typer.Option(..., "--num", help="Pairs wanted; a re-run with a larger number adds pairs."),
+    out: Path = typer.Option(..., "--out", help="Output root; pairs go to OUT/<category>/<defect>/."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; pair attempt a uses seed + a."),
+    split_rounding: str = typer.Option("floor", "--split-rounding", help="crop-paste: floor (disjoint) or ceil."),
+    force: bool = typer.Option(False, "--force", help="Replace pairs already in OUT/<category>/<defect>/."),
+) -> None:
+    """Write baseline image-mask pairs in the same layout as `generate` (crop-paste or Perlin)."""
+    from rich.progress import Progress
+
+    from dualanodiff import baselines
+    from dualanodiff.data import open_category
+
+    if method not in ("crop-paste", "perlin"):
+        raise UserError(f"baseline {method}: unknown method; choose crop-paste or perlin")
+    category = open_category(data)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{method} {category.name}/{defect}", total=num)
+
+        def report(done: int) -> None:
+            progress.update(task, completed=done)
+
+        if method == "crop-paste":
+            folder = baselines.crop_paste(category, defect, num, out, seed, split_rounding, force=force, progress=report)
+        else:
+            folder = baselines.perlin(category, defect, num, out, seed, force=force, progress=report)
+    console.print(f"{method}: {num} pairs in {folder}")
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Category folder (MVTec layout) with the real test split."),
+    generated: list[str] = typer.Option(
+        ..., "--generated", help="Output root of generate/baseline, as DIR or NAME=DIR (repeatable: one row each)."
+    ),
+    defect: Optional[list[str]] = typer.Option(None, "--defect", help="Only these defect types (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its `evaluate` section is used."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (fixed; no test-set selection)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing."),
+    base_width: int = typer.Option(16, "--base-width", help="U-Net base width (DRAEM uses 64)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings."),
+    split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="TorchScript Inception-v3 for IS."),
+    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="AlexNet + lpips lin state dict for IC-LPIPS."),
+    resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="torchvision ResNet-34 state dict."),
+    no_classification: bool = typer.Option(False, "--no-classification", help="Skip the ResNet-34 classification."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if any), cpu or cuda."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results (raw fractions) as JSON."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown report and a bar chart PNG beside it."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the table as CSV."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing report files."),
+) -> None:
+    """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
+    from rich.table import Table
+
+    from dualanodiff.config import Config
+    from dualanodiff.evaluation import evaluate_generators, parse_generated, write_report
+    from dualanodiff.evaluation.report import COLUMNS, chart_path, check_outputs, table_rows
+
+    cfg = Config.from_yaml(config).evaluate if config else Config().evaluate
+    for name, value in (("epochs", epochs), ("resolution", resolution), ("seed", seed)):
+        if value is not None:
+            setattr(cfg, name, value)
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs {cfg.epochs}: must be at least 1")
+    roots = dict(parse_generated(spec) for spec in generated)
+    if len(roots) != len(generated):
+        raise UserError("--generated: two folders share a row name; label them as NAME=DIR")
+    check_outputs([report, report and chart_path(report), json_path, csv_path], force)
+    results = evaluate_generators(
+        data,
+        roots,
+        cfg,
+        defects=defect or None,
+        rounding=split_rounding,
+        base_width=base_width,
+        inception_weights=inception_weights,
+        lpips_weights=lpips_weights,
+        resnet_weights=resnet_weights,
+        classification=not no_classification,
+        device=device,
+        log=lambda message: console.print(message, highlight=False),
+    )
+    written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
+    table = Table(title=f"{results['category']} ({results['protocol']['selection']})")
+    for title in ["generator"] + [title for _, title, _ in COLUMNS]:
+        table.add_column(title)
+    for cells in table_rows(results):
+        table.add_row(*cells)
+    Console().print(table)
+    for path in written:
+        console.print(f"wrote {path}")
+
 
 # --- base model and demo: pretrain-base, demo ------------------------------------------------------
 

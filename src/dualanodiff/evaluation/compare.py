@@ -1,0 +1,206 @@
+"""One evaluation run: several generators' pairs for one category, scored side by side with the same
+protocol, seeds and real test split, into one results dict that `write_report` renders."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dualanodiff.config import EvaluateConfig
+from dualanodiff.data import Category, few_shot_split, open_category
+from dualanodiff.errors import UserError
+from dualanodiff.evaluation.classification import evaluate_classification
+from dualanodiff.evaluation.generation_metrics import (
+    INCEPTION_SIZE,
+    LPIPS,
+    ic_lpips,
+    inception_logits,
+    inception_score,
+    load_inception,
+    load_lpips,
+)
+from dualanodiff.evaluation.inputs import PairPaths, generated_pairs, load_images
+from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
+from dualanodiff.evaluation.metrics import METRIC_KEYS
+
+SELECTION = "fixed epochs, no test-set selection"
+IS_SPLITS = 10  # torch-fidelity's default; fewer when a defect type has fewer generated images
+
+
+def evaluate_generators(
+    category_dir: Path | str,
+    generated: dict[str, Path],
+    cfg: EvaluateConfig,
+    *,
+    defects: list[str] | None = None,
+    rounding: str = "floor",
+    base_width: int = 16,
+    inception_weights: Path | None = None,
+    lpips_weights: Path | None = None,
+    resnet_weights: Path | None = None,
+    classification: bool = True,
+    device: str = "auto",
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Score every generator (row label -> output root of `generate` or `baseline`) on one category.
+
+    ``defects`` defaults to the category's defect types that every generator has pairs for. Returns
+    ``{"category", "defects", "protocol", "notes", "generators": [{"name", "root", "pairs",
+    "metrics", "per_defect"}]}``; metric values are fractions (``nan`` where not computed), with
+    keys `METRIC_KEYS` + ``is``, ``is_std``, ``ic_lpips``, ``accuracy``.
+    """
+    category = open_category(category_dir)
+    check_resolution(cfg.resolution)
+    if resnet_weights is not None and not Path(resnet_weights).is_file():
+        raise UserError(f"--resnet-weights {resnet_weights}: file not found; pass a local ResNet-34 state dict")
+    inception = load_inception(inception_weights) if inception_weights is not None else None
+    lpips = load_lpips(lpips_weights) if lpips_weights is not None else None
+    pairs, defects, notes = _pairs_per_generator(category, generated, defects)
+    for defect in defects:
+        few_shot_split(category.defects[defect], rounding)  # a too small defect type fails before training
+    if inception is None:
+        notes.append("IS not computed: needs --inception-weights FILE (a TorchScript Inception-v3 returning logits)")
+    if lpips is None:
+        notes.append("IC-LPIPS not computed: needs --lpips-weights FILE (AlexNet features + lpips lin heads)")
+    classify = classification and len(defects) >= 2
+    if classification and not classify:
+        notes.append("classification not computed: it needs at least 2 defect types")
+    for note in notes:
+        log(note)
+
+    rows = []
+    for name, found in pairs.items():
+        by_defect = {defect: found[defect] for defect in defects}
+        log(f"{name}: {sum(len(v) for v in by_defect.values())} generated pairs over {len(defects)} defect types")
+        flat = [pair for defect in defects for pair in by_defect[defect]]
+        localization = evaluate_localization(category, flat, cfg, rounding, defects, base_width, device)
+        accuracy = (
+            evaluate_classification(category, by_defect, cfg, rounding, resnet_weights, device) if classify else None
+        )
+        per_defect = {}
+        for defect in defects:
+            scores = _generation_scores(category, defect, by_defect[defect], rounding, cfg.resolution, inception, lpips)
+            per_defect[defect] = {
+                **localization["per_defect"][defect],
+                **scores,
+                "accuracy": accuracy["per_defect"][defect] if accuracy else math.nan,
+            }
+        metrics = {key: localization[key] for key in METRIC_KEYS}
+        for key in ("is", "is_std", "ic_lpips"):
+            metrics[key] = _mean([per_defect[d][key] for d in defects])
+        metrics["accuracy"] = accuracy["accuracy"] if accuracy else math.nan
+        rows.append(
+            {
+                "name": name,
+                "root": str(generated[name]),
+                "pairs": {d: len(by_defect[d]) for d in defects},
+                "metrics": metrics,
+                "per_defect": per_defect,
+            }
+        )
+    return {
+        "category": category.name,
+        "category_dir": str(category.root),
+        "defects": defects,
+        "protocol": _protocol(category, defects, cfg, rounding, base_width, resnet_weights, classify),
+        "notes": notes,
+        "generators": rows,
+    }
+
+
+def _pairs_per_generator(
+    category: Category, generated: dict[str, Path], defects: list[str] | None
+) -> tuple[dict[str, dict[str, PairPaths]], list[str], list[str]]:
+    """Each generator's pairs, the defect types to evaluate and notes on what was left out."""
+    if not generated:
+        raise UserError("--generated: give at least one folder of generated pairs")
+    if defects is not None:
+        unknown = [d for d in defects if d not in category.defects]
+        if unknown:
+            valid = ", ".join(category.defects)
+            raise UserError(f"--defect {unknown[0]}: not a defect type of {category.root}; valid: {valid}")
+    pairs = {name: generated_pairs(root, category.name, defects) for name, root in generated.items()}
+    notes = []
+    if defects is None:
+        defects = [d for d in category.defects if all(d in by_defect for by_defect in pairs.values())]
+        if not defects:
+            raise UserError(
+                f"{category.root}: no defect type has generated pairs in every --generated folder "
+                f"({', '.join(map(str, generated.values()))}); generate them or pass --defect"
+            )
+        left_out = sorted({d for by_defect in pairs.values() for d in by_defect} - set(defects))
+        if left_out:
+            notes.append(f"defect types left out (not in the dataset or not in every generator): {', '.join(left_out)}")
+    return pairs, defects, notes
+
+
+def _generation_scores(
+    category: Category,
+    defect: str,
+    pairs: PairPaths,
+    rounding: str,
+    resolution: int,
+    inception: Callable | None,
+    lpips: LPIPS | None,
+) -> dict[str, float]:
+    """IS (mean, std over min(10, N) splits) and IC-LPIPS against the real few-shot training images."""
+    images = [image for image, _ in pairs]
+    scores = {"is": math.nan, "is_std": math.nan, "ic_lpips": math.nan}
+    if inception is not None:
+        logits = inception_logits(inception, load_images(images, INCEPTION_SIZE))
+        scores["is"], scores["is_std"] = inception_score(logits, splits=min(IS_SPLITS, len(images)))
+    if lpips is not None:
+        train = [pair.image for pair in few_shot_split(category.defects[defect], rounding)[0]]
+        scores["ic_lpips"] = ic_lpips(_lpips_input(images, resolution), _lpips_input(train, resolution), lpips.pairwise)
+    return scores
+
+
+def _lpips_input(paths: list[Path], size: int) -> torch.Tensor:
+    """Images as LPIPS takes them: (N, 3, size, size) float in [-1, 1]."""
+    return load_images(paths, size).float() / 127.5 - 1
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(sum(finite) / len(finite)) if finite else math.nan
+
+
+def _protocol(
+    category: Category,
+    defects: list[str],
+    cfg: EvaluateConfig,
+    rounding: str,
+    base_width: int,
+    resnet_weights: Path | None,
+    classify: bool,
+) -> dict:
+    test = {d: len(few_shot_split(category.defects[d], rounding)[1]) for d in defects}
+    return {
+        "split_rounding": rounding,
+        "test_images": {**test, "good": len(category.test_good)},
+        "localization": (
+            f"DRAEM-shaped U-Net (base width {base_width}), focal loss (gamma 2), batches of 50 % generated pairs "
+            f"and 50 % train/good with empty masks, {cfg.epochs} epochs at {cfg.resolution} px, {SELECTION}"
+        ),
+        "classification": (
+            f"ResNet-34 ({'weights from ' + str(resnet_weights) if resnet_weights else 'random init'}), "
+            f"{cfg.epochs} epochs on the generated images, labels = defect types, {SELECTION}"
+            if classify
+            else "not run"
+        ),
+        "generation": (
+            f"IS over min({IS_SPLITS}, N) splits per defect type; IC-LPIPS against the few-shot training images; "
+            "both averaged over the defect types"
+        ),
+        "selection": SELECTION,
+        "epochs": cfg.epochs,
+        "resolution": cfg.resolution,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "base_width": base_width,
+        "torch": torch.__version__,
+    }

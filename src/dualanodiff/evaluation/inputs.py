@@ -1,0 +1,107 @@
+"""What the evaluation reads: generated pairs of a category, images at the evaluation resolution,
+and local weight files (state dicts) for the networks it scores with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dualanodiff.data import load_image, load_mask
+from dualanodiff.errors import UserError
+from dualanodiff.pairs import discover_generated, read_pairs
+
+PairPaths = list[tuple[Path, Path]]  # (image, mask) files
+
+
+def parse_generated(spec: str) -> tuple[str, Path]:
+    """``--generated`` value ``DIR`` or ``NAME=DIR`` -> (row label, output root); DIR labels by its folder name."""
+    name, sep, folder = spec.partition("=")
+    if not sep:
+        path = Path(spec)
+        return path.resolve().name or spec, path
+    if not name or not folder:
+        raise UserError(f"--generated {spec}: expected DIR or NAME=DIR; give both a name and a folder")
+    return name, Path(folder)
+
+
+def generated_pairs(root: Path, category: str, defects: list[str] | None = None) -> dict[str, PairPaths]:
+    """Defect type -> (image, mask) paths of the kept pairs under ``root/<category>/<defect>``.
+
+    ``defects`` given: every one must have pairs (a `UserError` names the missing folder). Otherwise
+    all defect types found. No pair at all for ``category`` is a `UserError` naming ``root``.
+    """
+    found = {defect: folder for (cat, defect), folder in discover_generated(root).items() if cat == category}
+    wanted = defects if defects is not None else list(found)
+    pairs = {}
+    for defect in wanted:
+        folder = found.get(defect)
+        listed = read_pairs(folder) if folder is not None else []
+        if not listed and defects is not None:
+            raise UserError(
+                f"{Path(root) / category / defect}: no generated pairs for defect type '{defect}'; "
+                f"generate them or leave '{defect}' out of --defect"
+            )
+        if listed:
+            pairs[defect] = listed
+    if not pairs:
+        raise UserError(
+            f"{root}: no generated pairs for category '{category}' (expected {root}/{category}/<defect>/image "
+            "and mask/); pass the --out folder of `dualanodiff generate` or `dualanodiff baseline`"
+        )
+    return pairs
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """(N, 3, size, size) uint8 RGB, each image resized bilinearly to size x size."""
+    if not paths:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    images = [np.asarray(Image.fromarray(load_image(p)).resize((size, size), Image.BILINEAR)) for p in paths]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_masks(paths: list[Path | None], size: int) -> torch.Tensor:
+    """(N, size, size) bool, resized by nearest neighbour; ``None`` stands for an empty mask (a normal image)."""
+    masks = torch.zeros((len(paths), size, size), dtype=torch.bool)
+    for i, path in enumerate(paths):
+        if path is not None:
+            resized = Image.fromarray(load_mask(path)).resize((size, size), Image.NEAREST)
+            masks[i] = torch.from_numpy(np.array(resized))
+    return masks
+
+
+def load_state_dict(path: Path, option: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local ``.safetensors`` file or a ``torch.save``-d ``.pth``/``.pt``/``.bin`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option} {path}: file not found; pass a local weights file (.pth or .safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader's own error type: damaged file, pickled module, ...
+        raise UserError(
+            f"{option} {path}: cannot read a state dict ({type(exc).__name__}); save `model.state_dict()` "
+            "with torch.save or safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{option} {path}: not a state dict of tensors; save `model.state_dict()` instead")
+    return state
+
+
+def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path, option: str) -> None:
+    """`UserError` unless ``state`` has exactly the keys and shapes of ``model.state_dict()``."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise UserError(f"{option} {path}: {what} key(s) {shown}; pass weights with the documented key layout")

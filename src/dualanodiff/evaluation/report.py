@@ -1,0 +1,173 @@
+"""The evaluation report: one table per category, rows = generators, columns as the paper's Table 2
+(pixel and image AUROC / AP / F1-max) plus IS, IC-LPIPS and classification accuracy, written as
+Markdown (with a bar chart PNG beside it), JSON and CSV.
+
+Percent columns show ``100 * value`` with one decimal as the paper does; IS and IC-LPIPS two
+decimals; "–" where a value was not computed. The JSON keeps the raw fractions (``null`` for not
+computed) and the protocol; the CSV holds the table's numbers (empty for not computed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dualanodiff.errors import UserError
+from dualanodiff.io import atomic_write_bytes, atomic_write_text
+
+NOT_COMPUTED = "–"
+# (results key, column title, percent?)
+COLUMNS = (
+    ("pixel_auroc", "pixel AUROC", True),
+    ("pixel_ap", "pixel AP", True),
+    ("pixel_f1max", "pixel F1-max", True),
+    ("image_auroc", "image AUROC", True),
+    ("image_ap", "image AP", True),
+    ("image_f1max", "image F1-max", True),
+    ("is", "IS", False),
+    ("ic_lpips", "IC-LPIPS", False),
+    ("accuracy", "accuracy", True),
+)
+
+
+def format_value(value: float | None, percent: bool) -> str:
+    """``0.9234, True`` -> ``"92.3"``; ``1.8765, False`` -> ``"1.88"``; ``nan``/``None`` -> ``"–"``."""
+    if value is None or math.isnan(value):
+        return NOT_COMPUTED
+    return f"{100 * value:.1f}" if percent else f"{value:.2f}"
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    """One row of formatted cells per generator: name, then `COLUMNS`."""
+    return [
+        [row["name"]] + [format_value(row["metrics"].get(key), percent) for key, _, percent in COLUMNS]
+        for row in results["generators"]
+    ]
+
+
+def check_outputs(paths: list[Path | None], force: bool) -> None:
+    """`UserError` if an output exists and ``force`` is off (checked before any work is done)."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not force:
+            raise UserError(f"{path}: already exists; pick another file or pass --force to overwrite it")
+
+
+def chart_path(out_md: Path) -> Path:
+    """The bar chart written beside a Markdown report: ``report.md`` -> ``report.png``."""
+    return Path(out_md).with_suffix(".png")
+
+
+def write_report(
+    results: dict,
+    out_md: Path | None = None,
+    *,
+    json_path: Path | None = None,
+    csv_path: Path | None = None,
+    force: bool = False,
+) -> list[Path]:
+    """Write the Markdown report and its bar chart (``out_md`` and `chart_path`), the JSON and the CSV,
+    each atomically and only those asked for; refuses to overwrite without ``force``. Returns the
+    paths written."""
+    targets = ([Path(out_md), chart_path(out_md)] if out_md else []) + [p for p in (json_path, csv_path) if p]
+    check_outputs(targets, force)
+    if out_md:
+        atomic_write_bytes(chart_path(out_md), bar_chart_png(results))
+        atomic_write_text(Path(out_md), markdown(results, chart_path(out_md).name))
+    if json_path:
+        atomic_write_text(Path(json_path), json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+    if csv_path:
+        atomic_write_text(Path(csv_path), csv_text(results))
+    return targets
+
+
+def markdown(results: dict, chart_name: str | None = None) -> str:
+    """The report page: protocol, the table, notes, the chart and per-defect-type tables."""
+    protocol = results["protocol"]
+    test = ", ".join(f"{name} {count}" for name, count in protocol["test_images"].items())
+    lines = [
+        f"# Evaluation: {results['category']}",
+        "",
+        f"Dataset `{results['category_dir']}`; real test split ({protocol['split_rounding']} rounding): {test} images.",
+        "",
+        f"- Localization: {protocol['localization']}.",
+        f"- Classification: {protocol['classification']}.",
+        f"- Generation: {protocol['generation']}.",
+        "",
+        _markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
+        "",
+        f"Percent except IS and IC-LPIPS; {NOT_COMPUTED} = not computed.",
+    ]
+    lines += [""] + [f"- {note}" for note in results["notes"]] if results["notes"] else []
+    if chart_name:
+        lines += ["", f"![metrics per generator]({chart_name})"]
+    lines += ["", "## Per defect type"]
+    for defect in results["defects"]:
+        rows = [
+            [row["name"], str(row["pairs"][defect])]
+            + [format_value(row["per_defect"][defect].get(key), percent) for key, _, percent in COLUMNS]
+            for row in results["generators"]
+        ]
+        header = ["generator", "pairs"] + [title for _, title, _ in COLUMNS]
+        lines += ["", f"### {defect}", "", "Localization on this type's test images plus all test/good.", ""]
+        lines += [_markdown_table(header, rows)]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(results: dict) -> str:
+    """The table as CSV: ``generator`` then the `COLUMNS` keys, numbers as in the Markdown table."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["generator"] + [key for key, _, _ in COLUMNS])
+    for cells in table_rows(results):
+        writer.writerow(["" if cell == NOT_COMPUTED else cell for cell in cells])
+    return buffer.getvalue()
+
+
+def bar_chart_png(results: dict) -> bytes:
+    """Grouped bars: the percent metrics on the x axis, one bar per generator (not computed: no bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    keys = [(key, title) for key, title, percent in COLUMNS if percent]
+    generators = results["generators"]
+    width = 0.8 / max(1, len(generators))
+    figure = Figure(figsize=(max(6.0, 1.1 * len(keys)), 3.6), dpi=100)
+    axes = figure.add_subplot()
+    positions = np.arange(len(keys))
+    for g, row in enumerate(generators):
+        values = [100 * row["metrics"].get(key, math.nan) for key, _ in keys]
+        axes.bar(positions + (g - (len(generators) - 1) / 2) * width, values, width, label=row["name"])
+    axes.set_xticks(positions, [title for _, title in keys], rotation=20, ha="right")
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("%")
+    axes.set_title(f"{results['category']}: downstream metrics per generator")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def _jsonable(value):
+    """nan -> None (strict JSON), Paths -> str, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value) if isinstance(value, Path) else value

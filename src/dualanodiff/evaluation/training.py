@@ -1,0 +1,70 @@
+"""What the two downstream trainings (U-Net localization, ResNet classification) share: the device,
+seeded batch orders, batch-norm statistics and a progress bar over epochs."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from dualanodiff.errors import UserError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible; use auto or cpu")
+    return resolved
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches of a seeded permutation of ``range(n)``; a trailing batch of one joins the one
+    before it, since batch norm cannot train on a single sample."""
+    batches = list(torch.randperm(n, generator=generator).split(max(1, batch_size)))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Replace every batch-norm layer's running mean and variance by their average over ``batches``
+    (the training inputs, preprocessed), then switch to eval mode.
+
+    Running statistics are an exponential average that lags behind the weights; after a short
+    training it can be far from the statistics the final weights produce, and the eval-mode network
+    then predicts something else than it learnt. Averaging once over the training data with the final
+    weights ("precise BN") removes that lag; it reads no test data.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    model.train()
+    for batch in batches:
+        model(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.eval()
+
+
+@contextmanager
+def epoch_progress(label: str, epochs: int) -> Iterator[Callable[[float], None]]:
+    """A rich progress bar over epochs (on stderr, cleared when done); yields ``advance(loss)``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(label, total=epochs, loss="-")
+        yield lambda loss: progress.update(task, advance=1, loss=f"{loss:.4f}")

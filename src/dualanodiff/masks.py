@@ -1,0 +1,215 @@
+"""Masks for generated pairs: from the anomaly-part image (default), from cross-attention, or from U²-Net.
+
+The anomaly-part image follows the official convention: its training target is ``I * M`` computed in
+``[-1, 1]`` space, so outside the defect it is flat mid-grey (127/128), not black. The defect is then
+whatever is far from that flat level::
+
+    mask = part_to_mask(part)              # part: HxWx3 uint8 -> HxW bool
+    filter_verdict(mask, foreground)       # "kept" | "empty" | "too_large" | "off_object"
+    pair_consistency(image, part, mask)    # PSNR (dB) of image vs part inside the mask
+
+Every extractor ends with the same clean-up (`clean_mask`): closing, filling small holes and dropping
+components smaller than ``min_component`` pixels. No opening: thin scratches and cracks are defects.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from skimage.filters import threshold_otsu
+from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
+from skimage.segmentation import find_boundaries
+
+from dualanodiff.errors import UserError
+
+PSNR_CAP = 100.0  # dB returned by `pair_consistency` when image and part agree exactly inside the mask
+_GREY = 0.5
+_NOISE_CEILING = 3.0  # x median distance (median of max_c |noise_c| is 1.26 sigma for Gaussian noise)
+_TINT = np.array([255, 0, 0], dtype=np.float32)
+
+
+def part_to_mask(
+    part: np.ndarray, floor: float = 0.08, min_component: int = 16, radius: int = 1
+) -> np.ndarray:
+    """Defect mask of an anomaly-part image: pixels far from the flat grey around the defect.
+
+    The distance of a pixel is ``max_c |part_c / 255 - level_c|``. The flat level is the per-channel
+    median when it lies within ``floor`` of mid-grey (a decoded part image is often shifted by a few
+    grey levels), else mid-grey itself (the defect then covers most of the image and the median is
+    the defect's colour). The threshold is Otsu's on the distance map, never below ``floor`` and never
+    above a noise ceiling of 3x the median distance (3.8 sigma for Gaussian noise on the flat region):
+    with defects of very different contrast, Otsu alone would split strong from faint defects rather
+    than defect from flat. ``min_component`` is in pixels at the image's own size.
+
+    >>> part = np.full((32, 32, 3), 128, np.uint8); part[8:16, 8:20] = (200, 40, 40)
+    >>> int(part_to_mask(part).sum())
+    96
+    """
+    pixels = np.atleast_3d(np.asarray(part)).astype(np.float32) / 255.0
+    if pixels.ndim != 3:
+        raise ValueError(f"part image must be HxW or HxWxC, got shape {np.shape(part)}")
+    median = np.median(pixels.reshape(-1, pixels.shape[2]), axis=0)
+    level = np.where(np.abs(median - _GREY) <= floor, median, _GREY)
+    distance = np.abs(pixels - level).max(axis=2)
+    if distance.max() <= floor:
+        return np.zeros(distance.shape, dtype=bool)
+    noise_ceiling = _NOISE_CEILING * float(np.median(distance))
+    threshold = max(min(float(threshold_otsu(distance)), noise_ceiling), floor)
+    return clean_mask(distance > threshold, min_component, radius)
+
+
+def attention_to_mask(
+    attention: np.ndarray, size: tuple[int, int], min_component: int = 16, radius: int = 1
+) -> np.ndarray:
+    """Mask from an averaged cross-attention map of the defect token; ``size`` is (height, width).
+
+    The map is resized bilinearly, normalised to [0, 1] and split by Otsu's threshold. A constant map
+    carries no location and gives an empty mask.
+    """
+    heat = np.asarray(attention, dtype=np.float32)
+    if heat.ndim != 2 or not np.isfinite(heat).all():
+        raise ValueError(f"attention must be a finite 2-D map, got shape {heat.shape}")
+    height, width = size
+    heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+    span = float(heat.max() - heat.min())
+    if span <= 1e-12:
+        return np.zeros((height, width), dtype=bool)
+    heat = (heat - heat.min()) / span
+    return clean_mask(heat > threshold_otsu(heat), min_component, radius)
+
+
+def u2net_part_mask(
+    part: np.ndarray,
+    weights_path: str | Path,
+    threshold: float = 0.5,
+    min_component: int = 16,
+    input_size: int = 320,
+) -> np.ndarray:
+    """Mask of the salient defect in a part image from a local TorchScript U²-Net (saliency) model.
+
+    The model gets the image resized to ``input_size`` and normalised as U²-Net expects (divided by
+    its maximum, then ImageNet mean/std); its first output (a tensor, or the first of a tuple) is
+    min-max normalised, resized back and thresholded.
+    """
+    import torch
+
+    model = _load_torchscript(str(Path(weights_path).resolve()))
+    rgb = np.atleast_3d(np.asarray(part))
+    rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[..., :3]
+    height, width = rgb.shape[:2]
+    x = cv2.resize(rgb, (input_size, input_size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    x = x / max(float(x.max()), 1e-6)
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    saliency = out.detach().float().cpu().numpy().squeeze()
+    if saliency.ndim != 2:
+        raise UserError(
+            f"{weights_path}: model output has shape {tuple(out.shape)}; expected one saliency map"
+        )
+    span = float(saliency.max() - saliency.min())
+    saliency = (saliency - saliency.min()) / span if span > 1e-12 else np.zeros_like(saliency)
+    saliency = cv2.resize(saliency, (width, height), interpolation=cv2.INTER_LINEAR)
+    return clean_mask(saliency > threshold, min_component, radius=1)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_torchscript(path: str):
+    import torch
+
+    if not Path(path).is_file():
+        raise UserError(
+            f"{path}: U²-Net weights not found; pass --u2net-weights with a local TorchScript U²-Net file "
+            "(torch.jit.save of the scripted model)"
+        )
+    try:
+        with warnings.catch_warnings():  # deprecated in torch 2.x, yet the one format that needs no model code
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"{path}: not a TorchScript model ({reason}); export it with torch.jit.save") from None
+    return model.eval()
+
+
+def clean_mask(binary: np.ndarray, min_component: int = 16, radius: int = 1) -> np.ndarray:
+    """Closing with a disk of ``radius``, then filling holes and dropping components under ``min_component``.
+
+    Closing bridges gaps and notches narrower than the disk and leaves convex shapes unchanged. There
+    is deliberately no opening: it would erase thin scratches, cracks and cuts, which are defects;
+    noise specks go with the small components.
+    """
+    mask = np.asarray(binary, dtype=bool)
+    if radius > 0:
+        mask = closing(mask, disk(radius))
+    if min_component > 1:
+        mask = remove_small_holes(mask, max_size=min_component - 1, connectivity=1)
+        mask = remove_small_objects(mask, max_size=min_component - 1, connectivity=2)
+    return mask
+
+
+def filter_verdict(
+    mask: np.ndarray, foreground: np.ndarray | None, max_area: float = 0.5, min_on_object: float = 0.5
+) -> str:
+    """Quality-filter verdict for a generated mask, checked in this order.
+
+    ``"empty"``: no pixel; ``"too_large"``: more than ``max_area`` of the image; ``"off_object"``: a
+    foreground mask is given and less than ``min_on_object`` of the mask's pixels lie on it;
+    else ``"kept"``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    area = int(mask.sum())
+    if area == 0:
+        return "empty"
+    if area / mask.size > max_area:
+        return "too_large"
+    if foreground is not None:
+        foreground = np.asarray(foreground, dtype=bool)
+        if foreground.shape != mask.shape:
+            raise ValueError(f"foreground shape {foreground.shape} differs from mask shape {mask.shape}")
+        if (mask & foreground).sum() / area < min_on_object:
+            return "off_object"
+    return "kept"
+
+
+def pair_consistency(image: np.ndarray, part: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB, peak 255) between the global image and the part image over the mask's pixels.
+
+    This is the measurable form of the paper's alignment claim: inside the defect, both branches
+    should have drawn the same thing. Exact agreement gives ``PSNR_CAP``; an empty mask gives nan.
+
+    >>> image = np.full((4, 4, 3), 100, np.uint8); mask = np.zeros((4, 4), bool); mask[:2] = True
+    >>> round(pair_consistency(image, image + 10, mask), 2)   # 10 log10(255^2 / 10^2)
+    28.13
+    """
+    image = np.asarray(image)
+    part = np.asarray(part)
+    mask = np.asarray(mask, dtype=bool)
+    if image.shape != part.shape or image.shape[:2] != mask.shape:
+        raise ValueError(f"shapes differ: image {image.shape}, part {part.shape}, mask {mask.shape}")
+    if not mask.any():
+        return float("nan")
+    difference = image[mask].astype(np.float64) - part[mask].astype(np.float64)
+    mse = float(np.mean(difference**2))
+    if mse == 0.0:
+        return PSNR_CAP
+    return min(float(10.0 * np.log10(255.0**2 / mse)), PSNR_CAP)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The image with the mask tinted red (``alpha``) and its inner contour drawn in pure red."""
+    rgb = np.atleast_3d(np.asarray(image))
+    rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[..., :3]
+    mask = np.asarray(mask, dtype=bool)
+    if rgb.shape[:2] != mask.shape:
+        raise ValueError(f"image shape {rgb.shape[:2]} differs from mask shape {mask.shape}")
+    out = rgb.astype(np.float32)
+    out[mask] = (1.0 - alpha) * out[mask] + alpha * _TINT
+    out[find_boundaries(mask, mode="inner")] = _TINT
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

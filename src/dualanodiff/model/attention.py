@@ -1,0 +1,242 @@
+"""The paper's additions as one diffusers attention processor per attention layer of a stock UNet.
+
+A UNet batch is laid out as ``[global | anomaly | background]`` sub-batches of ``P`` rows each (the
+background block may be absent). ``RowLayout`` tells every processor ``P`` for the current call. Each
+processor then, in one call:
+
+- applies the *global* LoRA to global and background rows and the *anomaly* LoRA to anomaly rows, on
+  the q, k, v and out projections (peft cannot mix adapters in one training batch);
+- BCM (self-attention only, paper eq. 5): adds ``gamma * MLP(b)`` to the global rows' states from which
+  K and V are computed (Q keeps the unmodified states); ``b`` is the background rows' self-attention
+  output at this layer (``paper``) or their input states with interpolation (``official``);
+- SAIM (paper eq. 3): after the attention, every spatial position's global and anomaly tokens form a
+  2-token sequence that attends over itself; the result is added back as a residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+
+@dataclass
+class RowLayout:
+    """How many (global, anomaly) pairs the current UNet call holds, and whether background rows follow."""
+
+    pairs: int = 0
+    background: bool = False
+    capture_attention: bool = False  # store anomaly rows' cross-attention probabilities (for masks)
+
+
+class DualLoRA(nn.Module):
+    """Two LoRA adapters for one linear layer; keys follow peft (`lora_A.<adapter>.weight`)."""
+
+    ADAPTERS = ("global", "anomaly")
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.scale = alpha / rank
+        self.lora_A = nn.ModuleDict({a: nn.Linear(in_features, rank, bias=False) for a in self.ADAPTERS})
+        self.lora_B = nn.ModuleDict({a: nn.Linear(rank, out_features, bias=False) for a in self.ADAPTERS})
+        for adapter in self.ADAPTERS:
+            nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=5**0.5)
+            nn.init.zeros_(self.lora_B[adapter].weight)  # step 0 is the base model
+
+    def delta(self, x: torch.Tensor, pairs: int) -> torch.Tensor:
+        """LoRA update for rows laid out as [global | anomaly | background]."""
+        if pairs == 0:  # plain batch: global adapter everywhere
+            return self._adapt(x, "global")
+        anomaly = self._adapt(x[pairs : 2 * pairs], "anomaly")
+        glob = self._adapt(torch.cat([x[:pairs], x[2 * pairs :]]), "global")
+        return torch.cat([glob[:pairs], anomaly, glob[pairs:]])
+
+    def _adapt(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        return self.lora_B[adapter](self.lora_A[adapter](x)) * self.scale
+
+
+class SelfAttentionInteraction(nn.Module):
+    """SAIM: per-position 2-token attention between the global and anomaly rows (one head).
+
+    ``rank == 0`` is the paper's full-width module; ``rank > 0`` runs the interaction in a ``rank``-wide
+    space (a cheaper variant). The output projection starts at zero, so at step 0 it is the identity.
+    """
+
+    def __init__(self, dim: int, rank: int = 0):
+        super().__init__()
+        width = rank or dim
+        self.norm = nn.LayerNorm(dim)
+        self.proj_in = nn.Linear(dim, width)
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width)
+        self.to_v = nn.Linear(width, width)
+        self.to_out = nn.Linear(width, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, hidden_states: torch.Tensor, pairs: int) -> torch.Tensor:
+        paired = hidden_states[: 2 * pairs]
+        rows, length, dim = paired.shape
+        # (2P, L, D) -> (P*L, 2, D): the global and anomaly token of one position form a sequence
+        tokens = paired.view(2, pairs, length, dim).permute(1, 2, 0, 3).reshape(pairs * length, 2, dim)
+        x = self.proj_in(self.norm(tokens))
+        mixed = F.scaled_dot_product_attention(self.to_q(x), self.to_k(x), self.to_v(x))
+        update = self.to_out(mixed).view(pairs, length, 2, dim).permute(2, 0, 1, 3).reshape(rows, length, dim)
+        return torch.cat([paired + update, hidden_states[2 * pairs :]])
+
+
+class BackgroundCompensation(nn.Module):
+    """BCM: MLP of the background rows' states, scaled by a learnable gamma, fed to global K/V."""
+
+    def __init__(self, dim: int, hidden: int = 0, gamma_init: float = 0.1, variant: str = "paper"):
+        super().__init__()
+        hidden = hidden or dim
+        self.variant = variant
+        if variant == "official":  # two linear layers without activation, as in the reference code
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Linear(hidden, dim))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
+
+    def forward(self, global_states: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        injected = self.gamma * self.mlp(background)
+        if self.variant == "official":
+            return (1 - self.gamma) * global_states + injected
+        return global_states + injected
+
+
+class DualBranchAttnProcessor(nn.Module):
+    """Stock scaled-dot-product attention plus per-branch LoRA, BCM and SAIM (see module docstring)."""
+
+    def __init__(
+        self,
+        attn: Attention,
+        layout: RowLayout,
+        rank: int,
+        alpha: float,
+        saim: bool,
+        saim_rank: int,
+        bcm: bool,
+        bcm_variant: str = "paper",
+        gamma_init: float = 0.1,
+        bcm_hidden: int = 0,
+    ):
+        super().__init__()
+        self.layout = [layout]  # a list keeps the shared layout out of the module tree
+        self.is_cross = attn.is_cross_attention
+        projections = {
+            "to_q": attn.to_q,
+            "to_k": attn.to_k,
+            "to_v": attn.to_v,
+            "to_out": attn.to_out[0],
+        }
+        self.lora = nn.ModuleDict(
+            {name: DualLoRA(layer.in_features, layer.out_features, rank, alpha) for name, layer in projections.items()}
+        )
+        dim = attn.to_out[0].out_features
+        self.saim = SelfAttentionInteraction(dim, saim_rank) if saim else None
+        self.bcm = (
+            BackgroundCompensation(attn.to_q.in_features, bcm_hidden, gamma_init, bcm_variant)
+            if bcm and not self.is_cross
+            else None
+        )
+        self.attention_maps: list[torch.Tensor] = []
+
+    def _project(self, attn: Attention, name: str, x: torch.Tensor, pairs: int) -> torch.Tensor:
+        layer = attn.to_out[0] if name == "to_out" else getattr(attn, name)
+        return layer(x) + self.lora[name].delta(x, pairs)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        layout = self.layout[0]
+        pairs = layout.pairs
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            context = encoder_hidden_states
+
+        if self.bcm is not None and layout.background and pairs:
+            out = self._attend_with_background(attn, hidden_states, attention_mask, pairs)
+        else:
+            out = self._attend(attn, hidden_states, context, attention_mask, pairs, rows=slice(None))
+
+        out = self._project(attn, "to_out", out, pairs)
+        out = attn.to_out[1](out)
+        if self.saim is not None and pairs:
+            out = self.saim(out, pairs)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _attend_with_background(
+        self, attn: Attention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pairs: int
+    ) -> torch.Tensor:
+        """Self-attention where the global rows' K/V input carries gamma * MLP(background states)."""
+        background_rows = slice(2 * pairs, None)
+        background_out = self._attend(attn, hidden_states, hidden_states, attention_mask, pairs, background_rows)
+        source = hidden_states[background_rows] if self.bcm.variant == "official" else background_out
+        kv_global = self.bcm(hidden_states[:pairs], source)
+        context = torch.cat([kv_global, hidden_states[pairs:]])
+        paired_out = self._attend(attn, hidden_states, context, attention_mask, pairs, slice(0, 2 * pairs))
+        return torch.cat([paired_out, background_out])
+
+    def _attend(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pairs: int,
+        rows: slice,
+    ) -> torch.Tensor:
+        """Multi-head attention for a block of rows, with per-row LoRA on q/k/v (LoRA rows keep the layout)."""
+        query = self._project(attn, "to_q", hidden_states, pairs)[rows]
+        key = self._project(attn, "to_k", context, pairs)[rows]
+        value = self._project(attn, "to_v", context, pairs)[rows]
+        batch = query.shape[0]
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], hidden_states.shape[0])
+            mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])[rows]
+        if self.is_cross and self.layout[0].capture_attention and pairs:
+            self._capture(query, key, pairs, rows)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+    def _capture(self, query: torch.Tensor, key: torch.Tensor, pairs: int, rows: slice) -> None:
+        """Keep the anomaly rows' head-averaged cross-attention probabilities (rows, queries, tokens)."""
+        anomaly = slice(pairs, 2 * pairs)
+        if rows != slice(None):
+            return
+        scores = query[anomaly] @ key[anomaly].transpose(-1, -2) * query.shape[-1] ** -0.5
+        self.attention_maps.append(scores.softmax(-1).mean(1).detach().float())

@@ -1,0 +1,211 @@
+"""IS (torch-fidelity's formula and splits), LPIPS (lpips v0.1, AlexNet) and IC-LPIPS, by hand.
+
+The torch-fidelity and lpips packages import torchvision, which cannot be installed here, so the
+formulas are checked against hand-computed values and exact properties instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dualanodiff.errors import UserError
+from dualanodiff.evaluation.generation_metrics import (
+    LPIPS,
+    ic_lpips,
+    inception_logits,
+    inception_score,
+    load_inception,
+    load_lpips,
+)
+
+
+def _absolute_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a[:, None] - b[None, :]).abs()
+
+
+# ------------------------------------------------------------------------------------------------ IS
+
+
+def test_uniform_predictions_score_one():
+    assert inception_score(torch.zeros(20, 7)) == (pytest.approx(1.0), pytest.approx(0.0))
+
+
+def test_one_hot_predictions_over_k_classes_score_k():
+    one_hot = torch.eye(4).repeat(10, 1)  # every consecutive 4 rows hold each class once
+    assert inception_score(one_hot, splits=10, kind="probabilities", shuffle=False) == (pytest.approx(4.0), 0.0)
+    assert inception_score(one_hot, splits=1, kind="probabilities")[0] == pytest.approx(4.0)  # any order
+    assert inception_score(20.0 * one_hot, splits=10, shuffle=False)[0] == pytest.approx(4.0, rel=1e-6)  # logits
+
+
+def test_hand_computed_score():
+    # p1 = (1, 0), p2 = (1/2, 1/2); marginal (3/4, 1/4); KL1 = log(4/3), KL2 = (log(2/3) + log 2) / 2
+    expected = math.exp((math.log(4 / 3) + 0.5 * math.log(2 / 3) + 0.5 * math.log(2)) / 2)
+    rows = np.array([[1.0, 0.0], [0.5, 0.5]])
+    assert inception_score(rows, splits=1, kind="probabilities")[0] == pytest.approx(expected)
+    assert expected == pytest.approx(1.2408, abs=1e-4)
+
+
+def test_splits_are_consecutive_slices_and_std_is_over_splits():
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    # splits [0:2] and [2:4]: each holds one class only -> IS 1 per split
+    assert inception_score(np.array([a, a, b, b]), splits=2, kind="probabilities", shuffle=False) == (1.0, 0.0)
+    # N = 5, splits = 2 -> [0:2] = {a, b} scores 2, [2:5] = {a, a, a} scores 1: mean 1.5, std 0.5
+    mean, std = inception_score(np.array([a, b, a, a, a]), splits=2, kind="probabilities", shuffle=False)
+    assert (mean, std) == (pytest.approx(1.5), pytest.approx(0.5))
+
+
+def test_shuffle_uses_torch_fidelity_seed_2020():
+    rows = np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
+    order = np.random.RandomState(2020).permutation(6)
+    shuffled = inception_score(rows, splits=3, kind="probabilities", shuffle=True)
+    assert shuffled == inception_score(rows[order], splits=3, kind="probabilities", shuffle=False)
+
+
+def test_fewer_images_than_splits_is_an_error():
+    with pytest.raises(ValueError, match="N >= splits"):
+        inception_score(torch.zeros(3, 5), splits=10)
+
+
+# ------------------------------------------------------------------------------------------------ Inception network
+
+
+class _TinyClassifier(torch.nn.Module):
+    def __init__(self, classes: int = 6):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, classes)
+
+    def forward(self, x):
+        return self.linear(torch.nn.functional.adaptive_avg_pool2d(x / 255, 1).flatten(1))
+
+
+def test_torchscript_network_gives_logits_at_299(tmp_path):
+    path = tmp_path / "inception.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
+        torch.jit.trace(_TinyClassifier(), torch.zeros(1, 3, 299, 299)).save(str(path))
+    network = load_inception(path)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    logits = inception_logits(network, images, batch_size=2)
+    assert logits.shape == (5, 6) and logits.dtype == torch.float64
+    seen = []
+    inception_logits(lambda x: seen.append(x) or torch.zeros(len(x), 2), images)
+    assert seen[0].shape == (5, 3, 299, 299) and 0 <= seen[0].min() and seen[0].max() <= 255
+
+
+def test_bad_inception_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="--inception-weights .*file not found"):
+        load_inception(tmp_path / "missing.pt")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "state.pt")
+    with pytest.raises(UserError, match="not a TorchScript file"):
+        load_inception(tmp_path / "state.pt")
+    with pytest.raises(UserError, match=r"must return \(N, classes\) logits"):
+        inception_logits(lambda x: torch.zeros(len(x), 2, 2), torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------ LPIPS
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    torch.manual_seed(0)
+    return LPIPS()
+
+
+def _images(n: int, seed: int, size: int = 64) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_lpips_is_zero_on_identical_images_symmetric_and_positive(lpips):
+    x, y = _images(3, 0), _images(3, 1)
+    assert torch.equal(lpips(x, x), torch.zeros(3))
+    torch.testing.assert_close(lpips(x, y), lpips(y, x))
+    assert (lpips(x, y) > 0).all()
+
+
+def test_lpips_pairwise_matrix_equals_pairwise_calls(lpips):
+    a, b = _images(3, 2), _images(2, 3)
+    matrix = lpips.pairwise(a, b, batch_size=2)
+    expected = torch.stack([lpips(a[i : i + 1].expand(2, -1, -1, -1), b) for i in range(3)]).double()
+    torch.testing.assert_close(matrix, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lpips.pairwise(a).diagonal(), torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_lpips_combines_layers_by_hand():
+    """Features and heads set by hand: d = sum over layers of the space-mean of sum_c w_c (fx - fy)^2."""
+    model = LPIPS()
+    for k in range(5):
+        torch.nn.init.zeros_(getattr(model, f"lin{k}").model[1].weight)
+    model.lin0.model[1].weight.data[0, :2] = torch.tensor([0.5, 2.0]).view(2, 1, 1)
+    model.lin1.model[1].weight.data[0, 0] = 1.0
+
+    def features(images):  # image value v: layer 0 holds (0.6v, 0.8v) at pixel 0; layer 1 holds v at 1 of 4 pixels
+        v = images[:, 0, 0, 0]
+        taps = [torch.zeros(len(images), c, 2, 1) if k == 0 else torch.zeros(len(images), c, 2, 2)
+                for k, c in enumerate((64, 192, 384, 256, 256))]
+        taps[0][:, 0, 0, 0], taps[0][:, 1, 0, 0], taps[1][:, 0, 1, 1] = 0.6 * v, 0.8 * v, v
+        return taps
+
+    model.normalised_features = features
+    x, y = torch.ones(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    # layer 0: (0.5 * 0.36 + 2 * 0.64) / 2 pixels = 0.73; layer 1: 1 * 1 / 4 pixels = 0.25
+    assert model(x, y).item() == pytest.approx(0.73 + 0.25)
+    assert model.pairwise(x, y).item() == pytest.approx(0.73 + 0.25)
+
+
+def test_lpips_features_have_unit_length_over_channels(lpips):
+    taps = lpips.normalised_features(_images(2, 4))
+    assert [t.shape[1] for t in taps] == [64, 192, 384, 256, 256]
+    for tap in taps:
+        norms = tap.norm(dim=1)
+        assert torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))
+
+
+def test_lpips_weights_layout_and_loading(tmp_path, lpips):
+    state = lpips.state_dict()
+    assert list(state) == [
+        *(f"features.{i}.{p}" for i in (0, 3, 6, 8, 10) for p in ("weight", "bias")),
+        *(f"lin{k}.model.1.weight" for k in range(5)),
+    ]
+    assert state["features.3.weight"].shape == (192, 64, 5, 5) and state["lin2.model.1.weight"].shape == (1, 384, 1, 1)
+    x, y = _images(2, 5), _images(2, 6)
+    torch.save(state, tmp_path / "lpips.pth")
+    torch.testing.assert_close(load_lpips(tmp_path / "lpips.pth")(x, y), lpips(x, y))
+    # the lpips package's own state dict: net.slice{k}.{i}.* plus the scaling layer's buffers
+    slices = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+    package = {
+        (f"net.slice{slices[int(k.split('.')[1])]}.{k.split('.', 1)[1]}" if k.startswith("features.") else k): v
+        for k, v in state.items()
+    }
+    package["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)
+    torch.save(package, tmp_path / "package.pth")
+    torch.testing.assert_close(load_lpips(tmp_path / "package.pth")(x, y), lpips(x, y))
+    del state["lin4.model.1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(UserError, match="--lpips-weights .*missing key.*lin4.model.1.weight"):
+        load_lpips(tmp_path / "partial.pth")
+
+
+# ------------------------------------------------------------------------------------------------ IC-LPIPS
+
+
+def test_ic_lpips_hand_computed():
+    generated = torch.tensor([0.0, 1.0, 10.0, 11.0, 13.0, 50.0])
+    train = torch.tensor([0.0, 10.0, 60.0])
+    # clusters {0, 1}: 1; {10, 11, 13}: (1 + 3 + 2) / 3 = 2; {50} alone: skipped
+    assert ic_lpips(generated, train, _absolute_difference) == pytest.approx(1.5)
+
+
+def test_ic_lpips_without_a_cluster_of_two_is_nan():
+    assert math.isnan(ic_lpips(torch.tensor([0.0, 10.0]), torch.tensor([0.0, 10.0]), _absolute_difference))
+
+
+def test_ic_lpips_with_real_lpips_is_zero_for_copies(lpips):
+    train = _images(2, 7)
+    copies = torch.cat([train[:1]] * 3 + [train[1:]] * 2)
+    assert ic_lpips(copies, train, lpips.pairwise) == pytest.approx(0.0, abs=1e-9)
+    assert ic_lpips(_images(4, 8), train, lpips.pairwise) >= 0

@@ -1,0 +1,183 @@
+"""The report (Markdown + chart, JSON, CSV) and `dualanodiff evaluate` end to end on the synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualanodiff.cli import main
+from dualanodiff.data import few_shot_split, load_image, load_mask, open_category
+from dualanodiff.errors import UserError
+from dualanodiff.evaluation import LPIPS, parse_generated, write_report
+from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.evaluation.report import format_value, markdown
+from dualanodiff.pairs import PairWriter
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _results(**metrics) -> dict:
+    row = {key: math.nan for key in (*METRIC_KEYS, "is", "is_std", "ic_lpips", "accuracy")}
+    row.update(metrics)
+    return {
+        "category": "nut",
+        "category_dir": "/data/nut",
+        "defects": ["crack"],
+        "protocol": {
+            "split_rounding": "floor",
+            "test_images": {"crack": 4, "good": 6},
+            "localization": "U-Net, fixed epochs, no test-set selection",
+            "classification": "not run",
+            "generation": "IS, IC-LPIPS",
+            "selection": "fixed epochs, no test-set selection",
+        },
+        "notes": ["IS not computed: needs --inception-weights FILE"],
+        "generators": [
+            {"name": "ours", "root": "/out", "pairs": {"crack": 3}, "metrics": row, "per_defect": {"crack": row}}
+        ],
+    }
+
+
+def test_values_are_percent_with_one_decimal_and_a_dash_when_missing():
+    assert format_value(0.92345, True) == "92.3"
+    assert format_value(1.8765, False) == "1.88"
+    assert format_value(math.nan, True) == format_value(None, False) == "–"
+
+
+def test_report_files_and_no_overwrite_without_force(tmp_path):
+    results = _results(pixel_auroc=0.991, pixel_ap=0.5)
+    out = tmp_path / "report.md"
+    written = write_report(results, out, json_path=tmp_path / "r.json", csv_path=tmp_path / "r.csv")
+    assert written == [out, tmp_path / "report.png", tmp_path / "r.json", tmp_path / "r.csv"]
+    text = out.read_text()
+    assert "| ours | 99.1 | 50.0 | – |" in text and "no test-set selection" in text and "![" in text
+    assert "- IS not computed" in text
+    assert Image.open(tmp_path / "report.png").format == "PNG"
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["generators"][0]["metrics"]["pixel_auroc"] == 0.991 and data["generators"][0]["metrics"]["is"] is None
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert rows[0]["generator"] == "ours" and rows[0]["pixel_ap"] == "50.0" and rows[0]["accuracy"] == ""
+    with pytest.raises(UserError, match="report.md: already exists.*--force"):
+        write_report(results, out)
+    write_report(_results(pixel_auroc=0.5), out, force=True)
+    assert "| ours | 50.0 |" in out.read_text()
+
+
+def test_generated_option_takes_dir_or_name_dir(tmp_path):
+    assert parse_generated(str(tmp_path / "crop-paste")) == ("crop-paste", tmp_path / "crop-paste")
+    assert parse_generated(f"ours={tmp_path}") == ("ours", tmp_path)
+    with pytest.raises(UserError, match="NAME=DIR"):
+        parse_generated("=x")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def generators(tmp_path_factory, synthetic_root) -> dict[str, Path]:
+    """Two tiny generator outputs for the nut category: the real few-shot pairs copied twice, and a
+    bright disc painted on train/good images."""
+    category = open_category(synthetic_root / "nut")
+    root = tmp_path_factory.mktemp("generated")
+    rng = np.random.default_rng(0)
+    for defect, pairs in category.defects.items():
+        copy = PairWriter(root / "copy", "nut", defect)
+        for attempt, pair in enumerate(few_shot_split(pairs)[0] * 2):
+            copy.write(load_image(pair.image), load_mask(pair.mask), None, {"attempt": attempt, "seed": attempt})
+        disc = PairWriter(root / "disc", "nut", defect)
+        for attempt, path in enumerate(category.train_good[:3]):
+            image = load_image(path).copy()
+            yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+            cy, cx = rng.integers(20, 44, 2)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+            image[mask] = 240
+            disc.write(image, mask, None, {"attempt": attempt, "seed": attempt})
+    return {"copy": root / "copy", "disc": root / "disc"}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight stand-ins with the real file formats: a TorchScript classifier and an LPIPS state dict."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(network, torch.zeros(1, 3, 299, 299)).save(str(folder / "inception.pt"))
+    torch.save(LPIPS().state_dict(), folder / "lpips.pth")
+    return {"inception": folder / "inception.pt", "lpips": folder / "lpips.pth"}
+
+
+@pytest.mark.slow
+def test_evaluate_writes_a_complete_report(tmp_path, capsys, synthetic_root, generators, weights):
+    out = tmp_path / "nut.md"
+    code, stdout, err = _run(
+        capsys, "evaluate", "--data", synthetic_root / "nut",
+        "--generated", f"copy={generators['copy']}", "--generated", generators["disc"],
+        "--epochs", "1", "--resolution", "64", "--base-width", "8", "--device", "cpu",
+        "--inception-weights", weights["inception"], "--lpips-weights", weights["lpips"],
+        "--report", out, "--json", tmp_path / "nut.json", "--csv", tmp_path / "nut.csv",
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((tmp_path / "nut.json").read_text())
+    assert [row["name"] for row in results["generators"]] == ["copy", "disc"]
+    assert results["defects"] == ["crack", "hole", "scratch", "stain"]
+    assert results["protocol"]["selection"] == "fixed epochs, no test-set selection"
+    for row in results["generators"]:
+        metrics = row["metrics"]
+        assert all(0.0 <= metrics[key] <= 1.0 for key in METRIC_KEYS), metrics
+        assert metrics["is"] >= 1.0 and metrics["ic_lpips"] >= 0.0 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert results["generators"][0]["pairs"] == {"crack": 4, "hole": 4, "scratch": 4, "stain": 4}
+    assert results["protocol"]["test_images"] == {"crack": 4, "hole": 4, "scratch": 4, "stain": 4, "good": 6}
+    text = out.read_text()
+    assert "| copy |" in text and "| disc |" in text and "### stain" in text and "no test-set selection" in text
+    assert Image.open(tmp_path / "nut.png").size[0] > 100
+    assert [row["generator"] for row in csv.DictReader((tmp_path / "nut.csv").open())] == ["copy", "disc"]
+    assert "copy" in stdout
+
+    again = ("evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"], "--report", out)
+    code, _, err = _run(capsys, *again)
+    assert code == 2 and "nut.md: already exists" in err
+
+
+@pytest.mark.slow
+def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, capsys, synthetic_root, generators):
+    code, _, err = _run(
+        capsys, "evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"],
+        "--defect", "hole", "--epochs", "1", "--resolution", "64", "--base-width", "8", "--device", "cpu",
+        "--no-classification", "--json", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "--inception-weights FILE" in err and "--lpips-weights FILE" in err
+    row = json.loads((tmp_path / "r.json").read_text())["generators"][0]
+    assert row["metrics"]["is"] is None and row["metrics"]["ic_lpips"] is None and row["metrics"]["accuracy"] is None
+    assert all(0.0 <= row["metrics"][key] <= 1.0 for key in METRIC_KEYS)
+
+
+def test_bad_inputs_fail_fast_with_one_line(tmp_path, capsys, synthetic_root, generators):
+    nut = synthetic_root / "nut"
+    code, _, err = _run(capsys, "evaluate", "--data", synthetic_root / "pill", "--generated", generators["copy"])
+    assert code == 2 and str(generators["copy"]) in err and "no generated pairs for category 'pill'" in err
+    code, _, err = _run(capsys, "evaluate", "--data", nut, "--generated", generators["copy"], "--defect", "dent")
+    assert code == 2 and "--defect dent" in err
+    missing = tmp_path / "r.pth"
+    code, _, err = _run(capsys, "evaluate", "--data", nut, "--generated", generators["copy"], "--resnet-weights", missing)
+    assert code == 2 and "--resnet-weights" in err and "file not found" in err
+    code, _, err = _run(capsys, "evaluate", "--data", nut, "--generated", generators["copy"], "--resolution", "100")
+    assert code == 2 and "--resolution 100" in err
