@@ -27,8 +27,8 @@ def roots(tmp_path_factory, synthetic_root):
 
 
 def test_only_defect_types_every_generator_has_are_compared(synthetic_root, roots):
-    cfg = EvaluateConfig(epochs=1, batch_size=4, resolution=64)
-    results = evaluate_generators(synthetic_root / "nut", roots, cfg, base_width=4, classification=False, device="cpu")
+    cfg = EvaluateConfig(epochs=1, batch_size=4, resolution=64, base_width=4)
+    results = evaluate_generators(synthetic_root / "nut", roots, cfg, classification=False, device="cpu")
     assert results["defects"] == ["crack", "hole"]
     assert any("left out" in note and "scratch, stain" in note for note in results["notes"])
     full = results["generators"][0]
@@ -38,9 +38,9 @@ def test_only_defect_types_every_generator_has_are_compared(synthetic_root, root
 
 
 def test_one_defect_type_skips_classification_with_a_note(synthetic_root, roots):
-    cfg = EvaluateConfig(epochs=1, batch_size=4, resolution=64)
+    cfg = EvaluateConfig(epochs=1, batch_size=4, resolution=64, base_width=4)
     results = evaluate_generators(
-        synthetic_root / "nut", {"full": roots["full"]}, cfg, defects=["stain"], base_width=4, device="cpu"
+        synthetic_root / "nut", {"full": roots["full"]}, cfg, defects=["stain"], device="cpu"
     )
     assert results["defects"] == ["stain"]
     assert "classification not computed: it needs at least 2 defect types" in results["notes"]

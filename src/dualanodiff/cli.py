@@ -148,7 +148,7 @@ def evaluate(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its `evaluate` section is used."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (fixed; no test-set selection)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing."),
-    base_width: int = typer.Option(16, "--base-width", help="U-Net base width (DRAEM uses 64)."),
+    base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings."),
     split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="TorchScript Inception-v3 for IS."),
@@ -169,7 +169,7 @@ def evaluate(
     from dualanodiff.evaluation.report import COLUMNS, chart_path, check_outputs, table_rows
 
     cfg = Config.from_yaml(config).evaluate if config else Config().evaluate
-    for name, value in (("epochs", epochs), ("resolution", resolution), ("seed", seed)):
+    for name, value in (("epochs", epochs), ("resolution", resolution), ("seed", seed), ("base_width", base_width)):
         if value is not None:
             setattr(cfg, name, value)
     if cfg.epochs < 1:
@@ -184,7 +184,6 @@ def evaluate(
         cfg,
         defects=defect or None,
         rounding=split_rounding,
-        base_width=base_width,
         inception_weights=inception_weights,
         lpips_weights=lpips_weights,
         resnet_weights=resnet_weights,
@@ -204,6 +203,32 @@ def evaluate(
 
 
 # --- base model and demo: pretrain-base, demo ------------------------------------------------------
+
+# --- pretrain-base --------------------------------------------------------------------------------
+
+
+@app.command("pretrain-base")
+def pretrain_base_command(
+    out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
+    steps_vae: int = typer.Option(2400, "--steps-vae", help="VAE training steps (batch 8, 64 px crops)."),
+    steps_unet: int = typer.Option(5500, "--steps-unet", help="UNet + text encoder steps (batch 12)."),
+    resolution: int = typer.Option(128, "--resolution", help="Image side in pixels (latents are a quarter of it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the initialisation and every random draw."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint/state.pt."),
+    force: bool = typer.Option(False, "--force", help="Delete an earlier pretrain-base run in OUT and start over."),
+) -> None:
+    """Pretrain the small Stable-Diffusion-shaped base model (`--base-model tiny`) on synthetic images."""
+    from dualanodiff.pretrain import pretrain_base
+
+    record = pretrain_base(
+        out, steps_vae, steps_unet, resolution, seed, resume=resume, force=force,
+        log=lambda message: console.print(message, highlight=False),
+    )
+    console.print(
+        f"wrote {out}: VAE held-out PSNR {record['heldout']['vae_psnr_db']:.2f} dB, "
+        f"samples in {out / 'samples.png'}"
+    )
+
 
 # --- whole-dataset runs: run-all ------------------------------------------------------------------
 

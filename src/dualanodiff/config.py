@@ -24,7 +24,7 @@ class DataConfig:
     data: str = ""  # category directory (MVTec layout) or custom folder (images/ + masks/)
     defect: str = ""  # defect type to learn
     split_rounding: Literal["floor", "ceil"] = "floor"  # floor: disjoint sets (ours); ceil: official rule
-    resolution: int = 512
+    resolution: int = 0  # training size in pixels; 0: the base model's native size (512 for SD 1.5, official)
     flips: bool = True  # random horizontal + vertical flips (official; off for cable)
     foreground: Literal["auto", "object", "texture"] = "auto"
     u2net_weights: str = ""  # optional TorchScript U^2-Net for the foreground mask
@@ -57,7 +57,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
-    log_every: int = 1
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto (GPU if any), cpu or cuda
 
 
 @dataclass
@@ -85,6 +86,7 @@ class EvaluateConfig:
     batch_size: int = 8
     lr: float = 1e-3
     resolution: int = 256
+    base_width: int = 16  # localization U-Net width (DRAEM uses 64; 16 keeps CPU runs short)
     seed: int = 0
 
 

@@ -37,7 +37,6 @@ def evaluate_generators(
     *,
     defects: list[str] | None = None,
     rounding: str = "floor",
-    base_width: int = 16,
     inception_weights: Path | None = None,
     lpips_weights: Path | None = None,
     resnet_weights: Path | None = None,
@@ -76,7 +75,7 @@ def evaluate_generators(
         by_defect = {defect: found[defect] for defect in defects}
         log(f"{name}: {sum(len(v) for v in by_defect.values())} generated pairs over {len(defects)} defect types")
         flat = [pair for defect in defects for pair in by_defect[defect]]
-        localization = evaluate_localization(category, flat, cfg, rounding, defects, base_width, device)
+        localization = evaluate_localization(category, flat, cfg, rounding, defects, cfg.base_width, device)
         accuracy = (
             evaluate_classification(category, by_defect, cfg, rounding, resnet_weights, device) if classify else None
         )
@@ -105,7 +104,7 @@ def evaluate_generators(
         "category": category.name,
         "category_dir": str(category.root),
         "defects": defects,
-        "protocol": _protocol(category, defects, cfg, rounding, base_width, resnet_weights, classify),
+        "protocol": _protocol(category, defects, cfg, rounding, resnet_weights, classify),
         "notes": notes,
         "generators": rows,
     }
@@ -173,7 +172,6 @@ def _protocol(
     defects: list[str],
     cfg: EvaluateConfig,
     rounding: str,
-    base_width: int,
     resnet_weights: Path | None,
     classify: bool,
 ) -> dict:
@@ -182,7 +180,7 @@ def _protocol(
         "split_rounding": rounding,
         "test_images": {**test, "good": len(category.test_good)},
         "localization": (
-            f"DRAEM-shaped U-Net (base width {base_width}), focal loss (gamma 2), batches of 50 % generated pairs "
+            f"DRAEM-shaped U-Net (base width {cfg.base_width}), focal loss (gamma 2), batches of 50 % generated pairs "
             f"and 50 % train/good with empty masks, {cfg.epochs} epochs at {cfg.resolution} px, {SELECTION}"
         ),
         "classification": (
@@ -201,6 +199,6 @@ def _protocol(
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "seed": cfg.seed,
-        "base_width": base_width,
+        "base_width": cfg.base_width,
         "torch": torch.__version__,
     }

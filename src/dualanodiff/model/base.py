@@ -160,18 +160,27 @@ def tiny_architecture(
     text_width: int,
     text_layers: int,
     heads: int,
+    attention_levels: tuple[int, ...] | None = None,
 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
-    """Stable-Diffusion-shaped UNet/VAE/CLIP text encoder at a chosen small size, randomly initialised."""
+    """Stable-Diffusion-shaped UNet/VAE/CLIP text encoder at a chosen small size, randomly initialised.
+
+    `attention_levels` are the UNet levels (0 = full latent resolution) that get cross-attention blocks;
+    by default all but the deepest, as in Stable Diffusion. Leaving out level 0 saves most of the cost
+    on a CPU, where self-attention over every latent pixel dominates.
+    """
     groups = min(8, unet_channels[0])
     n = len(unet_channels)
+    levels = range(n - 1) if attention_levels is None else attention_levels
+    down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
+    up = tuple("CrossAttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(n)))
     unet = UNet2DConditionModel(
         sample_size=resolution // 2 ** (len(vae_channels) - 1),
         in_channels=4,
         out_channels=4,
         block_out_channels=unet_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=down,
+        up_block_types=up,
         cross_attention_dim=text_width,
         attention_head_dim=heads,
         norm_num_groups=groups,
