@@ -100,6 +100,69 @@ def info(
 
 # --- model: train ---------------------------------------------------------------------------------
 
+
+def load_config(config: Optional[Path]) -> "Config":
+    """The YAML config if given (its missing keys take the defaults), else the defaults."""
+    from dualanodiff.config import Config
+
+    return Config.from_yaml(config) if config else Config()
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Option(None, "--data", help="Category folder (MVTec layout) or images/ + masks/ folder."),
+    defect: Optional[str] = typer.Option(None, "--defect", help="Defect type to learn (its few-shot training split)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (config.yaml, adapters, loss curve, checkpoints)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps (official: 5000)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; flags given here override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step (official: 4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, constant (official: 2e-5)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="UNet LoRA rank (official: 32)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size in px (0: the base's native size)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw."),
+    saim: Optional[bool] = typer.Option(None, "--saim/--no-saim", help="Self-attention interaction module."),
+    bcm: Optional[bool] = typer.Option(None, "--bcm/--no-bcm", help="Background compensation module."),
+    bcm_variant: Optional[str] = typer.Option(None, "--bcm-variant", help="paper (h + g*MLP(b)) or official (interpolating)."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (GPU)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any) or cpu."),
+) -> None:
+    """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dualanodiff.config import Config
+    from dualanodiff.training import train as train_run
+
+    cfg = load_config(config)
+    overrides = {
+        ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
+        ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,
+        ("model", "bcm_variant"): bcm_variant, ("train", "steps"): steps, ("train", "batch_size"): batch_size,
+        ("train", "lr"): lr, ("train", "seed"): seed, ("train", "mixed_precision"): mixed_precision,
+        ("train", "gradient_checkpointing"): gradient_checkpointing, ("train", "device"): device,
+    }
+    raw = cfg.to_dict()
+    for (section, name), value in overrides.items():
+        if value is not None:
+            raw[section][name] = value
+    cfg = Config.from_dict(raw, "command line")  # re-validates choices such as --bcm-variant
+    if rank is not None:
+        cfg.model.alpha = float(rank)  # the official scripts keep alpha = rank
+    if not resume and not (cfg.data.data and cfg.data.defect):
+        raise UserError("--data and --defect are required for a new run (or set data.data/data.defect in --config)")
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("train", total=None, loss="")
+
+        def report(step: int, total: int, losses: dict) -> None:
+            bar.update(task, completed=step, total=total, loss=" ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
+
+        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=lambda m: console.print(m, highlight=False))
+    console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
+
 # --- generation: generate -------------------------------------------------------------------------
 
 # --- baselines and evaluation: baseline, evaluate -------------------------------------------------

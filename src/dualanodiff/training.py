@@ -65,7 +65,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def to_model_range(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float in [-1, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -262,9 +262,7 @@ def train(
             latents = data.sample(indices, generator, scaling)  # (B, 3, C, h, w)
             timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
-            noisy = scheduler.add_noise(latents, noise, timesteps.view(-1, 1)) if False else _add_noise(
-                scheduler, latents, noise, timesteps
-            )
+            noisy = _add_noise(scheduler, latents, noise, timesteps)
             target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
             device = accelerator.device
             with accelerator.autocast():
@@ -288,10 +286,10 @@ def train(
             step += 1
             losses = {"loss_global": loss_global.item(), "loss_anomaly": loss_anomaly.item()}
             rows.append({"step": step, **{k: f"{v:.6f}" for k, v in losses.items()}})
-            if progress is not None:
-                progress(step, cfg.train.steps, losses)
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 last_good = checkpoint_now()
+            if progress is not None:
+                progress(step, cfg.train.steps, losses)
     except KeyboardInterrupt:
         if step > 0:
             checkpoint_now()

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from dualanodiff.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+hf_logging.disable_progress_bar()  # our own rich bars report progress; tqdm bars would interleave
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_BASE = Path(__file__).resolve().parent.parent / "assets" / "tiny-base"

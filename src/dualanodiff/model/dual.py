@@ -51,8 +51,8 @@ class DualAnoDiffModel(nn.Module):
                     module, self.layout, cfg.rank, cfg.alpha, cfg.saim, cfg.saim_rank, cfg.bcm,
                     cfg.bcm_variant, cfg.gamma_init, cfg.bcm_hidden,
                 )
-        self.unet.set_attn_processor(processors)
         self.processors = list(processors.values())
+        self.unet.set_attn_processor(processors)  # pops the entries of `processors`
         if cfg.text_rank > 0:
             lora = LoraConfig(r=cfg.text_rank, lora_alpha=cfg.text_rank, target_modules=TEXT_TARGETS, init_lora_weights=True)
             inject_adapter_in_model(lora, self.text_encoder, adapter_name=TEXT_ADAPTER)

@@ -1,0 +1,216 @@
+"""DualAnoDiffModel against stock diffusers and peft: equality at initialisation, branch coupling, save/load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from dualanodiff.config import ModelConfig
+from dualanodiff.errors import UserError
+from dualanodiff.model.base import tiny_random_base
+from dualanodiff.model.dual import DualAnoDiffModel
+
+PAIRS = 2
+
+
+def build(**overrides) -> tuple[DualAnoDiffModel, torch.nn.Module]:
+    """A model on a fresh tiny random base, and an untouched copy of the stock UNet."""
+    base = tiny_random_base()
+    stock = copy.deepcopy(base.unet)
+    torch.manual_seed(1)
+    cfg = ModelConfig(rank=4, alpha=4.0, text_rank=4, **overrides)
+    return DualAnoDiffModel(base, cfg).eval(), stock
+
+
+def inputs(seed: int = 0, background: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (PAIRS, 4, 16, 16)
+    latents = [torch.randn(shape, generator=generator) for _ in range(3 if background else 2)]
+    timesteps = torch.tensor([10, 700])
+    return latents, timesteps
+
+
+def randomise_trainable(model: DualAnoDiffModel, seed: int = 3, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+@torch.no_grad()
+def stock_prediction(stock, latents, timesteps, text):
+    return stock(latents, timesteps, encoder_hidden_states=text).sample
+
+
+@pytest.mark.parametrize("saim", [False, True])
+@torch.no_grad()
+def test_zero_initialised_branches_equal_the_stock_unet(saim):
+    model, stock = build(saim=saim, bcm=False)
+    (x_global, x_anomaly), t = inputs()
+    text = model.prompt_embeddings(PAIRS)
+    eps_global, eps_anomaly = model.predict_noise(x_global, x_anomaly, t, text)
+    reference_global = stock_prediction(stock, x_global, t, text["global"])
+    reference_anomaly = stock_prediction(stock, x_anomaly, t, text["anomaly"])
+    assert (eps_global - reference_global).abs().max() <= 1e-5
+    assert (eps_anomaly - reference_anomaly).abs().max() <= 1e-5
+    assert (eps_global - eps_anomaly).abs().max() > 1e-2  # different inputs and prompts: not trivially equal
+
+
+@torch.no_grad()
+def test_zero_initialised_text_lora_leaves_the_text_encoder_unchanged():
+    base = tiny_random_base()
+    reference = copy.deepcopy(base.text_encoder)
+    model = DualAnoDiffModel(base, ModelConfig(rank=4, text_rank=4))
+    ids = base.tokenizer(["a vfx with sks", "sks"], padding="max_length", return_tensors="pt").input_ids
+    assert any(".text." in name for name, _ in model.text_encoder.named_parameters())
+    assert torch.equal(model.text_encoder(ids)[0], reference(ids)[0])
+
+
+def test_only_the_trainable_set_requires_grad():
+    model, _ = build()
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable, "nothing to train"
+    assert all(".processor." in name or ".lora_" in name and ".text." in name for name in trainable)
+    assert any(name.startswith("text_encoder.") for name in trainable)
+    assert any(".saim." in name for name in trainable) and any(".bcm." in name for name in trainable)
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    assert all(name.startswith(("unet.", "vae.", "text_encoder.")) for name in frozen)
+    assert not any(".processor." in name for name in frozen)
+    stock_names = {f"unet.{name}" for name, _ in tiny_random_base().unet.named_parameters()}
+    assert stock_names <= frozen
+
+
+def test_one_step_changes_only_the_trainable_set():
+    model, stock = build()
+    frozen_before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    (x_global, x_anomaly, x_background), t = inputs(background=True)
+    eps_global, eps_anomaly = model(x_global, x_anomaly, t, x_background)
+    (eps_global.square().mean() + eps_anomaly.square().mean()).backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        assert torch.equal(param, frozen_before[name]), name
+    changed = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[name])]
+    assert any(".saim." in n for n in changed) and any(".bcm." in n for n in changed)
+    assert any(n.startswith("text_encoder.") for n in changed)
+
+
+def _coupling(saim: bool) -> float:
+    """Largest change of the global prediction when only the anomaly input changes, after one step."""
+    model, _ = build(saim=saim, bcm=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    (x_global, x_anomaly), t = inputs()
+    eps_global, eps_anomaly = model(x_global, x_anomaly, t)
+    (eps_global - torch.randn_like(eps_global)).square().mean().add(eps_anomaly.square().mean()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        first, _ = model(x_global, x_anomaly, t)
+        second, _ = model(x_global, x_anomaly + torch.randn_like(x_anomaly), t)
+    return float((first - second).abs().max())
+
+
+def test_saim_couples_the_branches_after_one_step_and_nothing_else_does():
+    assert _coupling(saim=True) > 1e-4
+    assert _coupling(saim=False) <= 1e-6
+
+
+@torch.no_grad()
+def test_bcm_with_zero_gamma_is_an_exact_no_op():
+    model, stock = build(saim=False, bcm=True)
+    for processor in model.processors:
+        if processor.bcm is not None:
+            processor.bcm.gamma.zero_()
+    (x_global, x_anomaly, x_background), t = inputs(background=True)
+    text = model.prompt_embeddings(PAIRS)
+    with_background = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+    without = model.predict_noise(x_global, x_anomaly, t, text)
+    assert torch.equal(with_background[0], without[0]) and torch.equal(with_background[1], without[1])
+    assert (with_background[0] - stock_prediction(stock, x_global, t, text["global"])).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_bcm_with_gamma_feeds_the_background_into_the_global_branch_only():
+    model, _ = build(saim=False, bcm=True)
+    assert model.gammas() and all(g == pytest.approx(0.1) for g in model.gammas())
+    (x_global, x_anomaly, x_background), t = inputs(background=True)
+    text = model.prompt_embeddings(PAIRS)
+    first = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+    second = model.predict_noise(x_global, x_anomaly, t, text, x_background + 1.0)
+    assert (first[0] - second[0]).abs().max() > 1e-4
+    assert torch.equal(first[1], second[1])
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@torch.no_grad()
+def test_batched_call_equals_separate_peft_lora_calls():
+    """Independent reference: a stock UNet with two peft LoRA adapters holding the same weights."""
+    model, stock = build(saim=False, bcm=False)
+    randomise_trainable(model)
+    stock.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "global")
+    stock.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "anomaly")
+    peft_params = dict(stock.named_parameters())
+    copied = 0
+    for name, param in model.unet.named_parameters():
+        if ".processor.lora." not in name:
+            continue
+        layer, rest = name.split(".processor.lora.")
+        projection, tail = rest.split(".", 1)
+        projection = "to_out.0" if projection == "to_out" else projection
+        peft_params[f"{layer}.{projection}.{tail}"].copy_(param)
+        copied += 1
+    assert copied == sum(".lora_" in n for n in peft_params)
+    (x_global, x_anomaly), t = inputs()
+    text = model.prompt_embeddings(PAIRS)
+    eps_global, eps_anomaly = model.predict_noise(x_global, x_anomaly, t, text)
+    stock.set_adapter("global")
+    reference_global = stock_prediction(stock, x_global, t, text["global"])
+    stock.set_adapter("anomaly")
+    reference_anomaly = stock_prediction(stock, x_anomaly, t, text["anomaly"])
+    assert (eps_global - reference_global).abs().max() <= 1e-5
+    assert (eps_anomaly - reference_anomaly).abs().max() <= 1e-5
+    stock.disable_adapters()
+    assert (eps_global - stock_prediction(stock, x_global, t, text["global"])).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_save_then_load_reproduces_outputs(tmp_path):
+    model, _ = build()
+    randomise_trainable(model)
+    model.save_trainable(tmp_path / "adapters.safetensors")
+    fresh, _ = build()
+    fresh.load_trainable(tmp_path / "adapters.safetensors")
+    (x_global, x_anomaly, x_background), t = inputs(background=True)
+    expected = model(x_global, x_anomaly, t, x_background)
+    actual = fresh(x_global, x_anomaly, t, x_background)
+    assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
+
+
+def test_loading_adapters_of_another_config_is_a_clear_error(tmp_path):
+    model, _ = build(saim=False)
+    model.save_trainable(tmp_path / "adapters.safetensors")
+    other, _ = build(saim=True)
+    with pytest.raises(UserError, match="do not match the run's model config"):
+        other.load_trainable(tmp_path / "adapters.safetensors")
+    with pytest.raises(UserError, match="not found"):
+        other.load_trainable(tmp_path / "missing.safetensors")
+
+
+def test_cross_attention_capture_keeps_anomaly_rows_only():
+    model, _ = build()
+    (x_global, x_anomaly), t = inputs()
+    with torch.no_grad(), model.capturing_attention() as processors:
+        model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(PAIRS))
+    maps = [m for p in processors for m in p.attention_maps]
+    assert maps and all(m.shape[0] == PAIRS for m in maps)
+    for m in maps:
+        assert torch.allclose(m.sum(-1), torch.ones(m.shape[:2]), atol=1e-5)  # probabilities over tokens
+    with torch.no_grad():
+        model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(PAIRS))
+    assert len([m for p in processors for m in p.attention_maps]) == len(maps)  # nothing captured outside

@@ -1,0 +1,210 @@
+"""Few-shot training: loss goes down, run folder contents, bit-exact resume, refusal and NaN handling."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dualanodiff.cli import main
+from dualanodiff.config import Config
+from dualanodiff.data import few_shot_split, open_category
+from dualanodiff.errors import UserError
+from dualanodiff.training import latest_checkpoint, train, training_targets
+
+
+def tiny_config(synthetic_root, steps: int = 3, **train_options) -> Config:
+    cfg = Config()
+    cfg.data.data = str(synthetic_root / "nut")
+    cfg.data.defect = "hole"
+    cfg.model.base_model = "tiny-random"
+    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.train.steps = steps
+    cfg.train.lr = 1e-3
+    cfg.train.batch_size = 2
+    cfg.train.checkpoint_every = 2
+    cfg.train.device = "cpu"
+    for name, value in train_options.items():
+        setattr(cfg.train, name, value)
+    return cfg
+
+
+def losses(run) -> list[dict]:
+    with (run / "loss.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_training_targets_follow_the_paper():
+    image = np.full((4, 4, 3), 255, np.uint8)
+    image[0, 0] = 0
+    mask = np.zeros((4, 4), bool)
+    mask[0, :2] = True
+    foreground = np.zeros((4, 4), bool)
+    foreground[:2] = True
+    whole, part, background = training_targets(image, mask, foreground)
+    assert whole[:, 0, 0].tolist() == [-1.0] * 3 and whole[:, 3, 3].tolist() == [1.0] * 3
+    assert part[:, 0, 0].tolist() == [-1.0] * 3 and part[:, 0, 1].tolist() == [1.0] * 3
+    assert torch.count_nonzero(part) == 2 * 3  # zero ([-1, 1] mid-grey) outside the defect
+    assert torch.count_nonzero(background[:, :2]) == 0 and torch.equal(background[:, 2:], whole[:, 2:])
+
+
+def test_a_run_folder_holds_config_losses_plot_adapters_and_split(synthetic_root, tmp_path):
+    run = train(tiny_config(synthetic_root, steps=3), tmp_path / "run")
+    rows = losses(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(float(r["loss_global"])) and np.isfinite(float(r["loss_anomaly"])) for r in rows)
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    train_pairs, test_pairs = few_shot_split(open_category(synthetic_root / "nut").defects["hole"])
+    assert saved["split"] == {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
+    assert saved["data"]["resolution"] == 32 and saved["train"]["steps"] == 3
+    assert sorted(p.stem for p in (run / "backgrounds").glob("*.png")) == saved["split"]["train"]
+    adapters = load_file(str(run / "adapters.safetensors"))
+    assert all(".processor." in key or ".text." in key for key in adapters)
+    assert latest_checkpoint(run).name == "step-000003"
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(synthetic_root, tmp_path):
+    from dualanodiff.model.base import load_base_model
+    from dualanodiff.model.dual import DualAnoDiffModel
+    from dualanodiff.training import encode_training_set
+
+    cfg = tiny_config(synthetic_root)
+    base = load_base_model("tiny-random")
+    torch.manual_seed(0)
+    model = DualAnoDiffModel(base, cfg.model)
+    pairs, _ = few_shot_split(open_category(cfg.data.data).defects["hole"])
+    data = encode_training_set(model, pairs, "object", 32, flips=False)
+    generator = torch.Generator().manual_seed(0)
+    latents = data.sample(torch.tensor([0, 1]), generator, base.vae.config.scaling_factor)
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.tensor([300, 600])
+    noisy = torch.stack([base.scheduler.add_noise(latents[:, i], noise[:, i], t) for i in range(3)], 1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+
+    def loss() -> torch.Tensor:
+        eps_global, eps_anomaly = model(noisy[:, 0], noisy[:, 1], t, noisy[:, 2])
+        return (eps_global - noise[:, 0]).square().mean() + (eps_anomaly - noise[:, 1]).square().mean()
+
+    first = loss()
+    first.backward()
+    optimizer.step()
+    for _ in range(9):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert loss() < 0.9 * first.detach()  # 2.27 -> 1.97 here
+
+
+def test_resumed_training_equals_uninterrupted_training(synthetic_root, tmp_path):
+    whole = train(tiny_config(synthetic_root, steps=5), tmp_path / "whole")
+    part = train(tiny_config(synthetic_root, steps=3), tmp_path / "part")
+    resumed = train(tiny_config(synthetic_root, steps=5), part, resume=True)
+    expected, actual = load_file(str(whole / "adapters.safetensors")), load_file(str(resumed / "adapters.safetensors"))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert losses(whole) == losses(resumed)
+
+
+def test_an_interrupted_run_checkpoints_and_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    def interrupt(step, total, values):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(synthetic_root, steps=5, checkpoint_every=100), tmp_path / "run", progress=interrupt)
+    assert latest_checkpoint(tmp_path / "run").name == "step-000003"
+    resumed = train(tiny_config(synthetic_root, steps=5), tmp_path / "run", resume=True)
+    whole = train(tiny_config(synthetic_root, steps=5, checkpoint_every=100), tmp_path / "whole")
+    expected, actual = load_file(str(whole / "adapters.safetensors")), load_file(str(resumed / "adapters.safetensors"))
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_training_leaves_the_base_weights_bit_identical(synthetic_root, tmp_path, monkeypatch):
+    import dualanodiff.training as training
+
+    kept = {}
+    original = training.DualAnoDiffModel
+
+    def spy(base, cfg):
+        model = original(base, cfg)
+        kept["model"] = model
+        kept["frozen"] = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        kept["trainable"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return model
+
+    monkeypatch.setattr(training, "DualAnoDiffModel", spy)
+    train(tiny_config(synthetic_root, steps=2), tmp_path / "run")
+    model = kept["model"]
+    assert all(torch.equal(p, kept["frozen"][n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, kept["trainable"][n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_existing_runs_are_refused_without_resume_or_force(synthetic_root, tmp_path):
+    run = train(tiny_config(synthetic_root, steps=1), tmp_path / "run")
+    before = (run / "adapters.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already exists.*--resume.*--force"):
+        train(tiny_config(synthetic_root, steps=1), run)
+    assert (run / "adapters.safetensors").read_bytes() == before
+    with pytest.raises(UserError, match="already trained for 1 steps"):
+        train(tiny_config(synthetic_root, steps=1), run, resume=True)
+    with pytest.raises(UserError, match="no run to resume"):
+        train(tiny_config(synthetic_root, steps=1), tmp_path / "nothing", resume=True)
+    train(tiny_config(synthetic_root, steps=2, seed=7), run, force=True)
+    assert len(losses(run)) == 2
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    import dualanodiff.training as training
+
+    kept = {}
+    original = training.DualAnoDiffModel
+    monkeypatch.setattr(training, "DualAnoDiffModel", lambda base, cfg: kept.setdefault("model", original(base, cfg)))
+
+    def poison(step, total, values):
+        if step == 2:
+            with torch.no_grad():
+                next(p for p in kept["model"].parameters() if p.requires_grad).fill_(float("nan"))
+
+    with pytest.raises(UserError, match=r"loss became nan at step 3.*step-000002"):
+        train(tiny_config(synthetic_root, steps=5), tmp_path / "run", progress=poison)
+    run = tmp_path / "run"
+    assert latest_checkpoint(run).name == "step-000002"
+    assert all(torch.isfinite(t).all() for t in load_file(str(latest_checkpoint(run) / "adapters.safetensors")).values())
+    assert len(losses(run)) == 2 and not (run / "adapters.safetensors").exists()
+
+
+def test_bad_defect_is_a_clear_error(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root)
+    cfg.data.defect = "dent"
+    with pytest.raises(UserError, match="--defect 'dent'.*choose one of"):
+        train(cfg, tmp_path / "run")
+
+
+def test_cli_train_writes_a_run_and_rejects_bad_options(synthetic_root, tmp_path, capsys):
+    args = ["train", "--data", str(synthetic_root / "pill"), "--defect", "stain", "--base-model", "tiny-random",
+            "--steps", "2", "--rank", "4", "--batch-size", "1", "--no-saim", "--device", "cpu"]
+    main(args + ["--out", str(tmp_path / "run")])
+    saved = Config.from_yaml(tmp_path / "run" / "config.yaml")
+    assert (saved.model.rank, saved.model.alpha, saved.model.saim, saved.train.batch_size) == (4, 4.0, False, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--out", str(tmp_path / "other"), "--bcm-variant", "foo"])
+    assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
+    assert "bcm_variant" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_twenty_steps_on_the_embedded_base(synthetic_root, tmp_path):
+    main(["train", "--data", str(synthetic_root / "nut"), "--defect", "crack", "--steps", "20", "--out", str(tmp_path / "run")])
+    rows = losses(tmp_path / "run")
+    assert len(rows) == 20 and Config.from_yaml(tmp_path / "run" / "config.yaml").data.resolution == 128
