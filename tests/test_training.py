@@ -208,3 +208,11 @@ def test_twenty_steps_on_the_embedded_base(synthetic_root, tmp_path):
     main(["train", "--data", str(synthetic_root / "nut"), "--defect", "crack", "--steps", "20", "--out", str(tmp_path / "run")])
     rows = losses(tmp_path / "run")
     assert len(rows) == 20 and Config.from_yaml(tmp_path / "run" / "config.yaml").data.resolution == 128
+
+
+def test_bf16_with_gradient_checkpointing_tracks_fp32_and_saves_fp32_adapters(synthetic_root, tmp_path):
+    full = train(tiny_config(synthetic_root, steps=1), tmp_path / "fp32")
+    half = train(tiny_config(synthetic_root, steps=1, mixed_precision="bf16", gradient_checkpointing=True), tmp_path / "bf16")
+    for key in ("loss_global", "loss_anomaly"):
+        assert float(losses(half)[0][key]) == pytest.approx(float(losses(full)[0][key]), rel=0.05)
+    assert all(t.dtype == torch.float32 for t in load_file(str(half / "adapters.safetensors")).values())

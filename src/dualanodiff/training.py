@@ -185,6 +185,20 @@ def save_checkpoint(out: Path, model: DualAnoDiffModel, optimizer, generator: to
     return folder
 
 
+def make_accelerator(mixed_precision: str, device: str):
+    """A fresh Accelerator for each run: accelerate keeps process-wide state, yet one process may train
+    several runs with different precisions (demo ablations, tests). A launched process group is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    return Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
+
+
 def train(
     cfg: Config,
     out: Path,
@@ -194,8 +208,6 @@ def train(
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
     """Train on the few-shot split of `cfg.data.defect`; returns the run folder. See the module docstring."""
-    from accelerate import Accelerator
-
     out = Path(out)
     cfg = prepare_run(cfg, out, resume, force)
     if cfg.train.steps < 1:
@@ -209,7 +221,7 @@ def train(
     kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
     cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
 
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.device == "cpu")
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     base = load_base_model(cfg.model.base_model)
     cfg.data.resolution = cfg.data.resolution or base.resolution
