@@ -164,3 +164,22 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(UserError):
         main(["--debug", "info", str(tmp_path / "absent")])
+
+
+def test_exit_codes_of_commands_reach_the_shell(monkeypatch):
+    """typer returns Exit codes in non-standalone mode; `main` must pass them on, not exit 0."""
+    import typer
+
+    from dualanodiff import cli
+
+    @cli.app.command("exit-probe", hidden=True)
+    def exit_probe(code: int) -> None:
+        raise typer.Exit(code)
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["exit-probe", "3"])
+        assert exit_info.value.code == 3
+        cli.main(["exit-probe", "0"])  # success returns normally
+    finally:
+        cli.app.registered_commands.pop()

@@ -6,7 +6,9 @@ traceback instead).
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -153,17 +155,60 @@ def train(
         cfg.model.alpha = float(rank)  # the official scripts keep alpha = rank
     if not resume and not (cfg.data.data and cfg.data.defect):
         raise UserError("--data and --defect are required for a new run (or set data.data/data.defect in --config)")
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch only rank 0 reports
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, disable=not main_process) as bar:
         task = bar.add_task("train", total=None, loss="")
 
         def report(step: int, total: int, losses: dict) -> None:
             bar.update(task, completed=step, total=total, loss=" ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
 
         run = train_run(cfg, out, resume=resume, force=force, progress=report, log=lambda m: console.print(m, highlight=False))
-    console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
+    if main_process:
+        console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
 
 # --- generation: generate -------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="Run folder written by `dualanodiff train`."),
+    out: Path = typer.Option(..., "--out", help="Output root; pairs go to OUT/<category>/<defect>/."),
+    num: Optional[int] = typer.Option(None, "--num", help="Kept pairs wanted; a re-run with a larger number adds pairs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs sampled together."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; attempt a uses seed + a."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (official: 100)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (official: 2.5)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="pndm (official), ddim, dpm, ddpm, euler, euler-a, heun, lms, unipc, ..."),
+    mask_method: Optional[str] = typer.Option(None, "--mask-method", help="threshold (part image), attention or u2net."),
+    u2net_weights: Optional[Path] = typer.Option(None, "--u2net-weights", help="TorchScript U^2-Net for --mask-method u2net."),
+    background: Optional[Path] = typer.Option(None, "--background", help="Normal image for BCM instead of the run's few-shot backgrounds."),
+    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any), cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 (GPU) or bf16."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its generate section overrides the run's."),
+    normal: Optional[Path] = typer.Option(None, "--normal", help="Normal image to inpaint a defect into (with --mask)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Where the defect may go in the --normal image."),
+) -> None:
+    """Generate aligned anomaly image-mask pairs with a trained run (SAIM + BCM, guided, filtered)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dualanodiff.generation import generate as generate_pairs
+    from dualanodiff.generation import generate_config
+
+    cfg = generate_config(
+        run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
+        mask_method=mask_method, filter=use_filter, device=device, dtype=dtype,
+    )
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("generate", total=cfg.num)
+        summary = generate_pairs(
+            run, out, cfg, background=background, normal=normal, mask=mask, u2net_weights=str(u2net_weights or ""),
+            progress=lambda kept, total: bar.update(task, completed=kept, total=total),
+            log=lambda message: console.print(message, highlight=False),
+        )
+    console.print(f"{summary.kept} pairs in {summary.folder} ({summary.seconds:.1f} s)")
 
 # --- baselines and evaluation: baseline, evaluate -------------------------------------------------
 
@@ -267,6 +312,37 @@ def evaluate(
 
 # --- base model and demo: pretrain-base, demo ------------------------------------------------------
 
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the data, runs, pairs and report."),
+    category: str = typer.Option("nut", "--category", help="Synthetic category: nut, pill or weave."),
+    defect: str = typer.Option("hole", "--defect", help="Defect type of that category to learn."),
+    ablation: bool = typer.Option(False, "--ablation", help="Also run with SAIM off and with BCM off, side by side."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config replacing the demo's settings."),
+    force: bool = typer.Option(False, "--force", help="Delete OUT and start over."),
+) -> None:
+    """The whole method on a CPU in minutes: synthetic data, few-shot training, generation, baselines, evaluation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dualanodiff.demo import DemoHooks, demo_config, run_demo
+
+    cfg = load_config(config) if config else demo_config(category, defect)
+    if config:
+        cfg.data.data, cfg.data.defect = cfg.data.data or category, cfg.data.defect or defect
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+
+        def bar(label: str, total: int):
+            task = progress.add_task(label, total=total)
+            return lambda done: progress.update(task, completed=done)
+
+        hooks = DemoHooks(log=lambda message: progress.console.print(message, highlight=False), bar=bar)
+        report = run_demo(out, cfg, ablation=ablation, force=force, hooks=hooks)
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s: {report} and {report.with_suffix('.html')}")
+
+
 # --- pretrain-base --------------------------------------------------------------------------------
 
 
@@ -296,12 +372,63 @@ def pretrain_base_command(
 # --- whole-dataset runs: run-all ------------------------------------------------------------------
 
 
+def split_names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """Repeated and comma-separated option values as one list: ``["a,b", "c"]`` -> ``["a", "b", "c"]``."""
+    return [name for value in values for name in value.split(",") if name] if values else None
+
+
+@app.command("run-all")
+def run_all_command(
+    data: Path = typer.Option(..., "--data", help="Dataset root: one category folder (MVTec layout) per category."),
+    out: Path = typer.Option(..., "--out", help="Output folder: runs/, generated/, reports/, jobs/, summary.md/.csv."),
+    categories: Optional[list[str]] = typer.Option(None, "--categories", "--category", help="Only these categories (repeatable or comma-separated)."),
+    defects: Optional[list[str]] = typer.Option(None, "--defects", "--defect", help="Only these defect types (repeatable or comma-separated)."),
+    max_defects: Optional[int] = typer.Option(None, "--max-defects", help="At most K defect types per category (first by name)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per defect type (official: 5000)."),
+    num: Optional[int] = typer.Option(None, "--num", help="Generated pairs per defect type (official: 500)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config for every stage; flags given here override it."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to use: auto or ray://HOST:10001 (default: a local Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Local Ray: CPUs it may use (default: all); one per job."),
+    gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="GPUs each job claims, may be a fraction (default: 1 where Ray sees GPUs, else 0)."),
+) -> None:
+    """Train, generate and evaluate every category and defect type of a dataset as Ray jobs; re-runs skip finished jobs."""
+    from rich.table import Table
+
+    from dualanodiff.config import Config
+    from dualanodiff.runall import SUMMARY_COLUMNS, run_all, summary_cells, summary_rows
+
+    raw = load_config(config).to_dict()
+    for (section, name), value in {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}.items():
+        if value is not None:
+            raw[section][name] = value
+    cfg = Config.from_dict(raw, "command line")
+    for option, value in (("--steps", cfg.train.steps), ("--num", cfg.generate.num)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
+    jobs, records = run_all(
+        data, out, cfg, categories=split_names(categories), defects=split_names(defects), max_defects=max_defects,
+        address=address, num_cpus=num_cpus, gpus_per_job=gpus_per_job, console=console,
+    )
+    table = Table(title=f"run-all: {data}")
+    for _, title in SUMMARY_COLUMNS:
+        table.add_column(title)
+    for cells in summary_cells(summary_rows(jobs, records)):
+        table.add_row(*cells)
+    Console().print(table)
+    console.print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}; reports in {out / 'reports'}")
+    failed = [name for name, record in records.items() if record["status"] == "failed"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} job(s) failed:[/] {', '.join(failed)}; see summary.md, re-run to retry them")
+        raise typer.Exit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning `UserError` into one line on stderr and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)  # typer returns (not raises) Exit codes and Ctrl-C here
     except UserError as exc:
         if debug:
             raise
@@ -322,10 +449,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if code == 130:
+        console.print("interrupted; finished work is kept and a re-run resumes from it")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
-
-def resolve_path(path: Path, what: str) -> Path:
-    """An existing path or a `UserError` naming the option."""
-    if not path.exists():
-        raise UserError(f"{path}: {what} does not exist; check the path")
-    return path

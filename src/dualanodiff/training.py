@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from PIL import Image
 
 from dualanodiff.config import Config
@@ -169,7 +170,7 @@ def write_loss(out: Path, rows: list[dict]) -> None:
     atomic_write_bytes(out / "loss.png", image.getvalue())
 
 
-def save_checkpoint(out: Path, model: DualAnoDiffModel, optimizer, generator: torch.Generator, step: int, keep: int) -> Path:
+def save_checkpoint(out: Path, model: DualAnoDiffModel, optimizer, generators: list[torch.Tensor], step: int, keep: int) -> Path:
     """Write checkpoints/step-N atomically (temporary folder, then rename) and prune old ones."""
     folder = out / "checkpoints" / f"step-{step:06d}"
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -177,12 +178,29 @@ def save_checkpoint(out: Path, model: DualAnoDiffModel, optimizer, generator: to
     tmp.mkdir(parents=True)
     model.save_trainable(tmp / ADAPTERS)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "generator": generator.get_state()}, tmp / "state.pt")
+    torch.save({"step": step, "generators": generators}, tmp / "state.pt")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return folder
+
+
+def _on_main_process(accelerator, work: Callable[[], Config]) -> Config:
+    """Run `work` (which may delete or read the run folder) on the main process only; every process gets
+    its result or its `UserError`."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [work()]
+        except UserError as exc:
+            outcome = [exc]
+    broadcast_object_list(outcome)
+    if isinstance(outcome[0], UserError):
+        raise outcome[0]
+    return outcome[0]
 
 
 def make_accelerator(mixed_precision: str, device: str):
@@ -196,7 +214,8 @@ def make_accelerator(mixed_precision: str, device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    return Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())  # multi-process CPU needs it
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def train(
@@ -209,7 +228,12 @@ def train(
 ) -> Path:
     """Train on the few-shot split of `cfg.data.defect`; returns the run folder. See the module docstring."""
     out = Path(out)
-    cfg = prepare_run(cfg, out, resume, force)
+    saved = out / "config.yaml"
+    settings = Config.from_yaml(saved).train if resume and saved.is_file() else cfg.train  # a resumed run keeps its own
+    accelerator = make_accelerator(settings.mixed_precision, settings.device)
+    main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
+    log = log if main else (lambda message: None)
+    cfg = _on_main_process(accelerator, lambda: prepare_run(cfg, out, resume, force))
     if cfg.train.steps < 1:
         raise UserError(f"--steps {cfg.train.steps}: must be at least 1")
     category = open_category(cfg.data.data)
@@ -221,7 +245,6 @@ def train(
     kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
     cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
 
-    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     base = load_base_model(cfg.model.base_model)
     cfg.data.resolution = cfg.data.resolution or base.resolution
@@ -240,7 +263,8 @@ def train(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator().manual_seed(cfg.train.seed + rank)  # each process draws its own batches
     step, rows = 0, []
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
@@ -248,15 +272,21 @@ def train(
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu"))
         state = torch.load(checkpoint / "state.pt", map_location="cpu")
         step = state["step"]
-        generator.set_state(state["generator"])
+        if len(state["generators"]) != processes:
+            raise UserError(
+                f"{checkpoint}: saved by {len(state['generators'])} process(es), resumed with {processes}; "
+                "resume with the same number of processes"
+            )
+        generator.set_state(state["generators"][rank])
         rows = read_loss_rows(out / "loss.csv", step)
         log(f"resuming {out} from step {step}")
     if step >= cfg.train.steps:
         raise UserError(f"{out}: already trained for {step} steps; pass a larger --steps to continue")
 
-    cfg.to_yaml(out / "config.yaml")
-    for stem, background in zip(data.stems, data.backgrounds):
-        save_png(out / "backgrounds" / f"{stem}.png", background)
+    if main:
+        cfg.to_yaml(out / "config.yaml")
+        for stem, background in zip(data.stems, data.backgrounds):
+            save_png(out / "backgrounds" / f"{stem}.png", background)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = base.scheduler
     scaling = base.vae.config.scaling_factor
@@ -264,8 +294,12 @@ def train(
     last_good = checkpoint
 
     def checkpoint_now() -> Path:
-        write_loss(out, rows)
-        return save_checkpoint(out, model, optimizer, generator, step, cfg.train.keep_checkpoints)
+        generators = gather_object([generator.get_state()])  # every process's RNG, for an exact resume
+        if main:
+            write_loss(out, rows)
+            save_checkpoint(out, model, optimizer, generators, step, cfg.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return out / "checkpoints" / f"step-{step:06d}"
 
     model.train()
     try:
@@ -285,22 +319,25 @@ def train(
                 loss_global = F.mse_loss(eps_global.float(), target[:, 0].to(device))
                 loss_anomaly = F.mse_loss(eps_anomaly.float(), target[:, 1].to(device))
                 loss = loss_global + loss_anomaly
-            if not torch.isfinite(loss):
-                write_loss(out, rows)
+            mean_losses = accelerator.reduce(torch.stack([loss_global, loss_anomaly]).detach(), "mean")
+            if not torch.isfinite(mean_losses).all():  # decided on the mean, so all processes stop together
+                if main:
+                    write_loss(out, rows)
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise UserError(
-                    f"{out}: loss became {loss.item()} at step {step + 1}; stopped, {where}; lower train.lr or use fp32"
+                    f"{out}: loss became {mean_losses.sum().item()} at step {step + 1}; stopped, {where}; "
+                    "lower train.lr or use fp32"
                 )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            losses = {"loss_global": loss_global.item(), "loss_anomaly": loss_anomaly.item()}
+            losses = dict(zip(LOSS_COLUMNS[1:], mean_losses.tolist()))
             rows.append({"step": step, **{k: f"{v:.6f}" for k, v in losses.items()}})
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 last_good = checkpoint_now()
-            if progress is not None:
+            if progress is not None and main:
                 progress(step, cfg.train.steps, losses)
     except KeyboardInterrupt:
         if step > 0:
@@ -308,7 +345,9 @@ def train(
             log(f"interrupted at step {step}; checkpoint saved, continue with --resume")
         raise
     checkpoint_now()
-    model.save_trainable(out / ADAPTERS)
+    if main:
+        model.save_trainable(out / ADAPTERS)
+    accelerator.wait_for_everyone()
     return out
 
 

@@ -98,7 +98,7 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
         f"- Classification: {protocol['classification']}.",
         f"- Generation: {protocol['generation']}.",
         "",
-        _markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
+        markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
         "",
         f"Percent except IS and IC-LPIPS; {NOT_COMPUTED} = not computed.",
     ]
@@ -114,7 +114,7 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
         ]
         header = ["generator", "pairs"] + [title for _, title, _ in COLUMNS]
         lines += ["", f"### {defect}", "", "Localization on this type's test images plus all test/good.", ""]
-        lines += [_markdown_table(header, rows)]
+        lines += [markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +155,7 @@ def bar_chart_png(results: dict) -> bytes:
     return buffer.getvalue()
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 

@@ -1,0 +1,510 @@
+"""Whole-dataset runs (`dualanodiff run-all`): train and generate for every (category, defect type),
+then one localization evaluation per category, as Ray tasks on this machine or on a Ray cluster.
+
+The output folder::
+
+    runs/<category>/<defect>/       training runs (`dualanodiff.training.train`)
+    generated/<category>/<defect>/  generated pairs (`dualanodiff.generation.generate`)
+    reports/<category>/report.md    the category's evaluation (+ report.png, results.json, results.csv)
+    jobs/<category>__<defect>/      one folder per job (the evaluation's is jobs/<category>/):
+                                    running.json while it runs (stage, start time), then done.json or
+                                    failed.json (error, traceback), and log.txt
+    summary.md, summary.csv         one table over all jobs (`summary_rows`)
+
+A job whose done.json records the settings it would run with now is skipped on a re-run; any other
+job runs again, and a training run left unfinished resumes from its last checkpoint. A job that
+raises is tried once more (`run_job`), a job whose worker dies is retried once by Ray; then it is
+reported failed and the other jobs go on. A category's evaluation waits for its generation jobs and
+scores the defect types that succeeded. On a cluster, the output and dataset folders must be on a
+file system every node sees under the same path.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dualanodiff.config import Config
+from dualanodiff.data import natural_key, open_category
+from dualanodiff.errors import UserError
+from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.evaluation.report import COLUMNS, NOT_COMPUTED, format_value
+from dualanodiff.io import atomic_write_text
+
+GENERATED = "generated"
+GENERATOR = "dualanodiff"  # the row name in the evaluation reports
+RUNNING, DONE, FAILED, LOG = "running.json", "done.json", "failed.json", "log.txt"
+SUCCEEDED = ("done", "done earlier")  # "done earlier": skipped, its done.json is from an earlier run
+STAGE_INTERVAL_S = 2.0  # a job rewrites running.json at most this often
+LOCAL_OBJECT_STORE = 256 * 2**20  # jobs exchange small records only
+CANCEL_GRACE_S = 60  # on Ctrl-C, time given to running jobs to save a checkpoint
+
+
+@dataclass(frozen=True)
+class Job:
+    """Train + generate one defect type (``defect`` set), or evaluate a category on ``defects``."""
+
+    category: str
+    data: Path  # the category folder
+    defect: str | None = None
+    defects: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}__{self.defect}" if self.defect else self.category
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def plan_jobs(
+    data: Path | str,
+    categories: list[str] | None = None,
+    defects: list[str] | None = None,
+    max_defects: int | None = None,
+) -> list[Job]:
+    """The jobs of a dataset root, per category (natural order): its defect types' jobs, then its
+    evaluation. ``defects`` keeps the defect types of that name, ``max_defects`` the first K of them."""
+    root = Path(data)
+    if not root.is_dir():
+        raise UserError(f"--data {root}: folder does not exist; pass the dataset root (one folder per category)")
+    found = {
+        folder.name: folder
+        for folder in sorted(root.iterdir(), key=lambda p: natural_key(p.name))
+        if folder.is_dir() and not folder.name.startswith(".")
+        and ((folder / "test").is_dir() or (folder / "images").is_dir())
+    }
+    if not found:
+        raise UserError(
+            f"--data {root}: no category folders (<category>/test/ or <category>/images/) in it; pass the dataset root"
+        )
+    names = list(dict.fromkeys(categories)) if categories else list(found)
+    for name in names:
+        if name not in found:
+            raise UserError(f"--categories {name}: not a category of {root}; valid: {', '.join(found)}")
+    if max_defects is not None and max_defects < 1:
+        raise UserError(f"--max-defects {max_defects}: must be at least 1")
+    jobs, matched = [], set()
+    for name in names:
+        category = open_category(found[name])
+        chosen = [d for d in category.defects if not defects or d in defects]
+        matched.update(chosen)
+        chosen = chosen[:max_defects]
+        if chosen:
+            jobs += [Job(name, category.root, d) for d in chosen] + [Job(name, category.root, None, tuple(chosen))]
+    for defect in defects or []:
+        if defect not in matched:
+            raise UserError(f"--defects {defect}: not a defect type of any chosen category; check the name")
+    return jobs
+
+
+def job_settings(job: Job, cfg: Config) -> dict:
+    """What a job's result depends on besides its identity: a re-run with other settings redoes it."""
+    if job.defect:
+        data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("data", "defect")}
+        sections = {"data": data, **{s: dataclasses.asdict(getattr(cfg, s)) for s in ("model", "train", "generate")}}
+    else:
+        sections = {
+            "evaluate": dataclasses.asdict(cfg.evaluate),
+            "split_rounding": cfg.data.split_rounding,
+            "defects": list(job.defects),
+        }
+    return json.loads(json.dumps(sections))
+
+
+def job_folder(out: Path, job: Job) -> Path:
+    return Path(out) / "jobs" / job.name
+
+
+def finished_record(out: Path, job: Job, cfg: Config) -> dict | None:
+    """The job's done.json if it was done with the settings it would run with now, else None."""
+    record = _read_json(job_folder(out, job) / DONE)
+    return record if record and record.get("settings") == job_settings(job, cfg) else None
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+class JobStatus:
+    """What a running job shows: its stage in running.json (rewritten at most every `STAGE_INTERVAL_S`,
+    polled by the driver's live table) and timestamped lines in log.txt."""
+
+    def __init__(self, folder: Path, attempt: int, started: float):
+        self.folder, self.attempt, self.started = Path(folder), attempt, started
+        self.written = -math.inf
+        self.stage("starting", force=True)
+
+    def stage(self, text: str, force: bool = False) -> None:
+        if force or time.monotonic() - self.written >= STAGE_INTERVAL_S:
+            record = {"stage": text, "attempt": self.attempt, "started": self.started, "host": os.uname().nodename}
+            _write_json(self.folder / RUNNING, record)
+            self.written = time.monotonic()
+
+    def log(self, message: str) -> None:
+        with (self.folder / LOG).open("a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+def trained_steps(run: Path) -> int:
+    """Steps of the run's finished training (0 while adapters.safetensors is not written)."""
+    import torch
+
+    from dualanodiff.training import ADAPTERS, latest_checkpoint
+
+    checkpoint = latest_checkpoint(run) if (run / ADAPTERS).is_file() else None
+    return torch.load(checkpoint / "state.pt", map_location="cpu")["step"] if checkpoint else 0
+
+
+def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> dict:
+    """Train the defect type's run (resuming a started one) unless trained, then generate its pairs."""
+    from dualanodiff import generation, training
+
+    run = out / "runs" / job.category / job.defect
+    cfg = copy.deepcopy(cfg)
+    cfg.data.data, cfg.data.defect = str(job.data), job.defect
+    resume = (run / "config.yaml").is_file()
+    if resume and Config.from_yaml(run / "config.yaml").model != cfg.model:
+        raise UserError(
+            f"{run / 'config.yaml'}: this run was trained with other model settings; delete the run or use another --out"
+        )
+    if trained_steps(run) < cfg.train.steps:
+        status.log(f"{'resuming' if resume else 'starting'} training run {run}")
+        training.train(
+            cfg, run, resume=resume, log=status.log,
+            progress=lambda step, total, losses: status.stage(f"training {step}/{total}"),
+        )
+    summary = generation.generate(
+        run, out / GENERATED, cfg.generate, u2net_weights=cfg.data.u2net_weights, log=status.log,
+        progress=lambda done, total: status.stage(f"generating {done}/{total}"),
+    )
+    return {"run": str(run), "folder": str(summary.folder), "kept": summary.kept, "dropped": summary.dropped}
+
+
+def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> dict:
+    """The localization protocol on the category's generated pairs of ``job.defects``; writes its report."""
+    from dualanodiff.evaluation import evaluate_generators, write_report
+
+    status.stage("evaluating", force=True)
+    results = evaluate_generators(
+        job.data, {GENERATOR: out / GENERATED}, cfg.evaluate, defects=list(job.defects),
+        rounding=cfg.data.split_rounding, classification=False, log=status.log,
+    )
+    report = out / "reports" / job.category / "report.md"
+    write_report(results, report, json_path=report.with_name("results.json"), csv_path=report.with_name("results.csv"), force=True)
+    row = results["generators"][0]
+    return {
+        "report": str(report),
+        "pairs": row["pairs"],
+        "metrics": _localization(row["metrics"]),
+        "per_defect": {defect: _localization(metrics) for defect, metrics in row["per_defect"].items()},
+    }
+
+
+def run_job(job: Job, out: Path, config: dict, work: Callable | None = None) -> dict:
+    """Run one job, once more if it raises; its record (``status`` "done" or "failed") is returned and
+    written to done.json or failed.json. ``work(job, out, cfg, status) -> dict`` defaults to
+    `train_and_generate` or `evaluate_category`; its dict joins the record."""
+    out, cfg = Path(out), Config.from_dict(config)
+    work = work or (train_and_generate if job.defect else evaluate_category)
+    folder = job_folder(out, job)
+    started = time.time()
+    for attempt in (1, 2):
+        status = JobStatus(folder, attempt, started)
+        try:
+            result = work(job, out, cfg, status)
+        except Exception as exc:
+            error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            status.log(f"attempt {attempt} failed:\n{trace}")
+            continue
+        record = _record(job, cfg, "done", started, attempts=attempt, **result)
+        _finish(folder, DONE, record)
+        return record
+    record = _record(job, cfg, "failed", started, attempts=2, error=error, traceback=trace)
+    _finish(folder, FAILED, record)
+    return record
+
+
+def _record(job: Job, cfg: Config, status: str, started: float, **fields) -> dict:
+    return {
+        "job": job.name, "category": job.category, "defect": job.defect, "status": status,
+        "seconds": round(time.time() - started, 3), "settings": job_settings(job, cfg), **fields,
+    }
+
+
+def _finish(folder: Path, name: str, record: dict) -> None:
+    _write_json(folder / name, record)
+    for stale in {DONE, FAILED, RUNNING} - {name}:
+        (folder / stale).unlink(missing_ok=True)
+
+
+def _localization(metrics: dict) -> dict:
+    """The six localization metrics, None where not computed (strict JSON)."""
+    return {key: None if math.isnan(metrics[key]) else float(metrics[key]) for key in METRIC_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+def job_gpus(gpus_per_job: float | None, resources: dict) -> float:
+    """GPUs each job claims: 1 by default where the cluster has GPUs, else 0; more than it has would hang."""
+    available = resources.get("GPU", 0)
+    if gpus_per_job is None:
+        return 1.0 if available else 0.0
+    if gpus_per_job < 0 or gpus_per_job > available:
+        raise UserError(
+            f"--gpus-per-job {gpus_per_job:g}: the Ray cluster has {available:g} GPU(s); "
+            f"pass a share between 0 (CPU) and {available:g}"
+        )
+    return float(gpus_per_job)
+
+
+def run_all(
+    data: Path | str,
+    out: Path | str,
+    cfg: Config,
+    *,
+    categories: list[str] | None = None,
+    defects: list[str] | None = None,
+    max_defects: int | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    gpus_per_job: float | None = None,
+    console=None,
+) -> tuple[list[Job], dict[str, dict]]:
+    """Run every job of `plan_jobs` on Ray (an existing connection, ``address``, or a local Ray with
+    ``num_cpus``), showing a live table; write summary.md and summary.csv. Returns the jobs and their
+    records by job name (``status``: done, done earlier or failed)."""
+    import ray
+    from rich import get_console
+    from rich.live import Live
+
+    console = console or get_console()
+    data, out = Path(data).resolve(), Path(out).resolve()
+    jobs = plan_jobs(data, categories, defects, max_defects)
+    config = cfg.to_dict()
+    records: dict[str, dict] = {}
+    pending: dict = {}  # Ray object ref -> job
+    waiting = {job.category: job for job in jobs if not job.defect}  # evaluations not yet submitted
+    started_ray = not ray.is_initialized()
+    if started_ray and address:
+        ray.init(address=address, log_to_driver=False)
+    elif started_ray:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+            object_store_memory=LOCAL_OBJECT_STORE,
+        )
+    try:
+        gpus = job_gpus(gpus_per_job, ray.cluster_resources())
+        # Ray retries a job whose worker died; run_job retries one that raised
+        remote = ray.remote(run_job).options(num_gpus=gpus, max_retries=1)
+
+        def submit(job: Job) -> None:
+            record = finished_record(out, job, cfg)
+            if record:
+                records[job.name] = {**record, "status": "done earlier"}
+                return
+            (job_folder(out, job) / RUNNING).unlink(missing_ok=True)  # stale from an interrupted run
+            pending[remote.remote(job, out, config)] = job
+
+        def submit_evaluations() -> None:
+            for category, job in list(waiting.items()):
+                generations = [j for j in jobs if j.category == category and j.defect]
+                if any(j.name not in records for j in generations):
+                    continue
+                del waiting[category]
+                succeeded = tuple(j.defect for j in generations if records[j.name]["status"] in SUCCEEDED)
+                if succeeded:
+                    submit(dataclasses.replace(job, defects=succeeded))
+                else:
+                    records[job.name] = _failure(out, job, cfg, "no defect type of this category was generated")
+
+        for job in jobs:
+            if job.defect:
+                submit(job)
+        submit_evaluations()
+        # transient, then printed once: a file or pipe gets the final table only, ending with a newline
+        with Live(job_table(jobs, records, pending.values(), out), console=console, transient=True) as live:
+            try:
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+                    for ref in ready:
+                        job = pending.pop(ref)
+                        try:
+                            records[job.name] = ray.get(ref)
+                        except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
+                            records[job.name] = _failure(out, job, cfg, f"{type(exc).__name__}: {exc}")
+                    submit_evaluations()
+                    live.update(job_table(jobs, records, pending.values(), out))
+            except KeyboardInterrupt:
+                for ref in pending:
+                    ray.cancel(ref)  # a running training saves a checkpoint before it stops
+                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
+                write_summary(out, jobs, records)
+                raise
+        console.print(job_table(jobs, records, [], out))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    write_summary(out, jobs, records)
+    return jobs, records
+
+
+def _failure(out: Path, job: Job, cfg: Config, error: str) -> dict:
+    record = _record(job, cfg, "failed", time.time(), attempts=0, error=error)
+    _finish(job_folder(out, job), FAILED, record)
+    return record
+
+
+def job_table(jobs: list[Job], records: dict[str, dict], submitted, out: Path):
+    """The live table: every job as waiting (an evaluation before its generations end), queued,
+    running (its stage and elapsed time), done, done earlier or failed (its error)."""
+    from rich.table import Table
+
+    submitted = {job.name for job in submitted}
+    table = Table(title="run-all jobs")
+    for column in ("job", "status", "stage", "elapsed"):
+        table.add_column(column)
+    for job in jobs:
+        record = records.get(job.name)
+        if record:
+            stage = record.get("error", "")[:80] if record["status"] == "failed" else ""
+            table.add_row(job.name, record["status"], stage, f"{record['seconds']:.0f} s")
+        elif job.name in submitted:
+            running = _read_json(job_folder(out, job) / RUNNING)
+            if running:
+                attempt = f" (attempt {running['attempt']})" if running["attempt"] > 1 else ""
+                table.add_row(job.name, "running", running["stage"] + attempt, f"{time.time() - running['started']:.0f} s")
+            else:
+                table.add_row(job.name, "queued", "", "")
+        else:
+            table.add_row(job.name, "waiting", "for its category's generations", "")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+SUMMARY_COLUMNS = (
+    ("category", "category"),
+    ("defect", "defect"),
+    *[(key, title) for key, title, _ in COLUMNS if key in METRIC_KEYS],
+    ("pairs", "pairs"),
+    ("dropped", "dropped"),
+    ("seconds", "seconds"),
+    ("status", "status"),
+)
+EVALUATION_ROW = "(evaluation)"
+
+
+def summary_rows(jobs: list[Job], records: dict[str, dict]) -> list[dict]:
+    """Rows of the summary table, values raw (metrics as fractions, None where missing).
+
+    Per category: one row per defect type (its localization metrics on its own test images plus
+    test/good, its kept and dropped pairs, train + generate seconds, status), then the evaluation row
+    (metrics over the category's whole test split, pairs evaluated, evaluation seconds). Then two
+    averages: over the defect-type rows, and over the evaluation rows (the paper's per-category mean).
+    Averages skip missing values; their status counts the rows that succeeded.
+    """
+    defect_rows, evaluation_rows, rows = [], [], []
+    for job in jobs:
+        record = records.get(job.name, {})
+        done = record.get("status") in SUCCEEDED
+        if job.defect:
+            evaluation = records.get(Job(job.category, job.data).name, {})
+            per_defect = evaluation.get("per_defect", {}) if evaluation.get("status") in SUCCEEDED else {}
+            metrics = per_defect.get(job.defect, {})
+            row = {"category": job.category, "defect": job.defect, **{k: metrics.get(k) for k in METRIC_KEYS},
+                   "pairs": record.get("kept"), "dropped": record.get("dropped")}
+            defect_rows.append(row)
+        else:
+            metrics = record.get("metrics", {}) if done else {}
+            pairs = sum(record["pairs"].values()) if done else None
+            row = {"category": job.category, "defect": EVALUATION_ROW, **{k: metrics.get(k) for k in METRIC_KEYS},
+                   "pairs": pairs, "dropped": None}
+            evaluation_rows.append(row)
+        row.update(seconds=record.get("seconds"), status=record.get("status", "not run"))
+        rows.append(row)
+    rows.append(_average(defect_rows, "average", "over defect types"))
+    rows.append(_average(evaluation_rows, "average", "over categories"))
+    return rows
+
+
+def _average(rows: list[dict], category: str, defect: str) -> dict:
+    average = {"category": category, "defect": defect}
+    for key in (*METRIC_KEYS, "pairs", "dropped", "seconds"):
+        values = [row[key] for row in rows if row[key] is not None]
+        average[key] = sum(values) / len(values) if values else None
+    succeeded = sum(row["status"] in SUCCEEDED for row in rows)
+    average["status"] = f"{succeeded}/{len(rows)} done"
+    return average
+
+
+def summary_cells(rows: list[dict]) -> list[list[str]]:
+    """Rows as text: metrics in percent with one decimal (as the paper), seconds with one decimal,
+    `NOT_COMPUTED` where missing."""
+    cells = []
+    for row in rows:
+        line = []
+        for key, _ in SUMMARY_COLUMNS:
+            value = row[key]
+            if key in METRIC_KEYS:
+                line.append(format_value(value, percent=True))
+            elif value is None:
+                line.append(NOT_COMPUTED)
+            elif isinstance(value, float):
+                line.append(f"{value:.1f}")
+            else:
+                line.append(str(value))
+        cells.append(line)
+    return cells
+
+
+def write_summary(out: Path, jobs: list[Job], records: dict[str, dict]) -> tuple[Path, Path]:
+    """summary.md (the table, then the failures with their logs) and summary.csv (the same cells,
+    empty where missing), both atomically."""
+    out = Path(out)
+    cells = summary_cells(summary_rows(jobs, records))
+    titles = [title for _, title in SUMMARY_COLUMNS]
+    lines = [
+        "# run-all summary",
+        "",
+        "| " + " | ".join(titles) + " |",
+        "|" + "|".join(["---", "---"] + ["---:"] * (len(titles) - 3) + ["---"]) + "|",
+        *["| " + " | ".join(line) + " |" for line in cells],
+        "",
+        "Localization metrics in percent (per defect type: its test images plus test/good; evaluation rows: "
+        f"the category's whole test split); pairs = generated pairs kept; seconds = wall time of the job; "
+        f"{NOT_COMPUTED} = not computed.",
+    ]
+    failures = [records[job.name] for job in jobs if records.get(job.name, {}).get("status") == "failed"]
+    if failures:
+        lines += ["", "## Failed jobs", ""]
+        lines += [f"- {r['job']}: {r['error']} (log: jobs/{r['job']}/{LOG})" for r in failures]
+    md, csv_path = out / "summary.md", out / "summary.csv"
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([key for key, _ in SUMMARY_COLUMNS])
+    writer.writerows([["" if cell == NOT_COMPUTED else cell for cell in line] for line in cells])
+    atomic_write_text(csv_path, buffer.getvalue())
+    return md, csv_path
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, record: dict) -> None:
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
