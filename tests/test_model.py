@@ -214,3 +214,24 @@ def test_cross_attention_capture_keeps_anomaly_rows_only():
     with torch.no_grad():
         model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(PAIRS))
     assert len([m for p in processors for m in p.attention_maps]) == len(maps)  # nothing captured outside
+
+
+def test_saim_closed_form_equals_two_token_softmax_attention():
+    """SAIM's sigmoid form against the definition: each position's (global, anomaly) pair as a 2-token sequence."""
+    import torch.nn.functional as F
+
+    from dualanodiff.model.attention import SelfAttentionInteraction
+
+    torch.manual_seed(0)
+    saim = SelfAttentionInteraction(dim=12).double()
+    for layer in (saim.to_out, saim.to_k):
+        torch.nn.init.normal_(layer.weight)
+    pairs, length = 3, 5
+    states = torch.randn(3 * pairs, length, 12, dtype=torch.float64)  # global, anomaly, background blocks
+    out = saim(states, pairs)
+    tokens = states[: 2 * pairs].view(2, pairs, length, 12).permute(1, 2, 0, 3).reshape(pairs * length, 2, 12)
+    x = saim.proj_in(saim.norm(tokens))
+    mixed = F.scaled_dot_product_attention(saim.to_q(x), saim.to_k(x), saim.to_v(x))
+    update = saim.to_out(mixed).view(pairs, length, 2, 12).permute(2, 0, 1, 3).reshape(2 * pairs, length, 12)
+    assert torch.allclose(out[: 2 * pairs], states[: 2 * pairs] + update, atol=1e-12)
+    assert torch.equal(out[2 * pairs :], states[2 * pairs :])  # background rows untouched

@@ -71,7 +71,7 @@ class SelfAttentionInteraction(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj_in = nn.Linear(dim, width)
         self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width, bias=False)  # a bias shared by both tokens cancels in the softmax
         self.to_v = nn.Linear(width, width)
         self.to_out = nn.Linear(width, dim)
         nn.init.zeros_(self.to_out.weight)
@@ -79,12 +79,11 @@ class SelfAttentionInteraction(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, pairs: int) -> torch.Tensor:
         paired = hidden_states[: 2 * pairs]
-        rows, length, dim = paired.shape
-        # (2P, L, D) -> (P*L, 2, D): the global and anomaly token of one position form a sequence
-        tokens = paired.view(2, pairs, length, dim).permute(1, 2, 0, 3).reshape(pairs * length, 2, dim)
-        x = self.proj_in(self.norm(tokens))
-        mixed = F.scaled_dot_product_attention(self.to_q(x), self.to_k(x), self.to_v(x))
-        update = self.to_out(mixed).view(pairs, length, 2, dim).permute(2, 0, 1, 3).reshape(rows, length, dim)
+        x = self.proj_in(self.norm(paired))  # per token: no need to regroup the rows into 2-token sequences
+        q, k, v = (proj(x).unflatten(0, (2, pairs)) for proj in (self.to_q, self.to_k, self.to_v))  # (2, P, L, W)
+        # a softmax over the two tokens (global, anomaly) is the sigmoid of the logit difference
+        weight = torch.sigmoid((q * (k[0] - k[1])).sum(-1, keepdim=True) * q.shape[-1] ** -0.5)
+        update = self.to_out((v[1] + weight * (v[0] - v[1])).flatten(0, 1))
         return torch.cat([paired + update, hidden_states[2 * pairs :]])
 
 
@@ -180,7 +179,8 @@ class DualBranchAttnProcessor(nn.Module):
         if self.bcm is not None and layout.background and pairs:
             out = self._attend_with_background(attn, hidden_states, attention_mask, pairs)
         else:
-            out = self._attend(attn, hidden_states, context, attention_mask, pairs, rows=slice(None))
+            query = self._project(attn, "to_q", hidden_states, pairs)
+            out = self._attend(attn, query, context, attention_mask, pairs, capture=self.is_cross and layout.capture_attention)
 
         out = self._project(attn, "to_out", out, pairs)
         out = attn.to_out[1](out)
@@ -195,28 +195,31 @@ class DualBranchAttnProcessor(nn.Module):
     def _attend_with_background(
         self, attn: Attention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pairs: int
     ) -> torch.Tensor:
-        """Self-attention where the global rows' K/V input carries gamma * MLP(background states)."""
-        background_rows = slice(2 * pairs, None)
-        background_out = self._attend(attn, hidden_states, hidden_states, attention_mask, pairs, background_rows)
-        source = hidden_states[background_rows] if self.bcm.variant == "official" else background_out
-        kv_global = self.bcm(hidden_states[:pairs], source)
-        context = torch.cat([kv_global, hidden_states[pairs:]])
-        paired_out = self._attend(attn, hidden_states, context, attention_mask, pairs, slice(0, 2 * pairs))
+        """Self-attention where the global rows' K/V input carries gamma * MLP(background states).
+
+        Q is projected once for all rows and K/V once per block, so no projection runs twice.
+        """
+        paired, background = hidden_states[: 2 * pairs], hidden_states[2 * pairs :]
+        query = self._project(attn, "to_q", hidden_states, pairs)
+        masks = (None, None) if attention_mask is None else (attention_mask[2 * pairs :], attention_mask[: 2 * pairs])
+        background_out = self._attend(attn, query[2 * pairs :], background, masks[0], pairs=0)  # global adapter
+        source = background if self.bcm.variant == "official" else background_out
+        context = torch.cat([self.bcm(paired[:pairs], source), paired[pairs:]])
+        paired_out = self._attend(attn, query[: 2 * pairs], context, masks[1], pairs)
         return torch.cat([paired_out, background_out])
 
     def _attend(
         self,
         attn: Attention,
-        hidden_states: torch.Tensor,
+        query: torch.Tensor,
         context: torch.Tensor,
         attention_mask: torch.Tensor | None,
         pairs: int,
-        rows: slice,
+        capture: bool = False,
     ) -> torch.Tensor:
-        """Multi-head attention for a block of rows, with per-row LoRA on q/k/v (LoRA rows keep the layout)."""
-        query = self._project(attn, "to_q", hidden_states, pairs)[rows]
-        key = self._project(attn, "to_k", context, pairs)[rows]
-        value = self._project(attn, "to_v", context, pairs)[rows]
+        """Multi-head attention of projected queries over `context`, with per-row LoRA on k/v (rows keep the layout)."""
+        key = self._project(attn, "to_k", context, pairs)
+        value = self._project(attn, "to_v", context, pairs)
         batch = query.shape[0]
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
@@ -226,17 +229,15 @@ class DualBranchAttnProcessor(nn.Module):
             key = attn.norm_k(key)
         mask = None
         if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], hidden_states.shape[0])
-            mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])[rows]
-        if self.is_cross and self.layout[0].capture_attention and pairs:
-            self._capture(query, key, pairs, rows)
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        if capture and pairs:
+            self._capture(query, key, pairs)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
-    def _capture(self, query: torch.Tensor, key: torch.Tensor, pairs: int, rows: slice) -> None:
+    def _capture(self, query: torch.Tensor, key: torch.Tensor, pairs: int) -> None:
         """Keep the anomaly rows' head-averaged cross-attention probabilities (rows, queries, tokens)."""
         anomaly = slice(pairs, 2 * pairs)
-        if rows != slice(None):
-            return
         scores = query[anomaly] @ key[anomaly].transpose(-1, -2) * query.shape[-1] ** -0.5
         self.attention_maps.append(scores.softmax(-1).mean(1).detach().float())
