@@ -1,0 +1,182 @@
+"""Generation: joint guided sampling, seeds, the pairs folder (filter, cap, resume), inpainting and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dualanodiff.cli import main
+from dualanodiff.config import Config, GenerateConfig
+from dualanodiff.data import foreground_mask, load_image, load_mask, open_category
+from dualanodiff.generation import DualAnoDiffPipeline, generate, generate_config
+from dualanodiff.masks import filter_verdict, part_to_mask
+from dualanodiff.training import resize_image, to_uint8, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_root, tmp_path_factory):
+    cfg = Config()
+    cfg.data.data = str(synthetic_root / "nut")
+    cfg.data.defect = "hole"
+    cfg.model.base_model = "tiny-random"
+    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.device = 2, 2, 1e-3, "cpu"
+    return train(cfg, tmp_path_factory.mktemp("generation") / "run")
+
+
+@pytest.fixture(scope="module")
+def pipe(run):
+    return DualAnoDiffPipeline.from_run(run, device="cpu")
+
+
+def fast(**options) -> GenerateConfig:
+    """Few DDIM steps on the CPU: the file logic does not depend on the sampler's length."""
+    return GenerateConfig(steps=2, scheduler="ddim", device="cpu", batch_size=2, **options)
+
+
+def manifest(folder) -> list[dict]:
+    path = folder / "manifest.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_pipeline_returns_uint8_pairs_at_the_training_size(pipe):
+    pairs = pipe([0, 1], steps=3, scheduler="ddim", capture_attention=True)
+    assert [p.seed for p in pairs] == [0, 1]
+    for pair in pairs:
+        assert pair.image.shape == pair.part.shape == (32, 32, 3)
+        assert pair.image.dtype == pair.part.dtype == np.uint8
+        assert pair.attention.shape == (16, 16)  # the latent grid
+        assert np.isfinite(pair.attention).all() and 0 <= pair.attention.min() and pair.attention.max() <= 1
+    assert pipe([0], steps=1, scheduler="ddim")[0].attention is None
+
+
+def test_a_seed_regenerates_bit_exactly_and_independently_of_its_batch(pipe):
+    # DDPM draws noise in every step too: each pair takes it from its own generator
+    batch = pipe([4, 5, 6], steps=3, scheduler="ddpm")
+    again = pipe([4, 5, 6], steps=3, scheduler="ddpm")
+    alone = pipe([5], steps=3, scheduler="ddpm")[0]
+    for first, second in zip(batch, again):
+        assert np.array_equal(first.image, second.image) and np.array_equal(first.part, second.part)
+    for name in ("image", "part"):
+        assert np.abs(getattr(alone, name).astype(int) - getattr(batch[1], name)).max() <= 1  # float rounding only
+    assert np.abs(batch[0].image.astype(int) - batch[1].image).mean() > 5  # seeds matter
+
+
+def test_guided_noise_of_one_batched_call_equals_two_separate_calls(run):
+    pipe = DualAnoDiffPipeline.from_run(run, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # make SAIM and BCM matter, so a wrong row pairing would show
+        for processor in pipe.model.processors:
+            processor.saim.to_out.weight.normal_(0, 0.2)
+            if processor.bcm is not None:
+                processor.bcm.gamma.fill_(0.5)
+    x_global, x_anomaly, x_background = torch.randn(3, 2, 4, 16, 16)
+    t, guidance = torch.tensor(500), 2.5
+    with torch.inference_mode():
+        eps_global, eps_anomaly = pipe.guided_noise(x_global, x_anomaly, t, x_background, guidance)
+        model = pipe.model
+        uncond = model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(2, unconditional=True), x_background)
+        cond = model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(2), x_background)
+    assert not torch.allclose(uncond[0], cond[0], atol=1e-3)
+    torch.testing.assert_close(eps_global, uncond[0] + guidance * (cond[0] - uncond[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_anomaly, uncond[1] + guidance * (cond[1] - uncond[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_without_filter_every_pair_is_written_with_its_verdict(run, synthetic_root, tmp_path):
+    cfg = fast(num=3, filter=False)
+    summary = generate(run, tmp_path, cfg)
+    folder = tmp_path / "nut" / "hole"
+    assert (summary.folder, summary.kept, summary.dropped, summary.attempts) == (folder, 3, 0, 3)
+    rows = manifest(folder)
+    assert [(r["index"], r["attempt"], r["seed"]) for r in rows] == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
+    assert not (folder / "rejected.jsonl").exists()
+    kind = open_category(synthetic_root / "nut").kind
+    for row in rows:
+        assert (row["steps"], row["scheduler"], row["guidance"]) == (2, "ddim", 2.5)
+        mask_png = Image.open(folder / row["mask"])
+        assert mask_png.mode == "L" and mask_png.size == (32, 32)
+        assert set(np.unique(np.asarray(mask_png))) <= {0, 255}
+        image, part, mask = load_image(folder / row["image"]), load_image(folder / row["part"]), load_mask(folder / row["mask"])
+        assert np.array_equal(mask, part_to_mask(part, cfg.mask_floor, cfg.min_component))
+        assert row["verdict"] == filter_verdict(mask, foreground_mask(image, kind), cfg.max_area, cfg.min_on_object)
+        assert row["mask_area"] == pytest.approx(mask.mean(), abs=1e-6)
+    sheet = load_image(folder / "contact_sheet.png")
+    assert sheet.shape == (3 * 132 + 4, 3 * 132 + 4, 3)
+
+
+def test_the_filter_drops_pairs_and_the_cap_stops_the_loop(run, tmp_path):
+    messages = []
+    summary = generate(run, tmp_path, fast(num=2, max_area=0.0, max_tries_factor=2), log=messages.append)
+    folder = tmp_path / "nut" / "hole"
+    assert (summary.kept, summary.dropped, summary.attempts) == (0, 4, 4)
+    rejected = [json.loads(line) for line in (folder / "rejected.jsonl").read_text().splitlines()]
+    assert [r["attempt"] for r in rejected] == [0, 1, 2, 3]
+    assert all(r["verdict"] in ("empty", "too_large") for r in rejected)
+    assert manifest(folder) == []
+    assert any("cap" in m and "4 attempts" in m for m in messages)
+
+
+def test_a_larger_num_resumes_and_keeps_the_first_pairs_byte_identical(run, tmp_path):
+    folder = tmp_path / "nut" / "hole"
+    generate(run, tmp_path, fast(num=2, filter=False))
+    files = sorted(p for p in folder.glob("*/*.png"))
+    before = {p: p.read_bytes() for p in files}
+    first_rows = manifest(folder)
+    (folder / "image" / "0002.png").write_bytes(b"truncated by a killed run")  # an orphan without a row
+    summary = generate(run, tmp_path, fast(num=4, filter=False))
+    assert summary.kept == 4
+    assert {p: p.read_bytes() for p in files} == before
+    rows = manifest(folder)
+    assert rows[:2] == first_rows and [r["attempt"] for r in rows[2:]] == [2, 3]
+    assert load_image(folder / "image" / "0002.png").shape == (32, 32, 3)
+
+
+def test_inpainting_keeps_pixels_outside_the_mask_within_vae_reconstruction_error(pipe, synthetic_root):
+    normal = resize_image(load_image(sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))[0]), 32)
+    mask = np.zeros((32, 32), bool)
+    mask[9:20, 11:22] = True  # not aligned with the 2-pixel latent cells
+    with torch.inference_mode():
+        reconstruction = to_uint8(pipe.model.vae.decode(pipe.encode([normal]) / pipe.scaling).sample[0])
+
+    def error_outside(image):
+        return np.abs(image.astype(float) - normal)[~mask].mean()
+
+    for pair in pipe([0, 1], steps=4, scheduler="pndm", normal=normal, normal_mask=mask):
+        assert error_outside(pair.image) <= error_outside(reconstruction) + 1.0
+        assert np.abs(pair.image.astype(float) - reconstruction)[mask].mean() > 2  # a defect was drawn inside
+
+
+def test_generate_options_layer_run_then_config_file_then_flags(run, tmp_path):
+    saved = Config.from_yaml(run / "config.yaml")
+    saved.generate.guidance, saved.generate.steps = 4.0, 50
+    (tmp_path / "run").mkdir()
+    saved.to_yaml(tmp_path / "run" / "config.yaml")
+    (tmp_path / "options.yaml").write_text(yaml.safe_dump({"generate": {"steps": 7, "scheduler": "ddim"}}))
+    cfg = generate_config(tmp_path / "run", tmp_path / "options.yaml", steps=3, num=None)
+    assert (cfg.guidance, cfg.scheduler, cfg.steps, cfg.num) == (4.0, "ddim", 3, GenerateConfig().num)
+
+
+def test_cli_generate_writes_pairs_and_a_bad_scheduler_is_one_line(run, tmp_path, capsys):
+    common = ["generate", str(run), "--num", "4", "--out", str(tmp_path), "--device", "cpu"]
+    main(common + ["--steps", "2", "--scheduler", "dpm", "--no-filter", "--batch-size", "4"])
+    assert len(manifest(tmp_path / "nut" / "hole")) == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--scheduler", "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--scheduler nope" in err
