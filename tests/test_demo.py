@@ -1,0 +1,68 @@
+"""The demo end to end on a test-size configuration: report contents, stage reuse, refusal, ablation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dualanodiff.demo import DemoHooks, consistency_figures, demo_config, run_demo
+from dualanodiff.errors import UserError
+
+
+def tiny_demo_config(defect: str = "hole"):
+    cfg = demo_config("nut", defect)
+    cfg.model.base_model = "tiny-random"
+    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.train.steps = 2
+    cfg.train.batch_size = 2
+    cfg.train.device = "cpu"
+    cfg.generate.num = 2
+    cfg.generate.steps = 2
+    cfg.generate.filter = False  # a random base makes no defects worth filtering
+    cfg.evaluate.epochs = 1
+    cfg.evaluate.resolution = 32
+    cfg.evaluate.base_width = 4
+    return cfg
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
+    out = tmp_path / "demo"
+    logged = []
+    report = run_demo(out, tiny_demo_config(), ablation=True, hooks=DemoHooks(log=logged.append))
+    text = report.read_text()
+    results = json.loads((out / "evaluation.json").read_text())
+    names = [row["name"] for row in results["generators"]]
+    assert names == ["dualanodiff", "no-saim", "no-bcm", "crop-paste", "perlin"]
+    for row in results["generators"]:
+        assert f"| {row['name']} | " in text
+        ap = row["metrics"]["pixel_ap"]
+        assert f"{100 * ap:.1f}" in text
+    ours = consistency_figures(out / "generated" / "dualanodiff" / "nut" / "hole")
+    assert ours["kept"] == 2 and f"{ours['consistency_mean']:.2f} dB" in text
+    assert "## Ablation" in text and "| no-saim |" in text
+    for figure in ("pairs_dualanodiff", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "consistency"):
+        assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and 'src="figures/pairs_dualanodiff.png"' in html
+    stages = json.loads((out / "stages.json").read_text())
+    assert {"data", "train dualanodiff", "generate no-bcm", "baselines", "evaluate", "report"} <= set(stages)
+
+    adapters = (out / "runs" / "dualanodiff" / "adapters.safetensors").read_bytes()
+    evaluation = (out / "evaluation.json").read_bytes()
+    logged.clear()
+    run_demo(out, tiny_demo_config(), ablation=True, hooks=DemoHooks(log=logged.append))
+    assert logged == []  # every stage reused, nothing retrained or regenerated
+    assert (out / "runs" / "dualanodiff" / "adapters.safetensors").read_bytes() == adapters
+    assert (out / "evaluation.json").read_bytes() == evaluation
+
+    with pytest.raises(UserError, match="other settings"):
+        run_demo(out, tiny_demo_config(defect="crack"), ablation=True)
+
+
+def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and holds no demo"):
+        run_demo(tmp_path, tiny_demo_config())
+    assert (tmp_path / "keep.txt").read_text() == "mine"
