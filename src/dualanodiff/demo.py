@@ -267,7 +267,8 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
         "",
         "![DualAnoDiff pairs](figures/pairs_dualanodiff.png)",
         "",
-        f"Quality filter: {stats['kept']} kept, {stats['dropped']} dropped. Pair consistency (PSNR of image·M "
+        f"Quality filter: {stats['kept']} kept, {stats['dropped']} dropped"
+        f"{'' if stats['kept'] >= cfg.generate.num else f' (the cap of {cfg.generate.num * cfg.generate.max_tries_factor} attempts was reached before {cfg.generate.num} pairs)'}. Pair consistency (PSNR of image·M "
         f"vs part·M inside the mask): mean {stats['consistency_mean']:.2f} dB, median "
         f"{stats['consistency_median']:.2f} dB; mean mask area {100 * stats['mask_area_mean']:.2f} % of the image.",
         "",
