@@ -216,3 +216,25 @@ def test_bf16_with_gradient_checkpointing_tracks_fp32_and_saves_fp32_adapters(sy
     for key in ("loss_global", "loss_anomaly"):
         assert float(losses(half)[0][key]) == pytest.approx(float(losses(full)[0][key]), rel=0.05)
     assert all(t.dtype == torch.float32 for t in load_file(str(half / "adapters.safetensors")).values())
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_training_checkpoints_every_rank(synthetic_root, tmp_path):
+    """`torchrun --nproc_per_node 2 -m dualanodiff train` (what `accelerate launch` runs): one writer,
+    each rank's RNG saved, and a resume with another process count refused."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dualanodiff", "train",
+               "--data", str(synthetic_root / "nut"), "--defect", "hole", "--base-model", "tiny-random", "--rank", "4",
+               "--batch-size", "1", "--steps", "2", "--device", "cpu", "--out", str(run)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("trained ") == 1
+    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt")
+    assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])
+    assert [int(r["step"]) for r in losses(run)] == [1, 2]
+    with pytest.raises(UserError, match="saved by 2 process"):
+        train(tiny_config(synthetic_root, steps=3), run, resume=True)
