@@ -180,3 +180,19 @@ def test_cli_generate_writes_pairs_and_a_bad_scheduler_is_one_line(run, tmp_path
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--scheduler nope" in err
+
+
+def test_object_region_excludes_a_frame_so_border_masks_are_off_object():
+    from dualanodiff.generation import object_region
+    from dualanodiff.masks import filter_verdict
+
+    flat = np.full((100, 100, 3), 150, np.uint8)  # no object to find: the foreground falls back to the image
+    frame = np.zeros((100, 100), bool)
+    frame[:2], frame[:, :2] = True, True
+    region = object_region(flat, "object")
+    assert region.sum() == 94 * 94 and not region[:3].any() and region[3:97, 3:97].all()
+    assert filter_verdict(frame, region) == "off_object"
+    spot = np.zeros((100, 100), bool)
+    spot[40:45, 40:45] = True
+    assert filter_verdict(spot, region) == "kept"
+    assert object_region(flat, "texture") is None and filter_verdict(frame, None) == "kept"

@@ -317,6 +317,24 @@ def prepared_background(image: np.ndarray, kind: str, u2net_weights: str | None 
     return to_uint8(to_model_range(image) * outside)
 
 
+BORDER_SHARE = 0.03  # of the image side: the frame where an object's defect is not expected
+
+
+def object_region(image: np.ndarray, kind: str, u2net_weights: str = "") -> np.ndarray | None:
+    """Where an object's defect may lie: its foreground mask without a thin frame along the image border.
+
+    Decoded part images sometimes carry a faint frame that thresholds into a border-hugging mask; when
+    the foreground heuristic also falls back to the whole image, only the frame rule catches it.
+    Textures: None (anywhere).
+    """
+    if kind == "texture":
+        return None
+    region = foreground_mask(image, kind, u2net_weights or None).copy()
+    band = max(1, round(BORDER_SHARE * min(region.shape)))
+    region[:band], region[-band:], region[:, :band], region[:, -band:] = False, False, False, False
+    return region
+
+
 def extract_mask(pair: GeneratedPair, cfg: GenerateConfig, u2net_weights: str = "") -> np.ndarray:
     if cfg.mask_method == "attention":
         return attention_to_mask(pair.attention, pair.image.shape[:2], cfg.min_component)
@@ -394,8 +412,7 @@ def generate(
                 pair_mask = extract_mask(pair, cfg, u2net_weights)
                 if "normal_mask" in inputs:
                     pair_mask = pair_mask & inputs["normal_mask"]
-                foreground = foreground_mask(pair.image, kind, fg_weights)
-                verdict = filter_verdict(pair_mask, foreground, cfg.max_area, cfg.min_on_object)
+                verdict = filter_verdict(pair_mask, object_region(pair.image, kind, fg_weights), cfg.max_area, cfg.min_on_object)
                 verdicts[verdict] += 1
                 record = {
                     "attempt": attempt + offset,
