@@ -22,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from dualanodiff.devices import cast_frozen
 from dualanodiff.io import atomic_write_text
 from dualanodiff.model.base import BaseModel, build_tokenizer, load_base_model, sd_scheduler
 
@@ -78,12 +79,6 @@ def parameter_counts(base: BaseModel) -> dict[str, int]:
     return {name: sum(p.numel() for p in getattr(base, name).parameters()) for name in ("unet", "vae", "text_encoder")}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def limit_threads(device: torch.device, threads: int) -> None:
     """CPU runs default to one thread: on a shared machine, oversubscribed intra-op threads spin and make
     a step several times slower and far noisier than a single thread does."""
@@ -101,11 +96,7 @@ def autocast(device: torch.device, dtype: str):
 def place(module: torch.nn.Module, device: torch.device, dtype: str) -> torch.nn.Module:
     """Move to the device; frozen weights in half precision, trainable ones fp32 (as training.py does)."""
     module.to(device)
-    if DTYPES[dtype] is not None:
-        for param in module.parameters():
-            if not param.requires_grad:
-                param.data = param.data.to(DTYPES[dtype])
-    return module
+    return module if DTYPES[dtype] is None else cast_frozen(module, DTYPES[dtype])
 
 
 def synchronize(device: torch.device) -> None:

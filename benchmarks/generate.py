@@ -21,10 +21,11 @@ import sys
 
 import numpy as np
 import torch
-from _common import CONFIGS, PeakMemory, append_row, build_base, environment, limit_threads, resolve_device, timed
+from _common import CONFIGS, PeakMemory, append_row, build_base, environment, limit_threads, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from dualanodiff.config import ModelConfig
+from dualanodiff.devices import resolve_device
 from dualanodiff.generation import DualAnoDiffPipeline
 from dualanodiff.model.dual import DualAnoDiffModel
 

@@ -34,13 +34,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _common import CONFIGS, DTYPES, PeakMemory, append_row, autocast, build_base, environment, parameter_counts
-from _common import limit_threads, place, resolve_device, timed
+from _common import limit_threads, place, timed
 from diffusers.models.attention_processor import Attention
 from peft import LoraConfig
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dualanodiff.config import ModelConfig
+from dualanodiff.devices import resolve_device
 from dualanodiff.model.attention import DualBranchAttnProcessor
 from dualanodiff.model.base import BaseModel
 from dualanodiff.model.dual import DualAnoDiffModel

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualanodiff.errors import UserError
-from dualanodiff.evaluation.training import recalibrate_batch_norm, resolve_device, shuffled_batches
+from dualanodiff.evaluation.training import recalibrate_batch_norm, shuffled_batches
 
 
 def test_batches_cover_every_index_once_and_never_leave_a_single_sample():
@@ -29,11 +28,3 @@ def test_batch_norm_statistics_are_averaged_over_the_given_batches():
     assert norm.running_var.item() == pytest.approx((0 + 8 / 7) / 2)
     assert norm.momentum == 0.1 and not model.training
 
-
-def test_device_names_are_checked():
-    assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="--device gpu0: not a device name"):
-        resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no CUDA GPU"):
-            resolve_device("cuda")

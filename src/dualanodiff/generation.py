@@ -44,6 +44,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import foreground_mask, load_image, load_mask, natural_key, open_category
+from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.masks import attention_to_mask, filter_verdict, pair_consistency, part_to_mask, u2net_part_mask
 from dualanodiff.model.base import load_base_model
@@ -68,7 +69,6 @@ SCHEDULER_ALIASES = {
 }
 # Stable Diffusion 1.5's scheduler settings where the base's own config does not say (a DDPM config)
 SD_SCHEDULER_DEFAULTS = {"skip_prk_steps": True, "set_alpha_to_one": False}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -83,24 +83,6 @@ def make_scheduler(name: str, base_config: dict):
         return getattr(diffusers, class_name).from_config({**SD_SCHEDULER_DEFAULTS, **base_config})
     except ImportError:  # e.g. DPMSolverSDEScheduler needs torchsde
         raise UserError(f"--scheduler {name}: a package it needs is not installed; pick another scheduler") from None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-        return torch.device(device)
-    raise UserError(f"--device {device}: unknown device; choose auto, cpu or cuda")
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: unknown precision; choose fp32, fp16 or bf16")
-    if dtype == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16: half precision needs --device cuda; use fp32 or bf16 on the CPU")
-    return DTYPES[dtype]
 
 
 @dataclass

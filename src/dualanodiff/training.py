@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from PIL import Image
 
 from dualanodiff.config import Config
 from dualanodiff.data import Pair, few_shot_split, foreground_mask, load_image, load_mask, open_category
+from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import load_base_model
@@ -209,13 +209,11 @@ def make_accelerator(mixed_precision: str, device: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    resolved = resolve_device(device)
+    if resolved.index is not None:
+        raise UserError(f"--device {device}: training takes auto, cpu or cuda; pick GPUs with CUDA_VISIBLE_DEVICES")
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())  # multi-process CPU needs it
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=resolved.type == "cpu")  # multi-process CPU needs cpu=True
 
 
 def train(
@@ -253,12 +251,9 @@ def train(
     model = DualAnoDiffModel(base, cfg.model)
     if cfg.train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
     model.to(accelerator.device)
-    if frozen_dtype is not None:  # frozen base in half precision, trainable set stays fp32 (as diffusers scripts)
-        for param in model.parameters():
-            if not param.requires_grad:
-                param.data = param.data.to(frozen_dtype)
+    if cfg.train.mixed_precision != "no":
+        cast_frozen(model, DTYPES[cfg.train.mixed_precision])
     data = encode_training_set(model, train_pairs, kind, cfg.data.resolution, cfg.data.flips, cfg.data.u2net_weights)
 
     params = [p for p in model.parameters() if p.requires_grad]

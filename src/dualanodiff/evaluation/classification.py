@@ -26,7 +26,8 @@ from dualanodiff.data import Category
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import check_state_dict, load_images, load_state_dict
 from dualanodiff.evaluation.localization import real_test_split
-from dualanodiff.evaluation.training import epoch_progress, recalibrate_batch_norm, resolve_device, shuffled_batches
+from dualanodiff.devices import resolve_device
+from dualanodiff.evaluation.training import epoch_progress, recalibrate_batch_norm, shuffled_batches
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -31,7 +31,8 @@ from dualanodiff.data import Category, few_shot_split
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import load_images, load_masks
 from dualanodiff.evaluation.metrics import localization_metrics
-from dualanodiff.evaluation.training import epoch_progress, recalibrate_batch_norm, resolve_device, shuffled_batches
+from dualanodiff.devices import resolve_device
+from dualanodiff.evaluation.training import epoch_progress, recalibrate_batch_norm, shuffled_batches
 
 DEPTH = 6  # encoder blocks; the input side must be a multiple of 2 ** (DEPTH - 1)
 FOCAL_GAMMA = 2.0  # DRAEM's focal loss

@@ -1,5 +1,5 @@
-"""What the two downstream trainings (U-Net localization, ResNet classification) share: the device,
-seeded batch orders, batch-norm statistics and a progress bar over epochs."""
+"""What the two downstream trainings (U-Net localization, ResNet classification) share: seeded
+batch orders, batch-norm statistics and a progress bar over epochs."""
 
 from __future__ import annotations
 
@@ -11,20 +11,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from dualanodiff.errors import UserError
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device name; use auto, cpu or cuda") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible; use auto or cpu")
-    return resolved
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
