@@ -10,12 +10,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
 from dualanodiff.errors import UserError
+
+if TYPE_CHECKING:
+    from dualanodiff.config import Config
 
 app = typer.Typer(
     add_completion=False,
@@ -103,7 +106,7 @@ def info(
 # --- model: train ---------------------------------------------------------------------------------
 
 
-def load_config(config: Optional[Path]) -> "Config":
+def load_config(config: Optional[Path]) -> Config:
     """The YAML config if given (its missing keys take the defaults), else the defaults."""
     from dualanodiff.config import Config
 
@@ -135,22 +138,15 @@ def train(
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dualanodiff.config import Config
     from dualanodiff.training import train as train_run
 
-    cfg = load_config(config)
-    overrides = {
+    cfg = load_config(config).with_overrides({  # re-validated: choices such as --bcm-variant are checked
         ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
         ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,
         ("model", "bcm_variant"): bcm_variant, ("train", "steps"): steps, ("train", "batch_size"): batch_size,
         ("train", "lr"): lr, ("train", "seed"): seed, ("train", "mixed_precision"): mixed_precision,
         ("train", "gradient_checkpointing"): gradient_checkpointing, ("train", "device"): device,
-    }
-    raw = cfg.to_dict()
-    for (section, name), value in overrides.items():
-        if value is not None:
-            raw[section][name] = value
-    cfg = Config.from_dict(raw, "command line")  # re-validates choices such as --bcm-variant
+    })
     if rank is not None:
         cfg.model.alpha = float(rank)  # the official scripts keep alpha = rank
     if not resume and not (cfg.data.data and cfg.data.defect):
@@ -272,14 +268,11 @@ def evaluate(
     """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
     from rich.table import Table
 
-    from dualanodiff.config import Config
     from dualanodiff.evaluation import evaluate_generators, parse_generated, write_report
     from dualanodiff.evaluation.report import COLUMNS, chart_path, check_outputs, table_rows
 
-    cfg = Config.from_yaml(config).evaluate if config else Config().evaluate
-    for name, value in (("epochs", epochs), ("resolution", resolution), ("seed", seed), ("base_width", base_width)):
-        if value is not None:
-            setattr(cfg, name, value)
+    options = {"epochs": epochs, "resolution": resolution, "seed": seed, "base_width": base_width}
+    cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
     if cfg.epochs < 1:
         raise UserError(f"--epochs {cfg.epochs}: must be at least 1")
     roots = dict(parse_generated(spec) for spec in generated)
@@ -395,14 +388,11 @@ def run_all_command(
     """Train, generate and evaluate every category and defect type of a dataset as Ray jobs; re-runs skip finished jobs."""
     from rich.table import Table
 
-    from dualanodiff.config import Config
     from dualanodiff.runall import SUMMARY_COLUMNS, run_all, summary_cells, summary_rows
 
-    raw = load_config(config).to_dict()
-    for (section, name), value in {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}.items():
-        if value is not None:
-            raw[section][name] = value
-    cfg = Config.from_dict(raw, "command line")
+    cfg = load_config(config).with_overrides(
+        {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}
+    )
     for option, value in (("--steps", cfg.train.steps), ("--num", cfg.generate.num)):
         if value < 1:
             raise UserError(f"{option} {value}: must be at least 1")

@@ -119,6 +119,14 @@ class Config:
             raise UserError(f"{path}: expected a mapping of sections (data, model, train, ...)")
         return cls.from_dict(raw, str(path))
 
+    def with_overrides(self, values: dict[tuple[str, str], Any], source: str = "command line") -> Config:
+        """A validated copy with ``(section, option) -> value`` set where the value is not None (CLI flags)."""
+        raw = self.to_dict()
+        for (section, name), value in values.items():
+            if value is not None:
+                raw[section][name] = value
+        return Config.from_dict(raw, source)
+
     def to_yaml(self, path: str | Path) -> None:
         from dualanodiff.io import atomic_write_text
 
