@@ -31,6 +31,7 @@ import numpy as np
 from dualanodiff.config import Config
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
+from dualanodiff.pairs import kept_rows, rejected_rows
 
 OURS = "dualanodiff"
 BASELINES = ("crop-paste", "perlin")
@@ -210,13 +211,11 @@ def _evaluate(cfg: Config, out: Path, names: list[str], hooks: DemoHooks) -> Non
 
 def consistency_figures(defect_dir: Path) -> dict:
     """Pair-consistency statistics (PSNR of image*M vs part*M, dB) and filter counts of a generated folder."""
-    rows = [json.loads(line) for line in (defect_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    rejected = defect_dir / "rejected.jsonl"
-    dropped = len(rejected.read_text().splitlines()) if rejected.is_file() else 0
+    rows = kept_rows(defect_dir)
     values = [float(r["consistency"]) for r in rows if r.get("consistency") is not None and math.isfinite(r["consistency"])]
     return {
         "kept": len(rows),
-        "dropped": dropped,
+        "dropped": len(rejected_rows(defect_dir)),
         "consistency_mean": statistics.fmean(values) if values else math.nan,
         "consistency_median": statistics.median(values) if values else math.nan,
         "mask_area_mean": statistics.fmean(float(r["mask_area"]) for r in rows) if rows else math.nan,

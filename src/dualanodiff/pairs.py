@@ -56,11 +56,11 @@ class PairWriter:
 
     def kept(self) -> list[dict]:
         """Manifest rows whose files all exist, in index order (the last row wins for an index)."""
-        return _kept_rows(self.dir)
+        return kept_rows(self.dir)
 
     def attempts_done(self) -> int:
         """1 + the largest "attempt" in the manifest and the rejected rows; 0 before the first pair."""
-        rows = _read_jsonl(self.dir / MANIFEST) + _read_jsonl(self.dir / REJECTED)
+        rows = _read_jsonl(self.dir / MANIFEST) + rejected_rows(self.dir)
         return 1 + max((int(row.get("attempt", -1)) for row in rows), default=-1)
 
     def write(self, image: np.ndarray, mask: np.ndarray, part: np.ndarray | None, record: dict) -> int:
@@ -96,7 +96,7 @@ class PairWriter:
         missing = {"attempt", "verdict"} - set(record)
         if missing:
             raise ValueError(f"rejected record is missing {sorted(missing)}")
-        _write_jsonl(self.dir / REJECTED, _read_jsonl(self.dir / REJECTED) + [dict(record)])
+        _write_jsonl(self.dir / REJECTED, rejected_rows(self.dir) + [dict(record)])
 
     def write_contact_sheet(self, max_pairs: int = 16, tile: int = 128, margin: int = 4) -> Path:
         """Write ``contact_sheet.png`` for the first ``max_pairs`` kept pairs (see `contact_sheet`)."""
@@ -142,7 +142,7 @@ def read_pairs(defect_dir: Path) -> list[tuple[Path, Path]]:
     """
     defect_dir = Path(defect_dir)
     if (defect_dir / MANIFEST).is_file():
-        return [(defect_dir / row["image"], defect_dir / row["mask"]) for row in _kept_rows(defect_dir)]
+        return [(defect_dir / row["image"], defect_dir / row["mask"]) for row in kept_rows(defect_dir)]
     images = _images_by_stem(defect_dir / "image")
     masks = {stem.removesuffix("_mask"): path for stem, path in _images_by_stem(defect_dir / "mask").items()}
     stems = sorted(images.keys() & masks.keys(), key=natural_key)
@@ -169,10 +169,16 @@ def discover_generated(root: Path) -> dict[tuple[str, str], Path]:
     return found
 
 
-def _kept_rows(defect_dir: Path) -> list[dict]:
+def kept_rows(defect_dir: Path) -> list[dict]:
+    """The manifest rows of a defect folder whose files all exist, in index order."""
     rows = [row for row in _read_jsonl(defect_dir / MANIFEST) if isinstance(row.get("index"), int)]
     by_index = {row["index"]: row for row in rows}
     return [row for _, row in sorted(by_index.items()) if _files_exist(defect_dir, row)]
+
+
+def rejected_rows(defect_dir: Path) -> list[dict]:
+    """The rows of the pairs the quality filter dropped."""
+    return _read_jsonl(defect_dir / REJECTED)
 
 
 def _files_exist(defect_dir: Path, row: dict) -> bool:
