@@ -28,3 +28,20 @@ def hazelnut_photos() -> Path:
     if not SHARED_PHOTOS.is_dir():
         pytest.skip(f"real photos not found at {SHARED_PHOTOS} (they live in ../shared beside the checkout)")
     return SHARED_PHOTOS
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the command line in-process: ``code, out, err = run_cli("info", path)``."""
+    from dualanodiff.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

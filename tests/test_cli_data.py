@@ -11,42 +11,32 @@ from PIL import Image
 from dualanodiff.cli import main
 
 
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture
 def nut(tmp_path, synthetic_root):
     """A private copy of the synthetic nut category, free to damage."""
     return shutil.copytree(synthetic_root / "nut", tmp_path / "nut")
 
 
-def test_synth_writes_and_refuses_to_overwrite(tmp_path, capsys):
+def test_synth_writes_and_refuses_to_overwrite(tmp_path, run_cli):
     out = tmp_path / "data"
-    code, _, err = _run(capsys, "synth", out, "--size", "64", "--per-defect", "2", "--good", "1", "--seed", "3")
+    code, _, err = run_cli("synth", out, "--size", "64", "--per-defect", "2", "--good", "1", "--seed", "3")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["nut", "pill", "weave"]
     assert len(list((out / "weave" / "ground_truth" / "cut").iterdir())) == 2
     before = (out / "nut" / "test" / "hole" / "001.png").read_bytes()
 
-    code, _, err = _run(capsys, "synth", out, "--size", "64")
+    code, _, err = run_cli("synth", out, "--size", "64")
     assert code == 2 and "--force" in err and str(out) in err
 
-    code, _, err = _run(capsys, "synth", out, "--size", "64", "--per-defect", "2", "--good", "1", "--seed", "3", "--force")
+    code, _, err = run_cli("synth", out, "--size", "64", "--per-defect", "2", "--good", "1", "--seed", "3", "--force")
     assert code == 0, err
     assert (out / "nut" / "test" / "hole" / "001.png").read_bytes() == before
 
 
-def test_info_json_is_one_object_with_the_split(nut, capsys):
+def test_info_json_is_one_object_with_the_split(nut, run_cli):
     for index in (4, 5):  # leave 4 scratch pairs: floor -> 1 training pair, ceil -> 2
         (nut / "test" / "scratch" / f"00{index}.png").unlink()
-    code, out, err = _run(capsys, "info", nut, "--json")
+    code, out, err = run_cli("info", nut, "--json")
     assert code == 0, err
     record = json.loads(out)
     assert out.count("\n") == 1
@@ -61,12 +51,12 @@ def test_info_json_is_one_object_with_the_split(nut, capsys):
         "good_train": 6,
         "good_test": 6,
     }
-    code, out, _ = _run(capsys, "info", nut, "--json", "--split-rounding", "ceil")
+    code, out, _ = run_cli("info", nut, "--json", "--split-rounding", "ceil")
     assert json.loads(out)["defects"]["scratch"] == {"train": ["000", "001"], "test": ["002", "003"]}
 
 
-def test_info_table(synthetic_root, capsys):
-    code, out, err = _run(capsys, "info", synthetic_root / "weave")
+def test_info_table(synthetic_root, run_cli):
+    code, out, err = run_cli("info", synthetic_root / "weave")
     assert code == 0, err
     for word in ("weave", "texture", "64x64", "cut", "hole", "stain", "thread", "000 001", "002 003 004 005"):
         assert word in out
@@ -142,9 +132,9 @@ def _folder_without_masks(nut):
         _folder_without_masks,
     ],
 )
-def test_bad_dataset_is_one_line_and_exit_code_2(nut, capsys, damage):
+def test_bad_dataset_is_one_line_and_exit_code_2(nut, damage, run_cli):
     target, culprit = damage(nut)
-    code, out, err = _run(capsys, "info", target)
+    code, out, err = run_cli("info", target)
     assert code == 2
     assert out == ""
     assert err.strip().count("\n") == 0, err
@@ -152,10 +142,10 @@ def test_bad_dataset_is_one_line_and_exit_code_2(nut, capsys, damage):
     assert "Traceback" not in err
 
 
-def test_hidden_files_are_ignored(nut, capsys):
+def test_hidden_files_are_ignored(nut, run_cli):
     (nut / "test" / "scratch" / ".DS_Store").write_bytes(b"\0\1")
     (nut / "train" / "good" / "._000.png").write_bytes(b"\0\1")
-    code, _, err = _run(capsys, "info", nut, "--json")
+    code, _, err = run_cli("info", nut, "--json")
     assert code == 0, err
 
 

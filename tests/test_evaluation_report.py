@@ -13,23 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dualanodiff.cli import main
 from dualanodiff.data import few_shot_split, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation import LPIPS, parse_generated, write_report
 from dualanodiff.evaluation.metrics import METRIC_KEYS
-from dualanodiff.evaluation.report import format_value, markdown
+from dualanodiff.evaluation.report import format_value
 from dualanodiff.pairs import PairWriter
-
-
-def _run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _results(**metrics) -> dict:
@@ -125,10 +114,9 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_evaluate_writes_a_complete_report(tmp_path, capsys, synthetic_root, generators, weights):
+def test_evaluate_writes_a_complete_report(tmp_path, synthetic_root, generators, weights, run_cli):
     out = tmp_path / "nut.md"
-    code, stdout, err = _run(
-        capsys, "evaluate", "--data", synthetic_root / "nut",
+    code, stdout, err = run_cli("evaluate", "--data", synthetic_root / "nut",
         "--generated", f"copy={generators['copy']}", "--generated", generators["disc"],
         "--epochs", "1", "--resolution", "64", "--base-width", "8", "--device", "cpu",
         "--inception-weights", weights["inception"], "--lpips-weights", weights["lpips"],
@@ -152,14 +140,13 @@ def test_evaluate_writes_a_complete_report(tmp_path, capsys, synthetic_root, gen
     assert "copy" in stdout
 
     again = ("evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"], "--report", out)
-    code, _, err = _run(capsys, *again)
+    code, _, err = run_cli(*again)
     assert code == 2 and "nut.md: already exists" in err
 
 
 @pytest.mark.slow
-def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, capsys, synthetic_root, generators):
-    code, _, err = _run(
-        capsys, "evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"],
+def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, synthetic_root, generators, run_cli):
+    code, _, err = run_cli("evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"],
         "--defect", "hole", "--epochs", "1", "--resolution", "64", "--base-width", "8", "--device", "cpu",
         "--no-classification", "--json", tmp_path / "r.json",
     )  # fmt: skip
@@ -170,14 +157,14 @@ def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, capsy
     assert all(0.0 <= row["metrics"][key] <= 1.0 for key in METRIC_KEYS)
 
 
-def test_bad_inputs_fail_fast_with_one_line(tmp_path, capsys, synthetic_root, generators):
+def test_bad_inputs_fail_fast_with_one_line(tmp_path, synthetic_root, generators, run_cli):
     nut = synthetic_root / "nut"
-    code, _, err = _run(capsys, "evaluate", "--data", synthetic_root / "pill", "--generated", generators["copy"])
+    code, _, err = run_cli("evaluate", "--data", synthetic_root / "pill", "--generated", generators["copy"])
     assert code == 2 and str(generators["copy"]) in err and "no generated pairs for category 'pill'" in err
-    code, _, err = _run(capsys, "evaluate", "--data", nut, "--generated", generators["copy"], "--defect", "dent")
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--defect", "dent")
     assert code == 2 and "--defect dent" in err
     missing = tmp_path / "r.pth"
-    code, _, err = _run(capsys, "evaluate", "--data", nut, "--generated", generators["copy"], "--resnet-weights", missing)
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--resnet-weights", missing)
     assert code == 2 and "--resnet-weights" in err and "file not found" in err
-    code, _, err = _run(capsys, "evaluate", "--data", nut, "--generated", generators["copy"], "--resolution", "100")
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--resolution", "100")
     assert code == 2 and "--resolution 100" in err

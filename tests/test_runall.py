@@ -14,7 +14,6 @@ import torch
 
 import dualanodiff
 from dualanodiff import runall, training
-from dualanodiff.cli import main
 from dualanodiff.config import Config
 from dualanodiff.errors import UserError
 from dualanodiff.runall import (
@@ -243,17 +242,7 @@ def test_job_gpus_defaults_to_one_per_job_where_there_are_gpus():
         job_gpus(1, {"CPU": 2.0})  # would wait forever for a GPU
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_cli_applies_flags_over_the_config_and_exits_1_when_a_job_failed(tmp_path, capsys, monkeypatch):
+def test_cli_applies_flags_over_the_config_and_exits_1_when_a_job_failed(tmp_path, monkeypatch, run_cli):
     seen = {}
 
     def fake_run_all(data, out, cfg, **options):
@@ -265,8 +254,7 @@ def test_cli_applies_flags_over_the_config_and_exits_1_when_a_job_failed(tmp_pat
     monkeypatch.setattr(runall, "run_all", fake_run_all)
     config = tmp_path / "c.yaml"
     config.write_text("model: {rank: 4}\ntrain: {steps: 7}\ngenerate: {num: 3}\n")
-    code, out, err = cli(
-        capsys, "run-all", "--data", tmp_path, "--out", tmp_path / "out", "--config", config, "--steps", "5",
+    code, out, err = run_cli("run-all", "--data", tmp_path, "--out", tmp_path / "out", "--config", config, "--steps", "5",
         "--categories", "nut,pill", "--category", "weave", "--defects", "hole", "--gpus-per-job", "0.5",
     )
     assert code == 1 and "2 job(s) failed" in err and "nut__hole" in err
@@ -277,8 +265,8 @@ def test_cli_applies_flags_over_the_config_and_exits_1_when_a_job_failed(tmp_pat
     assert "nut" in out
 
 
-def test_cli_rejects_an_unknown_category_before_starting_ray(synthetic_root, tmp_path, capsys):
-    code, out, err = cli(capsys, "run-all", "--data", synthetic_root, "--out", tmp_path, "--categories", "nut,bottle")
+def test_cli_rejects_an_unknown_category_before_starting_ray(synthetic_root, tmp_path, run_cli):
+    code, out, err = run_cli("run-all", "--data", synthetic_root, "--out", tmp_path, "--categories", "nut,bottle")
     assert code == 2 and out == ""
     assert "--categories bottle: not a category" in err and err.strip().count("\n") == 0
 
