@@ -26,6 +26,7 @@ from dualanodiff.baselines import (
     training_defects,
     transform_patch,
 )
+from dualanodiff.alignment import alignment_score
 from dualanodiff.cli import main
 from dualanodiff.data import few_shot_split, foreground_mask, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
@@ -263,6 +264,8 @@ def test_run_writes_layout_resumes_and_regenerates_from_seed(method, synthetic_r
         mask = load_mask(folder / row["mask"])
         np.testing.assert_array_equal(image, pair.image)
         np.testing.assert_array_equal(mask, pair.mask)
+        assert row["alignment"] == round(alignment_score(image, mask, pair.region), 4)
+        np.testing.assert_array_equal(pair.region, normals[[n.stem for n in normals].index(row["target"])].foreground)
         assert np.isin(np.asarray(Image.open(folder / row["mask"])), [0, 255]).all()
         assert row["target"] in good_stems
         target = load_image(category.train_good[[p.stem for p in category.train_good].index(row["target"])])
@@ -280,6 +283,10 @@ def test_rerun_with_other_settings_needs_force(synthetic_root, tmp_path):
         perlin(category, "cut", 3, tmp_path, seed=0)
     perlin(category, "cut", 2, tmp_path, seed=0, force=True)
     assert [r["generator"] for r in _rows(folder)] == ["perlin", "perlin"]
+    # a texture's defect may sit anywhere: its alignment is scored over the whole image
+    for row in _rows(folder):
+        image, mask = load_image(folder / row["image"]), load_mask(folder / row["mask"])
+        assert row["alignment"] == round(alignment_score(image, mask), 4)
     assert len(PairWriter(tmp_path, "weave", "cut").kept()) == 2
 
 

@@ -10,6 +10,8 @@
 
 The mask of a pair is exactly the set of pixels the generator wrote, and the part image follows the
 generator's anomaly-part convention (the pair's pixels inside the mask, flat mid-grey 127 outside).
+Each manifest row holds the pair's ``alignment`` (`alignment_score` on the target's foreground): the
+positive control for the generated pairs' score.
 Pair ``i`` is made from ``np.random.default_rng(seed + attempt)`` alone, so any pair regenerates
 exactly from the seed in its manifest row and a re-run with a larger ``num`` only adds pairs::
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dualanodiff.alignment import alignment_score
 from dualanodiff.data import Category, few_shot_split, foreground_mask, load_image, load_mask
 from dualanodiff.errors import UserError
 from dualanodiff.pairs import PairWriter
@@ -65,12 +68,14 @@ class Normal:
 
 @dataclass
 class BaselinePair:
-    """One generated pair; ``record`` says how it was made (source/target stems, transform, ...)."""
+    """One generated pair; ``record`` says how it was made (source/target stems, transform, ...) and
+    ``region`` is where its defect may sit (the target's foreground)."""
 
     image: np.ndarray
     mask: np.ndarray
     part: np.ndarray
     record: dict
+    region: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -224,7 +229,7 @@ def crop_paste_pair(
             "source": source.stem, "target": target.stem, "angle": angle, "scale": scale,
             "flip_x": flip_x, "flip_y": flip_y, "top": top, "left": left,
         }
-        return BaselinePair(image, mask, anomaly_part(image, mask), record)
+        return BaselinePair(image, mask, anomaly_part(image, mask), record, target.foreground)
     raise UserError(
         f"crop-paste: no transformed defect could be placed on the object after {_MAX_DRAWS} draws; "
         "check the train/good images show the object"
@@ -374,7 +379,7 @@ def perlin_pair(rng: np.random.Generator, normals: Sequence[Normal]) -> Baseline
     beta = float(rng.uniform(0, BETA_MAX))
     image = blend(target.image, source, mask, beta)
     record = {"target": target.stem, "beta": beta, **params}
-    return BaselinePair(image, mask, anomaly_part(image, mask), record)
+    return BaselinePair(image, mask, anomaly_part(image, mask), record, target.foreground)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -438,7 +443,9 @@ def _run(category, defect, num, out, seed, settings, force, progress, make) -> P
         progress(done)
     while done < num:
         pair = make(np.random.default_rng(seed + attempt))
-        writer.write(pair.image, pair.mask, pair.part, {"attempt": attempt, "seed": seed + attempt, **settings, **pair.record})
+        alignment = round(alignment_score(pair.image, pair.mask, pair.region), 4)
+        record = {"attempt": attempt, "seed": seed + attempt, **settings, **pair.record, "alignment": alignment}
+        writer.write(pair.image, pair.mask, pair.part, record)
         attempt += 1
         done += 1
         if progress:
