@@ -196,3 +196,33 @@ def test_object_region_excludes_a_frame_so_border_masks_are_off_object():
     spot[40:45, 40:45] = True
     assert filter_verdict(spot, region) == "kept"
     assert object_region(flat, "texture") is None and filter_verdict(frame, None) == "kept"
+
+
+def test_shared_initial_noise_starts_both_rows_from_one_draw(synthetic_root):
+    """With one prompt, no SAIM/BCM and zero LoRA both rows are the same model: a shared draw gives
+    identical image and part, independent draws do not."""
+    from dualanodiff.config import ModelConfig
+    from dualanodiff.model.base import tiny_random_base
+    from dualanodiff.model.dual import DualAnoDiffModel
+
+    cfg = ModelConfig(rank=4, text_rank=4, saim=False, bcm=False, global_prompt="sks", anomaly_prompt="sks")
+    pipe = DualAnoDiffPipeline.from_model(DualAnoDiffModel(tiny_random_base(), cfg), [], device="cpu")
+    shared = pipe([3, 4], steps=3, scheduler="ddim", initial_noise="shared")
+    independent = pipe([3, 4], steps=3, scheduler="ddim", initial_noise="independent")
+    assert all(np.array_equal(p.image, p.part) for p in shared)
+    assert all(np.abs(p.image.astype(int) - p.part).mean() > 5 for p in independent)
+    assert np.array_equal(shared[0].image, pipe([3], steps=3, scheduler="ddim", initial_noise="shared")[0].image)
+
+
+def test_a_folder_with_other_settings_is_refused_unless_forced(run, tmp_path):
+    from dualanodiff.errors import UserError
+
+    generate(run, tmp_path, fast(num=2, filter=False))
+    with pytest.raises(UserError, match=r"other settings \(steps 2 -> 3\).*--force"):
+        generate(run, tmp_path, GenerateConfig(num=3, steps=3, scheduler="ddim", device="cpu", filter=False))
+    assert len(manifest(tmp_path / "nut" / "hole")) == 2  # nothing was added or removed
+    summary = generate(run, tmp_path, GenerateConfig(num=1, steps=3, scheduler="ddim", device="cpu", filter=False), force=True)
+    rows = manifest(tmp_path / "nut" / "hole")
+    assert summary.kept == 1 and [(r["index"], r["steps"]) for r in rows] == [(0, 3)]
+    resumed = generate(run, tmp_path, GenerateConfig(num=2, steps=3, scheduler="ddim", device="cpu", filter=False))
+    assert resumed.kept == 2 and resumed.attempts == 2  # same settings: the first pair is kept, one more made

@@ -46,10 +46,12 @@ def stock_prediction(stock, latents, timesteps, text):
     return stock(latents, timesteps, encoder_hidden_states=text).sample
 
 
-@pytest.mark.parametrize("saim", [False, True])
+@pytest.mark.parametrize(
+    "saim, targets", [(False, "attention"), (True, "attention"), (False, "attention+ff+conv"), (True, "attention+ff")]
+)
 @torch.no_grad()
-def test_zero_initialised_branches_equal_the_stock_unet(saim):
-    model, stock = build(saim=saim, bcm=False)
+def test_zero_initialised_branches_equal_the_stock_unet(saim, targets):
+    model, stock = build(saim=saim, saim_init="zero", bcm=False, lora_targets=targets)
     (x_global, x_anomaly), t = inputs()
     text = model.prompt_embeddings(PAIRS)
     eps_global, eps_anomaly = model.predict_noise(x_global, x_anomaly, t, text)
@@ -74,7 +76,7 @@ def test_only_the_trainable_set_requires_grad():
     model, _ = build()
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable, "nothing to train"
-    assert all(".processor." in name or ".lora_" in name and ".text." in name for name in trainable)
+    assert all(".processor." in name or ".lora_" in name and ".text." in name for name in trainable)  # attention only
     assert any(name.startswith("text_encoder.") for name in trainable)
     assert any(".saim." in name for name in trainable) and any(".bcm." in name for name in trainable)
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
@@ -119,6 +121,73 @@ def _coupling(saim: bool) -> float:
 def test_saim_couples_the_branches_after_one_step_and_nothing_else_does():
     assert _coupling(saim=True) > 1e-4
     assert _coupling(saim=False) <= 1e-6
+
+
+@pytest.mark.parametrize("init, coupled", [("official", True), ("zero", False)])
+@torch.no_grad()
+def test_official_saim_init_couples_the_branches_from_step_zero(init, coupled):
+    """The reference code's nn.Linear init: the anomaly branch reads the global rows before any training."""
+    model, _ = build(saim=True, saim_init=init, bcm=False)
+    (x_global, x_anomaly), t = inputs()
+    text = model.prompt_embeddings(PAIRS)
+    _, first = model.predict_noise(x_global, x_anomaly, t, text)
+    _, second = model.predict_noise(x_global + torch.randn_like(x_global), x_anomaly, t, text)
+    assert ((first - second).abs().max() > 1e-3) == coupled
+
+
+def test_extra_lora_targets_add_per_branch_adapters_with_peft_keys():
+    model, _ = build(lora_targets="attention+ff+conv")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    convs = {n for n in trainable if ".resnets." in n and ".conv1.lora_A." in n}
+    ffs = {n for n in trainable if ".ff.net.2.lora_B." in n or ".ff.net.0.proj.lora_A." in n}
+    assert convs and ffs
+    assert {n.rsplit(".", 2)[-2] for n in convs | ffs} == {"global", "anomaly"}
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.endswith(".conv1.base_layer.weight") for n in frozen)
+
+
+def test_extra_lora_adapts_each_branch_on_its_own_rows_only():
+    """After changing only the anomaly adapters of the conv/ff layers, the global rows are unchanged."""
+    model, _ = build(saim=False, bcm=False, lora_targets="attention+ff+conv")
+    (x_global, x_anomaly), t = inputs()
+    text = model.prompt_embeddings(PAIRS)
+    with torch.no_grad():
+        before = model.predict_noise(x_global, x_anomaly, t, text)
+        for name, param in model.named_parameters():
+            if "base_layer" not in name and ".lora_B.anomaly." in name and ".processor." not in name:
+                param.normal_(std=0.05)
+        after = model.predict_noise(x_global, x_anomaly, t, text)
+    assert torch.equal(before[0], after[0])
+    assert (before[1] - after[1]).abs().max() > 1e-3
+
+
+def test_learned_words_train_only_their_embedding_rows(tmp_path):
+    model, _ = build(learned_words="vfx sks")
+    assert model.learned_tokens is not None and model.learned_tokens.tokens == ["vfx</w>", "sks</w>"]
+    table = model.text_encoder.get_input_embeddings().weight
+    assert not table.requires_grad and model.learned_tokens.vectors.requires_grad
+    ids = model.base.tokenizer(["a vfx with sks", "a nut with hole"], padding="max_length", return_tensors="pt").input_ids
+    before = model.text_encoder(ids)[0].detach()
+    with torch.no_grad():
+        model.learned_tokens.vectors.add_(torch.randn_like(model.learned_tokens.vectors))
+    after = model.text_encoder(ids)[0].detach()
+    assert (before[0] - after[0]).abs().max() > 1e-2  # the prompt with the words changes
+    assert torch.equal(before[1], after[1])  # a prompt without them does not
+    embeddings = model.text_encoder.get_input_embeddings()(ids)
+    sks = model.base.tokenizer.convert_tokens_to_ids("sks</w>")
+    assert torch.equal(embeddings[0][ids[0] == sks][0], model.learned_tokens.vectors[1].detach())
+    model.save_trainable(tmp_path / "adapters.safetensors")
+    fresh, _ = build(learned_words="vfx sks")
+    fresh.load_trainable(tmp_path / "adapters.safetensors")
+    assert torch.equal(fresh.text_encoder(ids)[0], after)
+
+
+def test_learned_words_refuse_another_tokenizer(tmp_path):
+    model, _ = build(learned_words="vfx sks")
+    model.save_trainable(tmp_path / "adapters.safetensors")
+    other, _ = build(learned_words="sks vfx")  # same keys and shapes, other tokens in the rows
+    with pytest.raises(UserError, match="tokenizer"):
+        other.load_trainable(tmp_path / "adapters.safetensors")
 
 
 @torch.no_grad()

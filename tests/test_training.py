@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
+from pathlib import Path
 import pytest
 import torch
 import yaml
@@ -124,6 +132,56 @@ def test_an_interrupted_run_checkpoints_and_resumes_to_the_same_weights(syntheti
     whole = train(tiny_config(synthetic_root, steps=5, checkpoint_every=100), tmp_path / "whole")
     expected, actual = load_file(str(whole / "adapters.safetensors")), load_file(str(resumed / "adapters.safetensors"))
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def _same_adapters(first, second) -> bool:
+    expected, actual = load_file(str(first / "adapters.safetensors")), load_file(str(second / "adapters.safetensors"))
+    return expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_a_real_sigint_at_a_random_moment_resumes_bit_exactly(synthetic_root, tmp_path):
+    """A SIGINT lands somewhere inside a random step; training finishes that step, checkpoints, re-raises."""
+    rng = random.Random()
+    fire_after, delay = rng.randint(1, 6), rng.uniform(0.0, 0.05)
+
+    def arm(step, total, values):
+        if step == fire_after:
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    cfg = tiny_config(synthetic_root, steps=10, checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=arm)
+    stopped_at = int(latest_checkpoint(tmp_path / "run").name.split("-")[1])
+    assert fire_after <= stopped_at < 10, (fire_after, delay)
+    assert len(losses(tmp_path / "run")) == stopped_at
+    assert not (tmp_path / "run" / "adapters.safetensors").exists()  # only finished runs have final adapters
+    resumed = train(tiny_config(synthetic_root, steps=10), tmp_path / "run", resume=True)
+    whole = train(tiny_config(synthetic_root, steps=10, checkpoint_every=100), tmp_path / "whole")
+    assert _same_adapters(whole, resumed), (fire_after, delay)
+    assert losses(whole) == losses(resumed)
+
+
+@pytest.mark.slow
+def test_sigterm_of_the_cli_at_a_random_moment_checkpoints_and_resumes_bit_exactly(synthetic_root, tmp_path):
+    """What Ray, SLURM, Kubernetes and docker send: the process saves at a step boundary and dies by SIGTERM."""
+    config = tmp_path / "tiny.yaml"
+    tiny = tiny_config(synthetic_root, steps=40, checkpoint_every=5)
+    tiny.to_yaml(config)
+    args = [str(Path(sys.executable).parent / "dualanodiff"), "train", "--config", str(config)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(args + ["--out", str(tmp_path / "run")], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / "step-000005").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.3))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == -signal.SIGTERM
+    stopped_at = int(latest_checkpoint(tmp_path / "run").name.split("-")[1])
+    assert 5 <= stopped_at < 40
+    subprocess.run(args + ["--out", str(tmp_path / "run"), "--resume"], env=env, check=True, capture_output=True)
+    whole = train(tiny_config(synthetic_root, steps=40, checkpoint_every=5), tmp_path / "whole")
+    assert _same_adapters(whole, tmp_path / "run")
 
 
 def test_training_leaves_the_base_weights_bit_identical(synthetic_root, tmp_path, monkeypatch):

@@ -36,10 +36,14 @@ class ModelConfig:
     rank: int = 32  # UNet LoRA rank (official)
     alpha: float = 32.0
     text_rank: int = 32  # text-encoder LoRA rank (official); 0 disables text LoRA
+    # prompts may name the category and defect: "a {object} with {defect}" / "{defect}" (filled in by training)
     global_prompt: str = "a vfx with sks"
     anomaly_prompt: str = "sks"
+    learned_words: str = ""  # words whose input token embeddings train (textual inversion), e.g. "vfx sks"
+    lora_targets: Literal["attention", "attention+ff", "attention+ff+conv"] = "attention"  # UNet layers with LoRA
     saim: bool = True
     saim_rank: int = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
+    saim_init: Literal["official", "zero"] = "official"  # official: nn.Linear's default init; zero: output at 0
     bcm: bool = True
     bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
     gamma_init: float = 0.1
@@ -53,6 +57,9 @@ class TrainConfig:
     lr: float = 2e-5
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    added_lr_scale: float = 1.0  # learning-rate multiplier for the modules the paper adds (SAIM, BCM, gamma)
+    noise: Literal["independent", "shared"] = "independent"  # one noise draw for both rows of a pair, or two
+    defect_loss_weight: float = 0.0  # anomaly branch: extra loss weight on the defect's latent cells (ours)
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -69,6 +76,7 @@ class GenerateConfig:
     scheduler: str = "pndm"
     batch_size: int = 4
     seed: int = 0
+    initial_noise: Literal["independent", "shared"] = "independent"  # x_T of a pair's two rows
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
     mask_floor: float = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
     min_component: int = 16  # pixels; smaller connected components are dropped

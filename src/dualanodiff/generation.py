@@ -13,11 +13,13 @@ guidance 2.5::
 
 Each pair draws everything random (initial noise, background noise, a stochastic scheduler's noise)
 from its own ``torch.Generator`` seeded with its seed, so a pair does not depend on the batch it was
-sampled in, and ``seed = generate.seed + attempt`` regenerates it on the same device.
+sampled in, and ``seed = generate.seed + attempt`` regenerates it on the same device. The two rows of a
+pair start from independent noise (the paper and reference code) or from one draw
+(``initial_noise="shared"``), which couples where the two branches put the defect.
 
 `generate` turns pairs into files: a mask from the anomaly-part image (Otsu threshold, cross-attention
-of the anomaly prompt's tokens or U²-Net), the quality filter, the pair-consistency score, and the
-resumable MVTec-like layout of `dualanodiff.pairs`.
+of the anomaly prompt's tokens or U²-Net), the quality filter, the pair-consistency and image-mask
+alignment scores (`dualanodiff.alignment`), and the resumable MVTec-like layout of `dualanodiff.pairs`.
 
 Inpainting (``normal``/``normal_mask``): after every step the global branch's latents outside the mask
 (downsampled to latent cells by max-pooling, so it covers the mask) are replaced by the normal image's
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 import yaml
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
+from dualanodiff.alignment import alignment_score
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import foreground_mask, load_image, load_mask, natural_key, open_category
 from dualanodiff.devices import resolve_device, resolve_dtype
@@ -49,7 +52,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.masks import attention_to_mask, filter_verdict, pair_consistency, part_to_mask, u2net_part_mask
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
-from dualanodiff.pairs import PairWriter
+from dualanodiff.pairs import PairWriter, rejected_rows
 from dualanodiff.training import ADAPTERS, resize_image, resize_mask, to_model_range, to_uint8
 
 SCHEDULER_ALIASES = {
@@ -191,6 +194,7 @@ class DualAnoDiffPipeline:
         capture_attention: bool = False,
         normal: np.ndarray | None = None,
         normal_mask: np.ndarray | None = None,
+        initial_noise: str = "independent",
     ) -> list[GeneratedPair]:
         """Sample one (image, part) pair per seed; `background` replaces the few-shot ones for BCM."""
         if (normal is None) != (normal_mask is None):
@@ -207,7 +211,7 @@ class DualAnoDiffPipeline:
             draws = [torch.randn((rows_per_pair, *shape), generator=g) for g in generators]
             return torch.stack(draws, 1).flatten(0, 1).to(self.device)  # (rows_per_pair * pairs, ...) row-blocked
 
-        latents = noise(2) * sampler.init_noise_sigma  # [global P; anomaly P], float32
+        latents = (noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)) * sampler.init_noise_sigma
         step_kwargs = {"generator": generators + generators} if "generator" in inspect.signature(sampler.step).parameters else {}
 
         clean_background = None
@@ -359,64 +363,89 @@ def generate(
     u2net_weights: str = "",
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
+    force: bool = False,
 ) -> GenerationSummary:
     """Write `cfg.num` kept pairs to OUT/<category>/<defect>/, resuming what is there (see `dualanodiff.pairs`).
 
     Attempt ``a`` uses seed ``cfg.seed + a``; at most ``num * max_tries_factor`` attempts are made in all.
+    A folder holding pairs made from another run or with other sampling settings is refused (its pairs
+    would mix with the new ones) unless ``force``, which replaces them.
     """
     start = time.monotonic()
     run_cfg = load_run_config(run)
     u2net_weights = str(u2net_weights or "")
     check_config(cfg)
     check_inputs(cfg, u2net_weights, normal, mask)
-    writer = PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect)
-    kept, attempt = len(writer.kept()), writer.attempts_done()
-    cap = cfg.num * cfg.max_tries_factor
-    verdicts: Counter[str] = Counter()
-    if progress is not None:
-        progress(kept, cfg.num)
-    if kept < cfg.num and attempt < cap:
-        pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
-        kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
-        inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
-        settings = {
-            "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
-            "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
-            "mask_method": cfg.mask_method, "normal": None if normal is None else str(normal),
-        }
-        while kept < cfg.num and attempt < cap:
-            count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
-            seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
-            generated = pipe(
-                seeds, cfg.steps, cfg.guidance, cfg.scheduler, capture_attention=cfg.mask_method == "attention", **inputs
-            )
-            for offset, pair in enumerate(generated):
-                pair_mask = extract_mask(pair, cfg, u2net_weights)
-                if "normal_mask" in inputs:
-                    pair_mask = pair_mask & inputs["normal_mask"]
-                verdict = filter_verdict(pair_mask, object_region(pair.image, kind, fg_weights), cfg.max_area, cfg.min_on_object)
-                verdicts[verdict] += 1
-                record = {
-                    "attempt": attempt + offset,
-                    "seed": pair.seed,
-                    **settings,
-                    "background": _background_name(pipe, source, pair.seed),
-                    "mask_area": round(float(pair_mask.mean()), 6),
-                    "consistency": round(pair_consistency(pair.image, pair.part, pair_mask), 4),
-                    "verdict": verdict,
-                }
-                if verdict == "kept" or not cfg.filter:
-                    writer.write(pair.image, pair_mask, pair.part, record)
-                    kept += 1
-                else:
-                    writer.reject(record)
-            attempt += count
-            if progress is not None:
-                progress(kept, cfg.num)
-    writer.write_contact_sheet()
+    settings = {
+        "run": str(Path(run).resolve()),
+        "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
+        "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
+        "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
+        "normal": None if normal is None else str(normal), "filter": cfg.filter,
+    }
+    with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect) as writer:
+        if force:
+            writer.clear()
+        _check_same_settings(writer, settings)
+        kept, attempt = len(writer.kept()), writer.attempts_done()
+        cap = cfg.num * cfg.max_tries_factor
+        verdicts: Counter[str] = Counter()
+        if progress is not None:
+            progress(kept, cfg.num)
+        if kept < cfg.num and attempt < cap:
+            pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
+            kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
+            inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
+            while kept < cfg.num and attempt < cap:
+                count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
+                seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
+                generated = pipe(
+                    seeds, cfg.steps, cfg.guidance, cfg.scheduler, capture_attention=cfg.mask_method == "attention",
+                    initial_noise=cfg.initial_noise, **inputs,
+                )
+                for offset, pair in enumerate(generated):
+                    pair_mask = extract_mask(pair, cfg, u2net_weights)
+                    if "normal_mask" in inputs:
+                        pair_mask = pair_mask & inputs["normal_mask"]
+                    region = object_region(pair.image, kind, fg_weights)
+                    verdict = filter_verdict(pair_mask, region, cfg.max_area, cfg.min_on_object)
+                    verdicts[verdict] += 1
+                    record = {
+                        "attempt": attempt + offset,
+                        "seed": pair.seed,
+                        **settings,
+                        "background": _background_name(pipe, source, pair.seed),
+                        "mask_area": round(float(pair_mask.mean()), 6),
+                        "consistency": round(pair_consistency(pair.image, pair.part, pair_mask), 4),
+                        "alignment": round(alignment_score(pair.image, pair_mask, region, seed=pair.seed), 4),
+                        "verdict": verdict,
+                    }
+                    if verdict == "kept" or not cfg.filter:
+                        writer.write(pair.image, pair_mask, pair.part, record)
+                        kept += 1
+                    else:
+                        writer.reject(record)
+                attempt += count
+                if progress is not None:
+                    progress(kept, cfg.num)
+        writer.write_contact_sheet()
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
     return summary
+
+
+def _check_same_settings(writer: PairWriter, settings: dict) -> None:
+    """`UserError` when the folder's earlier pairs were made from another run or with other settings."""
+    rows = writer.kept() + rejected_rows(writer.dir)
+    if not rows:
+        return
+    earlier = rows[0]
+    changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value]
+    if changed:
+        raise UserError(
+            f"{writer.dir}: holds pairs made with other settings ({'; '.join(changed)}); "
+            "use another --out, or pass --force to replace them"
+        )
 
 
 def _inputs(

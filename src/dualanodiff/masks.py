@@ -27,7 +27,7 @@ from skimage.segmentation import find_boundaries
 from dualanodiff.errors import UserError
 
 PSNR_CAP = 100.0  # dB returned by `pair_consistency` when image and part agree exactly inside the mask
-_GREY = 0.5
+MAX_TINT = 0.25  # furthest a flat part image's median may lie from mid-grey, per channel
 _NOISE_CEILING = 3.0  # x median distance (median of max_c |noise_c| is 1.26 sigma for Gaussian noise)
 _TINT = np.array([255, 0, 0], dtype=np.float32)
 
@@ -37,10 +37,11 @@ def part_to_mask(
 ) -> np.ndarray:
     """Defect mask of an anomaly-part image: pixels far from the flat grey around the defect.
 
-    The distance of a pixel is ``max_c |part_c / 255 - level_c|``. The flat level is the per-channel
-    median when it lies within ``floor`` of mid-grey (a decoded part image is often shifted by a few
-    grey levels), else mid-grey itself (the defect then covers most of the image and the median is
-    the defect's colour). The threshold is Otsu's on the distance map, never below ``floor`` and never
+    The distance of a pixel is ``max_c |part_c / 255 - level_c|``, where the flat level is the image's
+    own per-channel median: decoded part images are often flat but tinted by 0.07-0.10 in one channel,
+    and against a fixed 0.5 most of such an image would count as defect. Only a median further than
+    ``MAX_TINT`` from mid-grey is not a flat level but a defect covering most of the image; mid-grey
+    is the level then. The threshold is Otsu's on the distance map, never below ``floor`` and never
     above a noise ceiling of 3x the median distance (3.8 sigma for Gaussian noise on the flat region):
     with defects of very different contrast, Otsu alone would split strong from faint defects rather
     than defect from flat. ``min_component`` is in pixels at the image's own size.
@@ -53,7 +54,7 @@ def part_to_mask(
     if pixels.ndim != 3:
         raise ValueError(f"part image must be HxW or HxWxC, got shape {np.shape(part)}")
     median = np.median(pixels.reshape(-1, pixels.shape[2]), axis=0)
-    level = np.where(np.abs(median - _GREY) <= floor, median, _GREY)
+    level = median if np.abs(median - 0.5).max() <= MAX_TINT else np.full_like(median, 0.5)
     distance = np.abs(pixels - level).max(axis=2)
     if distance.max() <= floor:
         return np.zeros(distance.shape, dtype=bool)

@@ -3,14 +3,21 @@
 Targets per training pair, computed in ``[-1, 1]`` space: the image ``I``, the anomaly part ``I * M``
 (mid-grey outside the defect) and the background ``(1 - M_f) * I`` (mid-grey on the object). Their VAE
 latent distributions are encoded once for every flip variant; each step draws pairs, latents, the
-timestep (shared by a pair's rows) and independent noise from one seeded `torch.Generator` whose state
-is checkpointed with the optimizer, so an interrupted and resumed run equals an uninterrupted one.
+timestep (shared by a pair's rows) and the noise (independent per row as in the paper, or one draw for
+both rows with ``train.noise: shared``) from one seeded `torch.Generator` whose state is checkpointed
+with the optimizer, so an interrupted and resumed run equals an uninterrupted one.
+
+Prompts may name the category and the defect (``a {object} with {defect}``); training fills them in and
+saves the filled prompts in the run's config. ``train.defect_loss_weight`` w weights the anomaly
+branch's loss by ``1 + w * (share of the latent cell inside the defect)`` (normalised), a deviation
+from the paper's plain MSE for defects that cover 2-3 % of the latent.
 
 A run folder holds::
 
     config.yaml                 every setting, including the few-shot split's file stems
     adapters.safetensors        the trainable set after the last step (LoRA, SAIM, BCM, gamma, text LoRA)
-    loss.csv, loss.png          one row per step: step, loss_global, loss_anomaly
+    loss.csv, loss.png          one row per step: step, loss_global, loss_anomaly, loss_anomaly_defect
+                                (the anomaly branch's error on the defect's latent cells alone)
     backgrounds/<stem>.png      the few-shot backgrounds (1 - M_f) * I, for BCM at generation time
     checkpoints/step-NNNNNN/    adapters.safetensors + optimizer.pt + state.pt (last `keep_checkpoints`)
 """
@@ -20,7 +27,10 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +49,18 @@ from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
 
 ADAPTERS = "adapters.safetensors"
-LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly")
+LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly", "loss_anomaly_defect")
+ADDED_MODULES = (".saim.", ".bcm.")  # the paper's new modules, trained at lr * train.added_lr_scale
 
 
 @dataclass
 class TrainingSet:
-    """VAE latent distributions of the few-shot targets: (examples, 3 targets, C, h, w) mean and std."""
+    """VAE latent distributions of the few-shot targets: (examples, 3 targets, C, h, w) mean and std, and
+    each example's defect share per latent cell, (examples, 1, h, w)."""
 
     mean: torch.Tensor
     std: torch.Tensor
+    defect_cells: torch.Tensor
     stems: list[str]
     backgrounds: list[np.ndarray]  # (1 - M_f) * I at training size, uint8, one per pair
 
@@ -93,7 +106,7 @@ def flip_variants(targets: torch.Tensor, flips: bool) -> list[torch.Tensor]:
 def encode_training_set(
     model: DualAnoDiffModel, pairs: list[Pair], kind: str, resolution: int, flips: bool, u2net: str = ""
 ) -> TrainingSet:
-    variants, backgrounds = [], []
+    variants, masks, backgrounds = [], [], []
     for pair in pairs:
         image = load_image(pair.image)
         mask = load_mask(pair.mask, image.shape[:2])
@@ -102,12 +115,38 @@ def encode_training_set(
         targets = training_targets(image, mask, fg)
         backgrounds.append(to_uint8(targets[2]))
         variants += flip_variants(targets, flips)
+        masks += flip_variants(torch.from_numpy(mask).float()[None], flips)
     means, stds = [], []
     for targets in variants:
         dist = model.vae.encode(targets.to(model.vae.device, model.vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    return TrainingSet(torch.stack(means), torch.stack(stds), [p.stem for p in pairs], backgrounds)
+    cells = F.adaptive_avg_pool2d(torch.stack(masks), means[0].shape[-2:])
+    return TrainingSet(torch.stack(means), torch.stack(stds), cells, [p.stem for p in pairs], backgrounds)
+
+
+def fill_prompt(template: str, category: str, defect: str, kind: str) -> str:
+    """A prompt template with ``{object}`` and ``{defect}`` filled in from the dataset's names.
+
+    >>> fill_prompt("a {object} with {defect}", "metal_nut", "scratch_neck", "object")
+    'a metal nut with scratch neck'
+
+    A texture category is named as the embedded base's captions name it, "a carpet texture".
+    """
+    name = category.replace("_", " ") + (" texture" if kind == "texture" else "")
+    return template.replace("{object}", name).replace("{defect}", defect.replace("_", " "))
+
+
+def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anomaly branch's training loss (MSE, or weighted toward the defect's latent cells when
+    ``weight > 0``) and its MSE on the defect cells alone (for loss.csv; nan when no cell is defect)."""
+    error = (prediction.float() - target) ** 2
+    cells = cells.to(error.device)
+    defect = (error * cells).sum() / (cells.sum() * error.shape[1])
+    if weight == 0:
+        return error.mean(), defect.detach()
+    weights = (1 + weight * cells).expand_as(error)
+    return (error * weights).sum() / weights.sum(), defect.detach()
 
 
 def prepare_run(cfg: Config, out: Path, resume: bool, force: bool) -> Config:
@@ -203,6 +242,24 @@ def _on_main_process(accelerator, work: Callable[[], Config]) -> Config:
     return outcome[0]
 
 
+@contextmanager
+def deferred_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[Callable[[], int]]:
+    """While the block runs, SIGINT and SIGTERM (what Ctrl-C, Ray, SLURM, Kubernetes and docker send) only
+    record themselves; the training loop asks ``received()`` between steps, so it can checkpoint at a
+    step boundary and then re-raise the signal. Outside the main thread signals cannot be caught:
+    ``received()`` is always 0 there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: caught.append(number)) for number in signals}
+    try:
+        yield lambda: caught[0] if caught else 0
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def make_accelerator(mixed_precision: str, device: str):
     """A fresh Accelerator for each run: accelerate keeps process-wide state, yet one process may train
     several runs with different precisions (demo ablations, tests). A launched process group is kept."""
@@ -241,6 +298,8 @@ def train(
         )
     train_pairs, test_pairs = few_shot_split(category.defects[cfg.data.defect], cfg.data.split_rounding)
     kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
+    for option in ("global_prompt", "anomaly_prompt", "learned_words"):
+        setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
     cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
 
     torch.manual_seed(cfg.train.seed)
@@ -256,8 +315,13 @@ def train(
         cast_frozen(model, DTYPES[cfg.train.mixed_precision])
     data = encode_training_set(model, train_pairs, kind, cfg.data.resolution, cfg.data.flips, cfg.data.u2net_weights)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    added = [p for name, p in named if any(key in name for key in ADDED_MODULES)]
+    groups = [{"params": [p for name, p in named if not any(key in name for key in ADDED_MODULES)]}]
+    if added:
+        groups.append({"params": added, "lr": cfg.train.lr * cfg.train.added_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rank, processes = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(cfg.train.seed + rank)  # each process draws its own batches
     step, rows = 0, []
@@ -297,49 +361,64 @@ def train(
         return out / "checkpoints" / f"step-{step:06d}"
 
     model.train()
-    try:
-        while step < cfg.train.steps:
-            indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
-            latents = data.sample(indices, generator, scaling)  # (B, 3, C, h, w)
-            timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            noisy = _add_noise(scheduler, latents, noise, timesteps)
-            target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
-            device = accelerator.device
-            with accelerator.autocast():
-                eps_global, eps_anomaly = ddp_model(
-                    noisy[:, 0].to(device), noisy[:, 1].to(device), timesteps.to(device),
-                    noisy[:, 2].to(device) if bcm else None,
-                )
-                loss_global = F.mse_loss(eps_global.float(), target[:, 0].to(device))
-                loss_anomaly = F.mse_loss(eps_anomaly.float(), target[:, 1].to(device))
-                loss = loss_global + loss_anomaly
-            mean_losses = accelerator.reduce(torch.stack([loss_global, loss_anomaly]).detach(), "mean")
-            if not torch.isfinite(mean_losses).all():  # decided on the mean, so all processes stop together
-                if main:
-                    write_loss(out, rows)
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise UserError(
-                    f"{out}: loss became {mean_losses.sum().item()} at step {step + 1}; stopped, {where}; "
-                    "lower train.lr or use fp32"
-                )
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses = dict(zip(LOSS_COLUMNS[1:], mean_losses.tolist()))
-            rows.append({"step": step, **{k: f"{v:.6f}" for k, v in losses.items()}})
-            if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                last_good = checkpoint_now()
-            if progress is not None and main:
-                progress(step, cfg.train.steps, losses)
-    except KeyboardInterrupt:
-        if step > 0:
-            checkpoint_now()
-            log(f"interrupted at step {step}; checkpoint saved, continue with --resume")
-        raise
+    stopped = 0
+    with deferred_signals() as received:
+        try:
+            while step < cfg.train.steps:
+                stopped = received()
+                if processes > 1:  # every process stops at the same step, or the checkpoint's gather hangs
+                    stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
+                if stopped:
+                    break
+                indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
+                latents = data.sample(indices, generator, scaling)  # (B, 3, C, h, w)
+                timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
+                noise = torch.randn(latents.shape, generator=generator)
+                if cfg.train.noise == "shared":  # the anomaly row gets the global row's noise
+                    noise = torch.cat([noise[:, :1], noise[:, :1], noise[:, 2:]], 1)
+                noisy = _add_noise(scheduler, latents, noise, timesteps)
+                target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
+                device = accelerator.device
+                with accelerator.autocast():
+                    eps_global, eps_anomaly = ddp_model(
+                        noisy[:, 0].to(device), noisy[:, 1].to(device), timesteps.to(device),
+                        noisy[:, 2].to(device) if bcm else None,
+                    )
+                    loss_global = F.mse_loss(eps_global.float(), target[:, 0].to(device))
+                    loss_anomaly, loss_defect = anomaly_losses(
+                        eps_anomaly, target[:, 1].to(device), data.defect_cells[indices], cfg.train.defect_loss_weight
+                    )
+                    loss = loss_global + loss_anomaly
+                mean_losses = accelerator.reduce(torch.stack([loss_global, loss_anomaly, loss_defect]).detach(), "mean")
+                if not torch.isfinite(mean_losses[:2]).all():  # decided on the mean, so all processes stop together
+                    if main:
+                        write_loss(out, rows)
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise UserError(
+                        f"{out}: loss became {mean_losses[:2].sum().item()} at step {step + 1}; stopped, {where}; "
+                        "lower train.lr or use fp32"
+                    )
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses = dict(zip(LOSS_COLUMNS[1:], mean_losses.tolist()))
+                rows.append({"step": step, **{k: f"{v:.6f}" for k, v in losses.items()}})
+                if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                    last_good = checkpoint_now()
+                if progress is not None and main:
+                    progress(step, cfg.train.steps, losses)
+        except KeyboardInterrupt:  # raised by a callback (the signals themselves stop between steps)
+            if step > 0:
+                checkpoint_now()
+                log(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+            raise
     checkpoint_now()
+    if stopped:  # saved at a step boundary; now let the signal do what it means (SIGINT: KeyboardInterrupt)
+        log(f"stopped by signal {stopped} at step {step}; checkpoint saved, continue with --resume")
+        signal.raise_signal(stopped)
+        raise KeyboardInterrupt  # the process ignores the signal: stop training all the same
     if main:
         model.save_trainable(out / ADAPTERS)
     accelerator.wait_for_everyone()

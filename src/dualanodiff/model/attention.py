@@ -33,15 +33,28 @@ class RowLayout:
 
 
 class DualLoRA(nn.Module):
-    """Two LoRA adapters for one linear layer; keys follow peft (`lora_A.<adapter>.weight`)."""
+    """Two LoRA adapters for one linear (or convolution) layer; keys follow peft (`lora_A.<adapter>.weight`).
+
+    For a convolution, A is a convolution of the layer's own kernel, stride and padding into ``rank``
+    channels and B a 1x1 convolution back, as in peft's Conv2d LoRA.
+    """
 
     ADAPTERS = ("global", "anomaly")
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, conv: nn.Conv2d | None = None):
         super().__init__()
         self.scale = alpha / rank
-        self.lora_A = nn.ModuleDict({a: nn.Linear(in_features, rank, bias=False) for a in self.ADAPTERS})
-        self.lora_B = nn.ModuleDict({a: nn.Linear(rank, out_features, bias=False) for a in self.ADAPTERS})
+
+        def down() -> nn.Module:
+            if conv is None:
+                return nn.Linear(in_features, rank, bias=False)
+            return nn.Conv2d(in_features, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False)
+
+        def up() -> nn.Module:
+            return nn.Linear(rank, out_features, bias=False) if conv is None else nn.Conv2d(rank, out_features, 1, bias=False)
+
+        self.lora_A = nn.ModuleDict({a: down() for a in self.ADAPTERS})
+        self.lora_B = nn.ModuleDict({a: up() for a in self.ADAPTERS})
         for adapter in self.ADAPTERS:
             nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=5**0.5)
             nn.init.zeros_(self.lora_B[adapter].weight)  # step 0 is the base model
@@ -58,14 +71,36 @@ class DualLoRA(nn.Module):
         return self.lora_B[adapter](self.lora_A[adapter](x)) * self.scale
 
 
+class BranchLoRALayer(DualLoRA):
+    """A frozen UNet linear or convolution (feed-forward, ResNet) with one LoRA per branch on its rows.
+
+    Replaces the layer in its parent, peft-style: the frozen layer becomes ``<name>.base_layer``, the
+    adapters ``<name>.lora_A.<branch>`` / ``<name>.lora_B.<branch>``.
+    """
+
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, layout: RowLayout, rank: int, alpha: float):
+        if isinstance(base_layer, nn.Conv2d):
+            super().__init__(base_layer.in_channels, base_layer.out_channels, rank, alpha, conv=base_layer)
+        else:
+            super().__init__(base_layer.in_features, base_layer.out_features, rank, alpha)
+        self.base_layer = base_layer
+        self.layout = [layout]  # a list keeps the shared layout out of the module tree
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.delta(x, self.layout[0].pairs)
+
+
 class SelfAttentionInteraction(nn.Module):
     """SAIM: per-position 2-token attention between the global and anomaly rows (one head).
 
     ``rank == 0`` is the paper's full-width module; ``rank > 0`` runs the interaction in a ``rank``-wide
-    space (a cheaper variant). The output projection starts at zero, so at step 0 it is the identity.
+    space (a cheaper variant). ``init="official"`` keeps nn.Linear's default init on every projection, as
+    the reference code does, so the branches are coupled from step 0; ``"zero"`` starts the output
+    projection at zero (the identity at step 0), which was measured to leave the branches uncoupled
+    after a few hundred few-shot steps.
     """
 
-    def __init__(self, dim: int, rank: int = 0):
+    def __init__(self, dim: int, rank: int = 0, init: str = "official"):
         super().__init__()
         width = rank or dim
         self.norm = nn.LayerNorm(dim)
@@ -74,8 +109,9 @@ class SelfAttentionInteraction(nn.Module):
         self.to_k = nn.Linear(width, width, bias=False)  # a bias shared by both tokens cancels in the softmax
         self.to_v = nn.Linear(width, width)
         self.to_out = nn.Linear(width, dim)
-        nn.init.zeros_(self.to_out.weight)
-        nn.init.zeros_(self.to_out.bias)
+        if init == "zero":
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.to_out.bias)
 
     def forward(self, hidden_states: torch.Tensor, pairs: int) -> torch.Tensor:
         paired = hidden_states[: 2 * pairs]
@@ -122,6 +158,7 @@ class DualBranchAttnProcessor(nn.Module):
         bcm_variant: str = "paper",
         gamma_init: float = 0.1,
         bcm_hidden: int = 0,
+        saim_init: str = "official",
     ):
         super().__init__()
         self.layout = [layout]  # a list keeps the shared layout out of the module tree
@@ -136,7 +173,7 @@ class DualBranchAttnProcessor(nn.Module):
             {name: DualLoRA(layer.in_features, layer.out_features, rank, alpha) for name, layer in projections.items()}
         )
         dim = attn.to_out[0].out_features
-        self.saim = SelfAttentionInteraction(dim, saim_rank) if saim else None
+        self.saim = SelfAttentionInteraction(dim, saim_rank, saim_init) if saim else None
         self.bcm = (
             BackgroundCompensation(attn.to_q.in_features, bcm_hidden, gamma_init, bcm_variant)
             if bcm and not self.is_cross
