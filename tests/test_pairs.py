@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dualanodiff import io as atomic_io
+from dualanodiff import pairs
 from dualanodiff.errors import UserError
 from dualanodiff.io import save_png
 from dualanodiff.masks import mask_overlay
@@ -127,7 +132,8 @@ def test_records_missing_required_keys_are_refused(tmp_path):
     image, mask, _ = make_pair(0)
     with pytest.raises(ValueError, match="mask"):
         writer.write(image, mask.astype(np.uint8), None, {"attempt": 0, "seed": 0})
-    assert not writer.dir.exists()
+    assert sorted(p.name for p in writer.dir.iterdir()) == [".writer.lock", "manifest.jsonl"]
+    assert writer.kept() == [] and writer.attempts_done() == 0
 
 
 def test_a_corrupt_manifest_line_is_a_user_error_naming_the_line(tmp_path):
@@ -210,3 +216,125 @@ def test_mismatched_names_and_missing_roots_are_user_errors(tmp_path):
         read_pairs(tmp_path)
     with pytest.raises(UserError, match="nowhere"):
         discover_generated(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------- one writer, no orphans
+
+
+def test_a_second_writer_is_refused_at_once_until_the_first_closes(tmp_path):
+    first = PairWriter(tmp_path, "cat", "hole")
+    write_pairs(first, range(1))
+    with pytest.raises(UserError, match=r"cat/hole: another writer is adding pairs here \(pid \d+ on .* since "):
+        PairWriter(tmp_path, "cat", "hole")
+    with PairWriter(tmp_path, "cat", "crack"):  # another defect type is another folder
+        pass
+    first.close()
+    with PairWriter(tmp_path, "cat", "hole") as second:
+        assert [row["index"] for row in second.kept()] == [0]
+    PairWriter(tmp_path, "cat", "hole").close()  # released by the with-block
+
+
+HOLD_FOLDER = """
+import sys
+from dualanodiff.pairs import PairWriter
+writer = PairWriter(sys.argv[1], "cat", "hole")
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_writer_in_another_process_holds_the_folder_until_it_ends(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FOLDER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(UserError, match=rf"another writer is adding pairs here \(pid {holder.pid} on "):
+            PairWriter(tmp_path, "cat", "hole")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    PairWriter(tmp_path, "cat", "hole").close()  # a process that ended holds nothing
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def pair_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != ".writer.lock")
+
+
+@pytest.mark.parametrize("failing", ["mask", "part", "manifest"])
+def test_a_write_failing_on_a_full_disk_leaves_no_orphan(tmp_path, monkeypatch, failing):
+    writer = PairWriter(tmp_path, "cat", "hole")
+    write_pairs(writer, range(2))
+    before, manifest = pair_files(writer.dir), (writer.dir / "manifest.jsonl").read_text()
+    real_save = pairs.save_png
+
+    def save_until(path, array):
+        if failing in ("mask", "part") and path.parent.name == failing:
+            disk_full()
+        real_save(path, array)
+
+    monkeypatch.setattr(pairs, "save_png", save_until)
+    if failing == "manifest":
+        monkeypatch.setattr(pairs, "atomic_write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_pairs(writer, range(2, 3))
+    assert pair_files(writer.dir) == before and (writer.dir / "manifest.jsonl").read_text() == manifest
+    monkeypatch.undo()
+    assert write_pairs(writer, range(3, 4)) == [2]  # space again: the index is taken as if nothing happened
+
+
+def test_an_atomic_write_failing_midway_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    real_fdopen = atomic_io.os.fdopen
+
+    def half_written(fd, mode):
+        handle = real_fdopen(fd, mode)
+        handle.write = lambda data: (handle.raw.write(data[: len(data) // 2]), disk_full())
+        return handle
+
+    target = tmp_path / "image" / "0000.png"
+    save_png(target, np.zeros((4, 4, 3), np.uint8))
+    old = target.read_bytes()
+    monkeypatch.setattr(atomic_io.os, "fdopen", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        save_png(target, np.ones((4, 4, 3), np.uint8))
+    assert [p.name for p in target.parent.iterdir()] == ["0000.png"] and target.read_bytes() == old
+
+
+def test_orphans_of_a_killed_writer_are_removed_by_the_next_one(tmp_path):
+    with PairWriter(tmp_path, "cat", "hole") as writer:
+        write_pairs(writer, range(2))
+    folder = writer.dir
+    for name in ("image/0002.png", "mask/0002.png", "part/0005.png", "image/.0003.png.x1.tmp", ".manifest.jsonl.x2.tmp"):
+        (folder / name).write_bytes(b"left by a killed writer")
+    (folder / "image" / "notes.txt").write_text("not a pair file: kept")
+    with PairWriter(tmp_path, "cat", "hole") as writer:
+        assert [row["index"] for row in writer.kept()] == [0, 1]
+    assert pair_files(folder) == sorted(
+        ["manifest.jsonl", "image/notes.txt", *[f"{kind}/000{i}.png" for kind in ("image", "mask", "part") for i in (0, 1)]]
+    )
+
+
+def test_a_killed_first_pair_is_cleaned_too_but_a_foreign_folder_is_left_alone(tmp_path):
+    PairWriter(tmp_path, "cat", "hole").close()  # a new folder gets its (empty) manifest at once
+    save_png(tmp_path / "cat" / "hole" / "image" / "0000.png", np.zeros((4, 4, 3), np.uint8))
+    PairWriter(tmp_path, "cat", "hole").close()
+    assert pair_files(tmp_path / "cat" / "hole") == ["manifest.jsonl"]
+
+    save_png(tmp_path / "other" / "hole" / "image" / "0000.png", np.zeros((4, 4, 3), np.uint8))  # another tool's
+    PairWriter(tmp_path, "other", "hole").close()
+    assert pair_files(tmp_path / "other" / "hole") == ["image/0000.png"]
+
+
+def test_clear_empties_the_folder_and_keeps_the_lock(tmp_path):
+    with PairWriter(tmp_path, "cat", "hole") as writer:
+        write_pairs(writer, range(2))
+        writer.write_contact_sheet()
+        writer.clear()
+        assert pair_files(writer.dir) == ["manifest.jsonl"] and writer.kept() == []
+        with pytest.raises(UserError, match="another writer"):
+            PairWriter(tmp_path, "cat", "hole")
+        assert write_pairs(writer, range(1)) == [0]

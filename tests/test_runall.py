@@ -1,4 +1,5 @@
-"""run-all: the job list, done records, retry-once, the summary table; one end-to-end run on local Ray."""
+"""run-all: the job list, done records, retry-once, defect types without pairs, the summary table, exit
+codes; end-to-end runs on local Ray."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ import torch
 import dualanodiff
 from dualanodiff import runall, training
 from dualanodiff.config import Config
-from dualanodiff.errors import UserError
+from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
 from dualanodiff.runall import (
     LOCAL_OBJECT_STORE,
     Job,
     JobStatus,
+    evaluation_job,
     finished_record,
     job_gpus,
     plan_jobs,
     run_all,
     run_job,
+    run_outcome,
     summary_rows,
     train_and_generate,
     write_summary,
@@ -96,7 +99,7 @@ def test_done_record_skips_a_job_only_while_its_settings_are_unchanged(tmp_path)
     assert json.loads((folder / "done.json").read_text()) == record
     assert not (folder / "running.json").exists()
     assert finished_record(tmp_path, job, cfg) == record
-    cfg.evaluate.epochs = 3  # the evaluation's settings do not concern a generation job
+    cfg.evaluate.resolution = 64  # the evaluation's settings do not concern a generation job
     assert finished_record(tmp_path, job, cfg) == record
     cfg.generate.num = 7
     assert finished_record(tmp_path, job, cfg) is None
@@ -105,6 +108,8 @@ def test_done_record_skips_a_job_only_while_its_settings_are_unchanged(tmp_path)
     run_job(evaluation, tmp_path, cfg.to_dict(), lambda job, out, cfg, status: {})
     assert finished_record(tmp_path, evaluation, cfg)["status"] == "done"
     assert finished_record(tmp_path, Job("nut", tmp_path / "nut", None, ("crack", "hole")), cfg) is None
+    without_crack = Job("nut", tmp_path / "nut", None, ("hole",), (("crack", "kept 0 of 4 pairs"),))
+    assert finished_record(tmp_path, without_crack, cfg) is None  # its report must list crack: evaluated again
 
 
 def test_a_failing_job_is_tried_twice_then_reported(tmp_path):
@@ -139,6 +144,54 @@ def test_a_job_failing_once_succeeds_on_its_retry(tmp_path):
     assert not (tmp_path / "jobs" / "nut__hole" / "failed.json").exists()
 
 
+def test_a_generation_short_of_num_finishes_as_short_with_its_kept_of_asked(tmp_path):
+    job, cfg = Job("nut", tmp_path / "nut", "crack"), Config()
+    result = {"kept": 0, "asked": 4, "dropped": 4, "reasons": {"too_large": 4}}
+    record = run_job(job, tmp_path, cfg.to_dict(), lambda *args: result)
+    assert (record["status"], record["kept"], record["asked"], record["reasons"]) == ("short", 0, 4, {"too_large": 4})
+    assert finished_record(tmp_path, job, cfg) == record  # it ran to its end: a re-run does not redo it
+    full = run_job(job, tmp_path, cfg.to_dict(), lambda *args: {**result, "kept": 4})
+    assert full["status"] == "done"
+
+
+def generation_records(**jobs) -> dict[str, dict]:
+    return {f"nut__{defect}": {"job": f"nut__{defect}", **record} for defect, record in jobs.items()}
+
+
+def test_an_evaluation_scores_the_defect_types_with_pairs_and_lists_the_others(tmp_path):
+    records = generation_records(
+        crack={"status": "short", "kept": 0, "asked": 4, "reasons": {"empty": 1, "too_large": 15}},
+        hole={"status": "short earlier", "kept": 3, "asked": 4},
+        scratch={"status": "failed", "error": "OSError: disk full"},
+        stain={"status": "done", "kept": 4, "asked": 4},
+    )
+    job = Job("nut", tmp_path, None, ("crack", "hole", "scratch", "stain"))
+    evaluation = evaluation_job(job, records)
+    assert evaluation.defects == ("hole", "stain")
+    assert evaluation.without_pairs == (
+        ("crack", "kept 0 of 4 pairs (filter dropped empty 1, too_large 15)"),
+        ("scratch", "generation failed: OSError: disk full"),
+    )
+    assert evaluation.name == job.name and evaluation.data == job.data
+
+
+def test_the_outcome_says_failed_partial_or_done(tmp_path):
+    jobs = [Job("nut", tmp_path, "crack"), Job("nut", tmp_path, "hole"), Job("nut", tmp_path, None, ("crack", "hole"))]
+    done = {"status": "done", "kept": 4, "asked": 4}
+    evaluation = {"nut": {"job": "nut", "status": "done earlier"}}
+    assert run_outcome(jobs, {**generation_records(crack=done, hole=done), **evaluation}) == (0, "")
+
+    short = {"status": "short", "kept": 0, "asked": 4, "reasons": {"too_large": 16}}
+    code, message = run_outcome(jobs, {**generation_records(crack=short, hole=done), **evaluation})
+    assert code == EXIT_PARTIAL == 3
+    assert message.startswith("partial run: 1 defect type(s) short of --num: nut/crack kept 0 of 4 pairs (filter dropped too_large 16)")
+
+    failed = {"job": "nut", "status": "failed", "error": "no defect type of this category has generated pairs"}
+    code, message = run_outcome(jobs, {**generation_records(crack=short, hole=short), "nut": failed})
+    assert (code, message) == (EXIT_FAILED, "1 job(s) failed: nut; see summary.md, re-run to retry them")
+    assert run_outcome(jobs, generation_records(crack=done, hole=done))[0] == EXIT_FAILED  # an evaluation never ran
+
+
 def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(tmp_path, monkeypatch):
     calls = []
 
@@ -152,7 +205,10 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
         return run
 
     def fake_generate(run, out, cfg, **kwargs):
-        return SimpleNamespace(folder=out / "nut" / "hole", kept=cfg.num, dropped=1)
+        folder = out / "nut" / "hole"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "rejected.jsonl").write_text('{"attempt": 5, "verdict": "empty"}\n')
+        return SimpleNamespace(folder=folder, kept=cfg.num, dropped=1)
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
@@ -163,7 +219,8 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
 
     result = train_and_generate(job, tmp_path, cfg, status)
     assert calls == [False]
-    assert result == {"run": str(run), "folder": str(tmp_path / "generated" / "nut" / "hole"), "kept": 5, "dropped": 1}
+    assert result == {"run": str(run), "folder": str(tmp_path / "generated" / "nut" / "hole"), "kept": 5, "asked": 5,
+                      "dropped": 1, "reasons": {"empty": 1}}
     assert Config.from_yaml(run / "config.yaml").data.data == str(job.data)
     train_and_generate(job, tmp_path, cfg, status)  # trained to 2 steps already: generation only
     assert calls == [False]
@@ -187,48 +244,67 @@ def metrics(pixel_auroc, image_f1max):
 
 
 def test_summary_rows_and_averages(tmp_path):
-    jobs = [Job("a", tmp_path, "x"), Job("a", tmp_path, "y"), Job("a", tmp_path, None, ("x", "y")),
+    jobs = [Job("a", tmp_path, "w"), Job("a", tmp_path, "x"), Job("a", tmp_path, "y"), Job("a", tmp_path, None, ("w", "x", "y")),
             Job("b", tmp_path, "z"), Job("b", tmp_path, None, ("z",))]
+    without = {"w": "kept 0 of 4 pairs (filter dropped empty 3, too_large 1)", "y": "generation failed: UserError: bad mask"}
     records = {
-        "a__x": {"job": "a__x", "status": "done", "kept": 4, "dropped": 1, "seconds": 10.0},
+        "a__w": {"job": "a__w", "status": "short", "kept": 0, "asked": 4, "dropped": 4, "seconds": 4.0,
+                 "reasons": {"empty": 3, "too_large": 1}},
+        "a__x": {"job": "a__x", "status": "done", "kept": 4, "asked": 4, "dropped": 1, "seconds": 10.0},
         "a__y": {"job": "a__y", "status": "failed", "seconds": 2.0, "error": "UserError: bad mask"},
-        "a": {"status": "done", "seconds": 6.0, "pairs": {"x": 4}, "metrics": metrics(0.7, None),
-              "per_defect": {"x": metrics(0.9, None)}},
-        "b__z": {"job": "b__z", "status": "done earlier", "kept": 2, "dropped": 0, "seconds": 20.0},
-        "b": {"status": "done", "seconds": 8.0, "pairs": {"z": 2}, "metrics": metrics(0.8, 0.5),
+        "a": {"job": "a", "status": "done", "seconds": 6.0, "pairs": {"x": 4}, "metrics": metrics(0.7, None),
+              "per_defect": {"x": metrics(0.9, None)}, "without_pairs": without},
+        "b__z": {"job": "b__z", "status": "short earlier", "kept": 2, "asked": 3, "dropped": 0, "seconds": 18.0},
+        "b": {"job": "b", "status": "done", "seconds": 8.0, "pairs": {"z": 2}, "metrics": metrics(0.8, 0.5),
               "per_defect": {"z": metrics(0.8, 0.6)}},
     }
     rows = summary_rows(jobs, records)
     assert [(r["category"], r["defect"], r["status"]) for r in rows] == [
-        ("a", "x", "done"), ("a", "y", "failed"), ("a", "(evaluation)", "done"), ("b", "z", "done earlier"),
-        ("b", "(evaluation)", "done"), ("average", "over defect types", "2/3 done"),
-        ("average", "over categories", "2/2 done"),
+        ("a", "w", "short"), ("a", "x", "done"), ("a", "y", "failed"), ("a", "(evaluation)", "done"),
+        ("b", "z", "short earlier"), ("b", "(evaluation)", "done"),
+        ("average", "over 2 of 4 defect types", "3/4 finished"),  # the types without pairs have no metrics
+        ("average", "over 2 categories (2 defect types)", "2/2 finished"),
     ]
-    assert rows[1]["pixel_auroc"] is None and rows[1]["pairs"] is None
-    assert (rows[2]["pixel_auroc"], rows[2]["pairs"], rows[2]["seconds"]) == (0.7, 4, 6.0)
+    assert [r["note"] for r in rows[:6]] == [
+        "kept 0 of 4 pairs (filter dropped empty 3, too_large 1); not scored", "", "UserError: bad mask; not scored",
+        "not scored (no pairs): w, y", "kept 2 of 3 pairs", "",
+    ]
+    assert rows[2]["pixel_auroc"] is None and rows[2]["pairs"] is None
+    assert (rows[3]["pixel_auroc"], rows[3]["pairs"], rows[3]["seconds"]) == (0.7, 4, 6.0)
     over_defects, over_categories = rows[-2], rows[-1]
-    assert over_defects["pixel_auroc"] == pytest.approx((0.9 + 0.8) / 2)  # the failed type has no metrics
+    assert over_defects["pixel_auroc"] == pytest.approx((0.9 + 0.8) / 2)
     assert over_defects["image_f1max"] == pytest.approx(0.6)  # missing values are skipped
-    assert (over_defects["pairs"], over_defects["dropped"]) == (3, 0.5)
-    assert over_defects["seconds"] == pytest.approx(32 / 3)
+    assert (over_defects["pairs"], over_defects["asked"], over_defects["dropped"]) == (2, pytest.approx(11 / 3), 5 / 3)
+    assert over_defects["seconds"] == pytest.approx(34 / 4)
     assert over_categories["pixel_auroc"] == pytest.approx(0.75)
     assert (over_categories["pairs"], over_categories["dropped"], over_categories["seconds"]) == (3, None, 7.0)
 
     md, csv_path = write_summary(tmp_path, jobs, records)
     table = list(csv.DictReader(io.StringIO(csv_path.read_text())))
-    assert table[-2] == {"category": "average", "defect": "over defect types", "pixel_auroc": "85.0", "pixel_ap": "50.0",
-                         "pixel_f1max": "40.0", "image_auroc": "100.0", "image_ap": "100.0", "image_f1max": "60.0",
-                         "pairs": "3.0", "dropped": "0.5", "seconds": "10.7", "status": "2/3 done"}
-    assert table[1]["pixel_auroc"] == "" and table[0]["pairs"] == "4"
+    assert table[-2] == {"category": "average", "defect": "over 2 of 4 defect types", "pixel_auroc": "85.0",
+                         "pixel_ap": "50.0", "pixel_f1max": "40.0", "image_auroc": "100.0", "image_ap": "100.0",
+                         "image_f1max": "60.0", "pairs": "2.0", "asked": "3.7", "dropped": "1.7", "seconds": "8.5",
+                         "status": "3/4 finished", "note": ""}
+    assert table[2]["pixel_auroc"] == "" and (table[0]["pairs"], table[0]["asked"]) == ("0", "4")
+    assert table[3]["note"] == "not scored (no pairs): w, y"
     text = md.read_text()
-    assert "| average | over categories | 75.0 |" in text
+    assert "| average | over 2 categories (2 defect types) | 75.0 |" in text
+    assert "## Defect types without pairs (not scored)\n\n- a/w: kept 0 of 4 pairs (filter dropped empty 3, too_large 1)\n" \
+           "- a/y: generation failed: UserError: bad mask\n" in text
     assert "- a__y: UserError: bad mask (log: jobs/a__y/log.txt)" in text
 
 
 def test_summary_marks_jobs_that_never_ran(tmp_path):
     rows = summary_rows([Job("a", tmp_path, "x"), Job("a", tmp_path, None, ("x",))], {})
-    assert [r["status"] for r in rows] == ["not run", "not run", "0/1 done", "0/1 done"]
+    assert [r["status"] for r in rows] == ["not run", "not run", "0/1 finished", "0/1 finished"]
     assert all(r["pixel_auroc"] is None and r["seconds"] is None for r in rows)
+
+
+def test_summary_md_cells_stay_one_table_row(tmp_path):
+    jobs = [Job("a", tmp_path, "x"), Job("a", tmp_path, None, ("x",))]
+    records = {"a__x": {"job": "a__x", "status": "failed", "seconds": 1.0, "error": "ValueError: a|b\nsecond line"}}
+    text = write_summary(tmp_path, jobs, records)[0].read_text()
+    assert "| failed | ValueError: a\\|b second line |" in text
 
 
 # ---------------------------------------------------------------------------------------------- Ray, CLI
@@ -265,6 +341,23 @@ def test_cli_applies_flags_over_the_config_and_exits_1_when_a_job_failed(tmp_pat
     assert "nut" in out
 
 
+def test_cli_exits_3_when_the_run_was_partial(tmp_path, monkeypatch, run_cli):
+    def fake_run_all(data, out, cfg, **options):
+        jobs = [Job("nut", data / "nut", "crack"), Job("nut", data / "nut", "hole"), Job("nut", data / "nut", None, ("hole",))]
+        return jobs, {
+            "nut__crack": {"job": "nut__crack", "status": "short", "kept": 0, "asked": 4, "seconds": 1.0},
+            "nut__hole": {"job": "nut__hole", "status": "done", "kept": 4, "asked": 4, "seconds": 1.0},
+            "nut": {"job": "nut", "status": "done", "seconds": 1.0, "pairs": {"hole": 4}, "metrics": {}, "per_defect": {},
+                    "without_pairs": {"crack": "kept 0 of 4 pairs"}},
+        }
+
+    monkeypatch.setattr(runall, "run_all", fake_run_all)
+    code, out, err = run_cli("run-all", "--data", tmp_path, "--out", tmp_path / "out")
+    assert code == EXIT_PARTIAL
+    assert "partial run: 1 defect type(s) short of --num: nut/crack kept 0 of 4 pairs" in err
+    assert "not scored (no pairs): crack" in out
+
+
 def test_cli_rejects_an_unknown_category_before_starting_ray(synthetic_root, tmp_path, run_cli):
     code, out, err = run_cli("run-all", "--data", synthetic_root, "--out", tmp_path, "--categories", "nut,bottle")
     assert code == 2 and out == ""
@@ -289,7 +382,10 @@ def tiny_config() -> Config:
     cfg.train.steps, cfg.train.device = 2, "cpu"
     cfg.generate.num, cfg.generate.steps, cfg.generate.scheduler, cfg.generate.device = 2, 2, "ddim", "cpu"
     cfg.generate.filter = False  # random weights: keep every pair so that each type has exactly `num`
-    cfg.evaluate.epochs, cfg.evaluate.resolution, cfg.evaluate.base_width = 1, 32, 4
+    cfg.evaluate.resolution, cfg.evaluate.base_width = 32, 4
+    for length in ("steps", "epochs"):  # the localization U-Net's training length, whichever the config names
+        if hasattr(cfg.evaluate, length):
+            setattr(cfg.evaluate, length, 1)
     return cfg
 
 
@@ -318,7 +414,9 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
     assert (out / "reports" / "nut" / "report.md").is_file()
     assert len(list((out / "generated" / "weave" / "cut" / "image").glob("*.png"))) == 2
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
-    assert [row["status"] for row in summary] == ["failed", "done", "done", "done", "done", "done", "3/4 done", "2/2 done"]
+    assert [row["status"] for row in summary] == [
+        "failed", "done", "done", "done", "done", "done", "3/4 finished", "2/2 finished"]
+    assert records["nut"]["without_pairs"] == {"crack": f"generation failed: {records['nut__crack']['error']}"}
     assert "nut__crack: UserError" in (out / "summary.md").read_text()
 
     damaged.unlink()
@@ -332,3 +430,39 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
     assert not math.isnan(records["nut"]["seconds"])
     unchanged = {p for p, mtime in finished.items() if p.stat().st_mtime_ns == mtime}
     assert unchanged == set(finished) - {out / "jobs" / "nut" / "done.json"}
+
+
+@pytest.mark.slow
+def test_a_defect_type_without_kept_pairs_leaves_its_category_evaluated_on_the_others(tmp_path, local_ray, run_cli):
+    """Issue 18: with the filter on, nut/crack keeps 0 of 2 pairs; nut is scored on hole, crack is listed
+    with its reason in the report and the summary, and the exit code says the run was partial."""
+    from dualanodiff.synthetic import write_dataset
+
+    data, out, cfg, config = tmp_path / "data", tmp_path / "out", tiny_config(), tmp_path / "config.yaml"
+    write_dataset(data, seed=0, size=32, per_defect=6, good=4, categories=["nut"])
+    cfg.generate.filter, cfg.generate.max_area, cfg.generate.min_on_object = True, 1.0, 0.0  # a lenient filter
+    cfg.to_yaml(config)
+    code, _, err = run_cli("run-all", "--data", data, "--out", out, "--defects", "hole", "--config", config)
+    assert code == 0, err  # first nut/hole alone: it keeps its 2 pairs
+    cfg.generate.max_area, cfg.generate.max_tries_factor = 0.0, 1  # then a filter no mask passes, and crack too
+    cfg.to_yaml(config)
+
+    code, table, err = run_cli("run-all", "--data", data, "--out", out, "--max-defects", "2", "--config", config)
+    assert code == EXIT_PARTIAL, err
+    assert "partial run: 1 defect type(s) short of --num: nut/crack kept 0 of 2 pairs (filter dropped " in err
+    crack = json.loads((out / "jobs" / "nut__crack" / "done.json").read_text())
+    hole = json.loads((out / "jobs" / "nut__hole" / "done.json").read_text())
+    assert (crack["status"], crack["kept"], crack["asked"], sum(crack["reasons"].values())) == ("short", 0, 2, 2)
+    assert (hole["status"], hole["kept"], hole["asked"]) == ("done", 2, 2)  # its pairs were kept, not redone
+    evaluation = json.loads((out / "jobs" / "nut" / "done.json").read_text())
+    reason = evaluation["without_pairs"]["crack"]
+    assert evaluation["status"] == "done" and evaluation["pairs"] == {"hole": 2} and reason.startswith("kept 0 of 2 pairs")
+    assert list(evaluation["per_defect"]) == ["hole"]
+    assert f"not scored, no generated pairs: crack ({reason})" in (out / "reports" / "nut" / "report.md").read_text()
+    summary = {row["defect"]: row for row in csv.DictReader(io.StringIO((out / "summary.csv").read_text()))}
+    assert (summary["crack"]["status"], summary["crack"]["pairs"], summary["crack"]["asked"]) == ("short", "0", "2")
+    assert summary["crack"]["pixel_auroc"] == "" and summary["hole"]["pixel_auroc"] != ""
+    assert summary["(evaluation)"]["note"] == "not scored (no pairs): crack"
+    assert "over 1 of 2 defect types" in summary and "over 1 categories (1 defect types)" in summary
+    assert f"- nut/crack: {reason}" in (out / "summary.md").read_text()
+    assert "not scored (no pairs): crack" in table

@@ -1,21 +1,32 @@
 """The `dualanodiff` command line: one subcommand per stage, thin wrappers over the library.
 
-Bad input raises `UserError`; `main` prints it as one line and exits with code 2 (`--debug` shows the
-traceback instead).
+Every failure a user can cause ends in one line on stderr and an exit code (`dualanodiff.errors`): a
+usage mistake (unknown command or option, bad value, missing option) or a `UserError` exits 2, an
+`OSError` (a read-only or full folder) exits 1, a run short of what was asked exits 3 (`--debug` shows
+the traceback instead). Messages are printed verbatim: no rich markup or emoji codes are interpreted,
+so paths such as ``runs/[v2]`` and keys such as ``:train:`` appear as they are. Progress shows as
+bars on a terminal and as plain lines elsewhere (`progress_bars`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from dualanodiff.errors import UserError
+from dualanodiff import __version__
+from dualanodiff.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UserError
+from dualanodiff.io import check_writable
 
 if TYPE_CHECKING:
     from dualanodiff.config import Config
@@ -26,13 +37,108 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Few-shot anomaly image-mask pair generation (DualAnoDiff).",
 )
-console = Console(stderr=True)
+# verbatim output: markup and emoji codes in paths, keys and messages are not interpreted
+console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
+stdout = Console(markup=False, emoji=False, highlight=False)
 _state = {"debug": False}
+PLAIN_PERCENT = 10  # outside a terminal, one progress line per this share of the work ...
+PLAIN_SECONDS = 15.0  # ... or per this many seconds, whichever comes first
+TABLE_WIDTH_OUTSIDE_TERMINAL = 240
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        stdout.print(f"dualanodiff {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     _state["debug"] = debug
+
+
+# --- progress: bars on a terminal, plain lines elsewhere -------------------------------------------
+
+
+class PlainProgress:
+    """Progress as plain lines for log files and pipes, where bars would print nothing::
+
+        training 120/500 (24%) loss 0.0912, 3.10/s, 2 min 03 s left
+
+    A line at the first update, then one per `PLAIN_PERCENT` of the total or `PLAIN_SECONDS`
+    (whichever comes first), and one when the work is done.
+    """
+
+    def __init__(self, label: str, total: int | None, print_line: Callable[[str], None], clock=time.monotonic):
+        self.label, self.total, self.print_line, self.clock = label, total, print_line, clock
+        self.start: tuple[float, int] | None = None  # (time, done) at the first update
+        self.last: tuple[float, int | None, int] = (-math.inf, None, -1)  # (time, share, done) of the last line
+
+    def update(self, done: int, total: int | None = None, note: str = "") -> None:
+        now, self.total = self.clock(), total if total is not None else self.total
+        self.start = self.start or (now, done)
+        share = done * 100 // PLAIN_PERCENT // self.total if self.total else None
+        finished = bool(self.total) and done >= self.total
+        last_time, last_share, last_done = self.last
+        if done == last_done or not (finished or share != last_share or now - last_time >= PLAIN_SECONDS):
+            return
+        self.last = (now, share, done)
+        parts = [f"{self.label} {done}/{self.total or '?'}" + (f" ({100 * done // self.total}%)" if self.total else "")]
+        parts[0] += f" {note}" if note else ""
+        rate = (done - self.start[1]) / (now - self.start[0]) if now > self.start[0] else 0.0
+        if rate > 0:
+            parts.append(f"{rate:.2f}/s")
+            if self.total and not finished:
+                parts.append(f"{_duration((self.total - done) / rate)} left")
+        self.print_line(", ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+Bar = Callable[..., None]  # bar(done, total=None, note="")
+
+
+@contextmanager
+def progress_bars(enabled: bool = True, transient: bool = True) -> Iterator[Callable[..., Bar]]:
+    """The one progress display of every command: ``bar = bars("training", total)``, then
+    ``bar(done, total=None, note="")``. Rich bars on a terminal (messages printed with `console` go
+    above them); `PlainProgress` lines when stderr is a file or a pipe; nothing when not ``enabled``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not enabled:
+        yield lambda label, total=None: lambda done, total=None, note="": None
+        return
+    if not console.is_terminal:
+        yield lambda label, total=None: PlainProgress(label, total, console.print).update
+        return
+    columns = (
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}", markup=False), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=transient) as progress:
+
+        def bars(label: str, total: int | None = None) -> Bar:
+            task = progress.add_task(label, total=total, note="")
+            return lambda done, total=None, note="": progress.update(task, completed=done, total=total, note=note)
+
+        yield bars
+
+
+def _log(message: str) -> None:
+    console.print(message)
+
+
+def print_table(table) -> None:
+    """A table on stdout; in a file or pipe as wide as it needs (rich would squeeze it into 80 columns)."""
+    wide = stdout if stdout.is_terminal else Console(markup=False, emoji=False, width=TABLE_WIDTH_OUTSIDE_TERMINAL)
+    wide.print(table)
 
 
 # --- data: synth, info ---------------------------------------------------------------------------
@@ -49,8 +155,6 @@ def synth(
     force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT, replacing its categories."),
 ) -> None:
     """Write the synthetic MVTec-format dataset (objects and a texture, several defect types, exact masks)."""
-    from rich.progress import Progress
-
     from dualanodiff.synthetic import CATEGORIES, dataset_jobs, write_dataset
 
     if out.exists() and not out.is_dir():
@@ -59,9 +163,10 @@ def synth(
         raise UserError(f"{out}: folder is not empty; pick another OUT or pass --force to replace its categories")
     names = category or list(CATEGORIES)
     total = sum(1 for _ in dataset_jobs(names, per_defect, good))  # also rejects unknown categories
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("rendering", total=total)
-        written = write_dataset(out, seed, size, per_defect, good, names, lambda: progress.advance(task))
+    check_writable(out)
+    with progress_bars() as bars:
+        bar, done = bars("rendering", total), itertools.count(1)
+        written = write_dataset(out, seed, size, per_defect, good, names, lambda: bar(next(done)))
     console.print(f"wrote {len(written)} categories ({', '.join(p.name for p in written)}) to {out}")
 
 
@@ -100,7 +205,7 @@ def info(
         table.add_row(name, str(len(train) + len(test)), " ".join(p.stem for p in train), " ".join(p.stem for p in test))
     good = (len(cat.train_good), len(cat.test_good))
     table.add_row("good", str(sum(good)), f"{good[0]} images", f"{good[1]} images")
-    Console().print(table)
+    print_table(table)
 
 
 # --- model: train ---------------------------------------------------------------------------------
@@ -136,8 +241,6 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any) or cpu."),
 ) -> None:
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from dualanodiff.training import train as train_run
 
     cfg = load_config(config).with_overrides({  # re-validated: choices such as --bcm-variant are checked
@@ -151,15 +254,15 @@ def train(
         cfg.model.alpha = float(rank)  # the official scripts keep alpha = rank
     if not resume and not (cfg.data.data and cfg.data.defect):
         raise UserError("--data and --defect are required for a new run (or set data.data/data.defect in --config)")
+    check_writable(out)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch only rank 0 reports
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not main_process) as bar:
-        task = bar.add_task("train", total=None, loss="")
+    with progress_bars(enabled=main_process) as bars:
+        bar = bars("training")
 
         def report(step: int, total: int, losses: dict) -> None:
-            bar.update(task, completed=step, total=total, loss=" ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
+            bar(step, total, " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
 
-        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=lambda m: console.print(m, highlight=False))
+        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log)
     if main_process:
         console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
 
@@ -187,8 +290,6 @@ def generate(
     mask: Optional[Path] = typer.Option(None, "--mask", help="Where the defect may go in the --normal image."),
 ) -> None:
     """Generate aligned anomaly image-mask pairs with a trained run (SAIM + BCM, guided, filtered)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from dualanodiff.generation import generate as generate_pairs
     from dualanodiff.generation import generate_config
 
@@ -196,15 +297,17 @@ def generate(
         run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
         mask_method=mask_method, filter=use_filter, device=device, dtype=dtype,
     )
-    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("generate", total=cfg.num)
+    check_writable(out)
+    with progress_bars() as bars:
+        bar = bars("generating", cfg.num)
         summary = generate_pairs(
             run, out, cfg, background=background, normal=normal, mask=mask, u2net_weights=str(u2net_weights or ""),
-            progress=lambda kept, total: bar.update(task, completed=kept, total=total),
-            log=lambda message: console.print(message, highlight=False),
+            progress=lambda kept, total: bar(kept, total), log=_log,
         )
     console.print(f"{summary.kept} pairs in {summary.folder} ({summary.seconds:.1f} s)")
+    if summary.kept < cfg.num:
+        console.print(f"short of --num: {summary.kept} of {cfg.num} pairs kept (exit code {EXIT_PARTIAL})")
+        raise typer.Exit(EXIT_PARTIAL)
 
 # --- baselines and evaluation: baseline, evaluate -------------------------------------------------
 
@@ -221,20 +324,15 @@ def baseline(
     force: bool = typer.Option(False, "--force", help="Replace pairs already in OUT/<category>/<defect>/."),
 ) -> None:
     """Write baseline image-mask pairs in the same layout as `generate` (crop-paste or Perlin)."""
-    from rich.progress import Progress
-
     from dualanodiff import baselines
     from dualanodiff.data import open_category
 
     if method not in ("crop-paste", "perlin"):
         raise UserError(f"baseline {method}: unknown method; choose crop-paste or perlin")
     category = open_category(data)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{method} {category.name}/{defect}", total=num)
-
-        def report(done: int) -> None:
-            progress.update(task, completed=done)
-
+    check_writable(out)
+    with progress_bars() as bars:
+        report = bars(f"{method} {category.name}/{defect}", num)
         if method == "crop-paste":
             folder = baselines.crop_paste(category, defect, num, out, seed, split_rounding, force=force, progress=report)
         else:
@@ -279,6 +377,8 @@ def evaluate(
     if len(roots) != len(generated):
         raise UserError("--generated: two folders share a row name; label them as NAME=DIR")
     check_outputs([report, report and chart_path(report), json_path, csv_path], force)
+    for path in {Path(p).parent for p in (report, json_path, csv_path) if p is not None}:
+        check_writable(path)  # before the U-Net trains
     results = evaluate_generators(
         data,
         roots,
@@ -290,7 +390,7 @@ def evaluate(
         resnet_weights=resnet_weights,
         classification=not no_classification,
         device=device,
-        log=lambda message: console.print(message, highlight=False),
+        log=_log,
     )
     written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
     table = Table(title=f"{results['category']} ({results['protocol']['selection']})")
@@ -298,7 +398,7 @@ def evaluate(
         table.add_column(title)
     for cells in table_rows(results):
         table.add_row(*cells)
-    Console().print(table)
+    print_table(table)
     for path in written:
         console.print(f"wrote {path}")
 
@@ -316,23 +416,15 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Delete OUT and start over."),
 ) -> None:
     """The whole method on a CPU in minutes: synthetic data, few-shot training, generation, baselines, evaluation."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from dualanodiff.demo import DemoHooks, demo_config, run_demo
 
     cfg = load_config(config) if config else demo_config(category, defect)
     if config:
         cfg.data.data, cfg.data.defect = cfg.data.data or category, cfg.data.defect or defect
+    check_writable(out)
     start = time.perf_counter()
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-
-        def bar(label: str, total: int):
-            task = progress.add_task(label, total=total)
-            return lambda done: progress.update(task, completed=done)
-
-        hooks = DemoHooks(log=lambda message: progress.console.print(message, highlight=False), bar=bar)
-        report = run_demo(out, cfg, ablation=ablation, force=force, hooks=hooks)
+    with progress_bars(transient=False) as bars:
+        report = run_demo(out, cfg, ablation=ablation, force=force, hooks=DemoHooks(log=_log, bar=bars))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s: {report} and {report.with_suffix('.html')}")
 
 
@@ -352,10 +444,8 @@ def pretrain_base_command(
     """Pretrain the small Stable-Diffusion-shaped base model (`--base-model tiny`) on synthetic images."""
     from dualanodiff.pretrain import pretrain_base
 
-    record = pretrain_base(
-        out, steps_vae, steps_unet, resolution, seed, resume=resume, force=force,
-        log=lambda message: console.print(message, highlight=False),
-    )
+    check_writable(out)
+    record = pretrain_base(out, steps_vae, steps_unet, resolution, seed, resume=resume, force=force, log=_log)
     console.print(
         f"wrote {out}: VAE held-out PSNR {record['heldout']['vae_psnr_db']:.2f} dB, "
         f"samples in {out / 'samples.png'}"
@@ -388,7 +478,7 @@ def run_all_command(
     """Train, generate and evaluate every category and defect type of a dataset as Ray jobs; re-runs skip finished jobs."""
     from rich.table import Table
 
-    from dualanodiff.runall import SUMMARY_COLUMNS, run_all, summary_cells, summary_rows
+    from dualanodiff.runall import SUMMARY_COLUMNS, run_all, run_outcome, summary_cells, summary_rows
 
     cfg = load_config(config).with_overrides(
         {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}
@@ -396,6 +486,7 @@ def run_all_command(
     for option, value in (("--steps", cfg.train.steps), ("--num", cfg.generate.num)):
         if value < 1:
             raise UserError(f"{option} {value}: must be at least 1")
+    check_writable(out)
     jobs, records = run_all(
         data, out, cfg, categories=split_names(categories), defects=split_names(defects), max_defects=max_defects,
         address=address, num_cpus=num_cpus, gpus_per_job=gpus_per_job, console=console,
@@ -405,42 +496,76 @@ def run_all_command(
         table.add_column(title)
     for cells in summary_cells(summary_rows(jobs, records)):
         table.add_row(*cells)
-    Console().print(table)
+    print_table(table)
     console.print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}; reports in {out / 'reports'}")
-    failed = [name for name, record in records.items() if record["status"] == "failed"]
-    if failed:
-        console.print(f"[bold red]{len(failed)} job(s) failed:[/] {', '.join(failed)}; see summary.md, re-run to retry them")
-        raise typer.Exit(1)
+    code, message = run_outcome(jobs, records)
+    if code:
+        console.print(Text(message, style="bold red" if code == EXIT_FAILED else "bold yellow"))
+        raise typer.Exit(code)
+
+
+def _error(message: str) -> None:
+    """One line on stderr, ``error: <message>``, printed verbatim."""
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(message).split("\n"))))
+
+
+def _click_types(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name`` from typer's bundled copy (`typer._click`, typer 0.29) and from
+    click itself, wherever they exist: neither derives from the other, so both are caught."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _usage_message(exc: Exception) -> str:
+    """A click usage error as one line, with where to look: ``No such option: --stpes (see 'dualanodiff
+    train --help')``."""
+    ctx = getattr(exc, "ctx", None)
+    message = " ".join(exc.format_message().split())
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError (``[Errno 28] No space left on device: 'x'`` -> ``x: No space left on device``)."""
+    reason = exc.strerror or str(exc)
+    paths = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the app, turning `UserError` into one line on stderr and exit code 2."""
+    """Entry point: run the app; every failure a user can cause becomes one line on stderr and the exit
+    code of `dualanodiff.errors` (``--debug``: the traceback instead)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        code = app(args=args, standalone_mode=False)  # typer returns (not raises) Exit codes and Ctrl-C here
+        code = app(args=args, prog_name="dualanodiff", standalone_mode=False)  # Exit codes and Ctrl-C are returned
     except UserError as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; finished work is kept and a re-run resumes from it")
-        sys.exit(130)
+        _error(str(exc))
+        sys.exit(EXIT_USAGE)
+    except _click_types("ClickException") as exc:  # usage mistakes
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            stdout.print(exc.format_message())
+        else:
+            _error(_usage_message(exc))
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
+    except OSError as exc:
+        if debug:
+            raise
+        _error(_os_error_message(exc))
+        sys.exit(EXIT_FAILED)
+    except (KeyboardInterrupt, typer.Abort, *_click_types("Abort")):
+        code = EXIT_INTERRUPTED
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
-    if code == 130:
+    if code == EXIT_INTERRUPTED:
         console.print("interrupted; finished work is kept and a re-run resumes from it")
     if isinstance(code, int) and code:
         sys.exit(code)
-

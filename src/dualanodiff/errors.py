@@ -1,4 +1,21 @@
-"""The one error type the CLI turns into a one-line message and exit code 2."""
+"""The error type the CLI turns into a one-line message, and the exit codes of every command.
+
+=====  ===========================================================================================
+code   meaning
+=====  ===========================================================================================
+0      finished: everything asked for was done
+1      failed: a run-all job failed, or the system refused (OSError: a read-only or full folder)
+2      usage: a mistyped command or option, a bad value, or a `UserError` (bad input, with the fix)
+3      partial: finished, but short of what was asked (`generate` kept fewer than ``--num`` pairs;
+       `run-all` left defect types unscored because their generation kept none, or fell short)
+130    interrupted (Ctrl-C); finished work is kept and a re-run resumes from it
+=====  ===========================================================================================
+"""
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):

@@ -8,16 +8,27 @@
                             rejected.jsonl    one JSON row per pair the quality filter dropped
                             contact_sheet.png image | mask overlay | part, one row per pair
 
-A pair's PNGs are written first, then its manifest row, every file atomically (temporary name, then
-rename). A killed run therefore leaves at most orphan PNGs without a row: they are ignored, and the next
-pair written takes their index and overwrites them. Pairs already listed are never touched again, so
+                            .writer.lock      held by the one writer at work here (its pid, host, command)
+
+One writer per folder: a `PairWriter` holds an exclusive lock on ``.writer.lock`` (``flock``) from its
+creation until `PairWriter.close` (or its end), and a second writer is refused at once with a `UserError`
+naming the holder. A pair's PNGs are written first, then its manifest row, every file atomically
+(temporary name, then rename); a write that fails (a full disk) removes the pair's PNGs again. A killed
+run can leave PNGs without a row: the next writer removes them when it opens the folder, so the folder
+never holds an image without its mask and row. Pairs already listed are never touched again, so
 re-running with a larger ``--num`` keeps them byte-identical.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import re
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +43,9 @@ from dualanodiff.masks import mask_overlay
 MANIFEST = "manifest.jsonl"
 REJECTED = "rejected.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
+LOCK = ".writer.lock"
 _FILE_KEYS = ("image", "mask", "part")
+_PAIR_FILE = re.compile(r"\d{4,}\.png")
 _SHEET_BACKGROUND = 255
 _MISSING_TILE = 128
 
@@ -49,10 +62,37 @@ class PairWriter:
             else:
                 writer.reject({"attempt": attempt, "seed": seed, "verdict": verdict, ...})
             attempt += 1
+
+    One writer per folder (see the module docstring): use it as a context manager, or `close` it::
+
+        with PairWriter(out, "hazelnut", "crack") as writer:
+            ...
     """
 
     def __init__(self, root: Path, category: str, defect: str):
         self.dir = Path(root) / category / defect
+        self._lock = _take_lock(self.dir)
+        self._remove_orphans()
+
+    def close(self) -> None:
+        """Release the folder to the next writer (also done when the writer is garbage-collected)."""
+        if not self._lock.closed:
+            self._lock.close()
+
+    def __enter__(self) -> PairWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def clear(self) -> None:
+        """Delete every pair, manifest and sheet here (``--force``), keeping the lock held."""
+        for path in self.dir.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.name != LOCK:
+                path.unlink()
+        _write_jsonl(self.dir / MANIFEST, [])
 
     def kept(self) -> list[dict]:
         """Manifest rows whose files all exist, in index order (the last row wins for an index)."""
@@ -79,16 +119,21 @@ class PairWriter:
         taken = {row["index"] for row in self.kept()}
         index = next(i for i in range(len(taken) + 1) if i not in taken)
         name = f"{index:04d}.png"
-        save_png(self.dir / "image" / name, image)
-        save_png(self.dir / "mask" / name, mask.astype(np.uint8) * 255)
+        files = {"image": image, "mask": mask.astype(np.uint8) * 255, "part": part}
+        try:
+            for folder, array in files.items():
+                if array is not None:
+                    save_png(self.dir / folder / name, array)
+            part_file = None if part is None else f"part/{name}"
+            row = {"index": index, **record, "image": f"image/{name}", "mask": f"mask/{name}", "part": part_file}
+            rows = [r for r in _read_jsonl(self.dir / MANIFEST) if r.get("index") != index] + [row]
+            _write_jsonl(self.dir / MANIFEST, rows)
+        except BaseException:  # a full disk, a signal: no PNG may stay without its manifest row
+            for folder in files:
+                (self.dir / folder / name).unlink(missing_ok=True)
+            raise
         if part is None:
-            (self.dir / "part" / name).unlink(missing_ok=True)  # an orphan from a killed run
-        else:
-            save_png(self.dir / "part" / name, part)
-        part_file = None if part is None else f"part/{name}"
-        row = {"index": index, **record, "image": f"image/{name}", "mask": f"mask/{name}", "part": part_file}
-        rows = [r for r in _read_jsonl(self.dir / MANIFEST) if r.get("index") != index] + [row]
-        _write_jsonl(self.dir / MANIFEST, rows)
+            (self.dir / "part" / name).unlink(missing_ok=True)  # an orphan from an earlier, killed writer
         return index
 
     def reject(self, record: dict) -> None:
@@ -109,6 +154,27 @@ class PairWriter:
         path = self.dir / CONTACT_SHEET
         save_png(path, contact_sheet(rows, tile=tile, margin=margin))
         return path
+
+    def _remove_orphans(self) -> None:
+        """Delete what a killed writer left: temporary files, and pair PNGs no manifest row lists.
+
+        Only in a folder this writer's kind made (one with a manifest); a new, empty folder gets an empty
+        manifest at once, so that a writer killed during its first pair leaves a folder that is cleaned
+        too. A folder of pairs from another tool (images, no manifest) is left as it is.
+        """
+        manifest = self.dir / MANIFEST
+        for temporary in self.dir.glob("**/.*.tmp"):
+            temporary.unlink(missing_ok=True)
+        if not manifest.is_file():
+            if not any((self.dir / folder).is_dir() for folder in _FILE_KEYS):
+                _write_jsonl(manifest, [])
+            return
+        listed = {row[key] for row in self.kept() for key in _FILE_KEYS if row.get(key)}
+        for folder in _FILE_KEYS:
+            if (self.dir / folder).is_dir():
+                for path in (self.dir / folder).iterdir():
+                    if _PAIR_FILE.fullmatch(path.name) and f"{folder}/{path.name}" not in listed:
+                        path.unlink()
 
 
 def contact_sheet(
@@ -179,6 +245,31 @@ def kept_rows(defect_dir: Path) -> list[dict]:
 def rejected_rows(defect_dir: Path) -> list[dict]:
     """The rows of the pairs the quality filter dropped."""
     return _read_jsonl(defect_dir / REJECTED)
+
+
+def _take_lock(folder: Path):
+    """The open lock file of ``folder``, exclusively locked, holding who locked it; or a `UserError`
+    naming the writer that holds it. The lock goes with the file handle (closed: released)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not said who it is yet"
+        handle.close()
+        raise UserError(
+            f"{folder}: another writer is adding pairs here ({holder}); wait for it to finish or pick another --out"
+        ) from None
+    except BaseException:
+        handle.close()
+        raise
+    handle.seek(0)
+    handle.truncate()
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n")
+    handle.flush()
+    return handle
 
 
 def _files_exist(defect_dir: Path, row: dict) -> bool:

@@ -11,12 +11,16 @@ The output folder::
                                     failed.json (error, traceback), and log.txt
     summary.md, summary.csv         one table over all jobs (`summary_rows`)
 
-A job whose done.json records the settings it would run with now is skipped on a re-run; any other
-job runs again, and a training run left unfinished resumes from its last checkpoint. A job that
-raises is tried once more (`run_job`), a job whose worker dies is retried once by Ray; then it is
-reported failed and the other jobs go on. A category's evaluation waits for its generation jobs and
-scores the defect types that succeeded. On a cluster, the output and dataset folders must be on a
-file system every node sees under the same path.
+A generation job records the pairs it kept of those asked (``kept``, ``asked``, and the quality filter's
+``reasons``); one that kept fewer than asked finishes as "short" rather than "done". A job whose
+done.json records the settings it would run with now is skipped on a re-run (its status gets
+" earlier"); any other job runs again, and a training run left unfinished resumes from its last
+checkpoint. A job that raises is tried once more (`run_job`), a job whose worker dies is retried once by
+Ray; then it is reported failed and the other jobs go on. A category's evaluation waits for its
+generation jobs, scores every defect type that has pairs and lists the others with the reason
+(`evaluation_job`); it fails only when no defect type has pairs. `run_outcome` gives the exit code:
+failed jobs, a partial run (some generation short of ``--num``) or all done. On a cluster, the output and
+dataset folders must be on a file system every node sees under the same path.
 """
 
 from __future__ import annotations
@@ -30,38 +34,49 @@ import math
 import os
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dualanodiff.config import Config
 from dualanodiff.data import natural_key, open_category
-from dualanodiff.errors import UserError
+from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
 from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.report import COLUMNS, NOT_COMPUTED, format_value
 from dualanodiff.io import atomic_write_text
+from dualanodiff.pairs import rejected_rows
 
 GENERATED = "generated"
 GENERATOR = "dualanodiff"  # the row name in the evaluation reports
 RUNNING, DONE, FAILED, LOG = "running.json", "done.json", "failed.json", "log.txt"
-SUCCEEDED = ("done", "done earlier")  # "done earlier": skipped, its done.json is from an earlier run
+FINISHED = ("done", "short")  # ran to its end; "short": a generation that kept fewer pairs than asked
+EARLIER = " earlier"  # status suffix of a job skipped on a re-run: its done.json is from an earlier run
 STAGE_INTERVAL_S = 2.0  # a job rewrites running.json at most this often
+PLAIN_INTERVAL_S = 60.0  # outside a terminal, a line on the running jobs at most this often
 LOCAL_OBJECT_STORE = 256 * 2**20  # jobs exchange small records only
 CANCEL_GRACE_S = 60  # on Ctrl-C, time given to running jobs to save a checkpoint
 
 
 @dataclass(frozen=True)
 class Job:
-    """Train + generate one defect type (``defect`` set), or evaluate a category on ``defects``."""
+    """Train + generate one defect type (``defect`` set), or evaluate a category on ``defects`` (and
+    report ``without_pairs``: the planned defect types left out, with the reason)."""
 
     category: str
     data: Path  # the category folder
     defect: str | None = None
     defects: tuple[str, ...] = ()
+    without_pairs: tuple[tuple[str, str], ...] = ()  # (defect type, why it has no pairs)
 
     @property
     def name(self) -> str:
         return f"{self.category}__{self.defect}" if self.defect else self.category
+
+
+def finished(record: dict | None) -> bool:
+    """Whether a job record says the job ran to its end (done or short, now or earlier)."""
+    return bool(record) and record.get("status", "").removesuffix(EARLIER) in FINISHED
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -118,6 +133,7 @@ def job_settings(job: Job, cfg: Config) -> dict:
             "evaluate": dataclasses.asdict(cfg.evaluate),
             "split_rounding": cfg.data.split_rounding,
             "defects": list(job.defects),
+            "without_pairs": dict(job.without_pairs),  # listed in the report: a change rewrites it
         }
     return json.loads(json.dumps(sections))
 
@@ -187,7 +203,11 @@ def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> d
         run, out / GENERATED, cfg.generate, u2net_weights=cfg.data.u2net_weights, log=status.log,
         progress=lambda done, total: status.stage(f"generating {done}/{total}"),
     )
-    return {"run": str(run), "folder": str(summary.folder), "kept": summary.kept, "dropped": summary.dropped}
+    reasons = Counter(str(row.get("verdict")) for row in rejected_rows(Path(summary.folder)))
+    return {
+        "run": str(run), "folder": str(summary.folder), "kept": summary.kept, "asked": cfg.generate.num,
+        "dropped": summary.dropped, "reasons": dict(sorted(reasons.items())),
+    }
 
 
 def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> dict:
@@ -199,6 +219,10 @@ def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> di
         job.data, {GENERATOR: out / GENERATED}, cfg.evaluate, defects=list(job.defects),
         rounding=cfg.data.split_rounding, classification=False, log=status.log,
     )
+    results["without_pairs"] = dict(job.without_pairs)
+    results["notes"] = list(results.get("notes", [])) + [
+        f"not scored, no generated pairs: {defect} ({why})" for defect, why in job.without_pairs
+    ]
     report = out / "reports" / job.category / "report.md"
     write_report(results, report, json_path=report.with_name("results.json"), csv_path=report.with_name("results.csv"), force=True)
     row = results["generators"][0]
@@ -207,13 +231,15 @@ def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> di
         "pairs": row["pairs"],
         "metrics": _localization(row["metrics"]),
         "per_defect": {defect: _localization(metrics) for defect, metrics in row["per_defect"].items()},
+        "without_pairs": dict(job.without_pairs),
     }
 
 
 def run_job(job: Job, out: Path, config: dict, work: Callable | None = None) -> dict:
-    """Run one job, once more if it raises; its record (``status`` "done" or "failed") is returned and
-    written to done.json or failed.json. ``work(job, out, cfg, status) -> dict`` defaults to
-    `train_and_generate` or `evaluate_category`; its dict joins the record."""
+    """Run one job, once more if it raises; its record (``status`` "done", "short" when ``work`` returns
+    fewer ``kept`` than ``asked``, or "failed") is returned and written to done.json or failed.json.
+    ``work(job, out, cfg, status) -> dict`` defaults to `train_and_generate` or `evaluate_category`; its
+    dict joins the record."""
     out, cfg = Path(out), Config.from_dict(config)
     work = work or (train_and_generate if job.defect else evaluate_category)
     folder = job_folder(out, job)
@@ -226,7 +252,8 @@ def run_job(job: Job, out: Path, config: dict, work: Callable | None = None) -> 
             error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
             status.log(f"attempt {attempt} failed:\n{trace}")
             continue
-        record = _record(job, cfg, "done", started, attempts=attempt, **result)
+        short = "asked" in result and result.get("kept", 0) < result["asked"]
+        record = _record(job, cfg, "short" if short else "done", started, attempts=attempt, **result)
         _finish(folder, DONE, record)
         return record
     record = _record(job, cfg, "failed", started, attempts=2, error=error, traceback=trace)
@@ -308,25 +335,35 @@ def run_all(
         # Ray retries a job whose worker died; run_job retries one that raised
         remote = ray.remote(run_job).options(num_gpus=gpus, max_retries=1)
 
+        plain = not console.is_terminal  # a log file or pipe: a line per finished job instead of the live table
+        last_line = time.monotonic()
+
+        def record_of(job: Job, record: dict) -> None:
+            records[job.name] = record
+            if plain:
+                line = f"{len(records)}/{len(jobs)} jobs finished: {job.name} {record['status']} {job_note(record)}"
+                console.print(line.rstrip())
+
         def submit(job: Job) -> None:
             record = finished_record(out, job, cfg)
             if record:
-                records[job.name] = {**record, "status": "done earlier"}
+                record_of(job, {**record, "status": record["status"] + EARLIER})
                 return
             (job_folder(out, job) / RUNNING).unlink(missing_ok=True)  # stale from an interrupted run
             pending[remote.remote(job, out, config)] = job
 
         def submit_evaluations() -> None:
             for category, job in list(waiting.items()):
-                generations = [j for j in jobs if j.category == category and j.defect]
-                if any(j.name not in records for j in generations):
+                if any(Job(category, job.data, defect).name not in records for defect in job.defects):
                     continue
                 del waiting[category]
-                succeeded = tuple(j.defect for j in generations if records[j.name]["status"] in SUCCEEDED)
-                if succeeded:
-                    submit(dataclasses.replace(job, defects=succeeded))
+                evaluation = evaluation_job(job, records)
+                if evaluation.defects:
+                    submit(evaluation)
                 else:
-                    records[job.name] = _failure(out, job, cfg, "no defect type of this category was generated")
+                    reasons = "; ".join(f"{defect}: {why}" for defect, why in evaluation.without_pairs)
+                    error = f"no defect type of this category has generated pairs ({reasons})"
+                    record_of(job, _failure(out, evaluation, cfg, error, without_pairs=dict(evaluation.without_pairs)))
 
         for job in jobs:
             if job.defect:
@@ -340,11 +377,14 @@ def run_all(
                     for ref in ready:
                         job = pending.pop(ref)
                         try:
-                            records[job.name] = ray.get(ref)
+                            record_of(job, ray.get(ref))
                         except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
-                            records[job.name] = _failure(out, job, cfg, f"{type(exc).__name__}: {exc}")
+                            record_of(job, _failure(out, job, cfg, f"{type(exc).__name__}: {exc}"))
                     submit_evaluations()
                     live.update(job_table(jobs, records, pending.values(), out))
+                    if plain and pending and time.monotonic() - last_line >= PLAIN_INTERVAL_S:
+                        console.print(f"{len(records)}/{len(jobs)} jobs finished; {running_line(pending.values(), out)}")
+                        last_line = time.monotonic()
             except KeyboardInterrupt:
                 for ref in pending:
                     ray.cancel(ref)  # a running training saves a checkpoint before it stops
@@ -359,15 +399,81 @@ def run_all(
     return jobs, records
 
 
-def _failure(out: Path, job: Job, cfg: Config, error: str) -> dict:
-    record = _record(job, cfg, "failed", time.time(), attempts=0, error=error)
+def evaluation_job(job: Job, records: dict[str, dict]) -> Job:
+    """A category's evaluation once its generation jobs have records: ``defects`` the defect types that
+    have pairs, ``without_pairs`` the others with the reason (`no_pairs_reason`)::
+
+        evaluation_job(Job("nut", root, None, ("crack", "hole")), records)
+        # Job("nut", ..., defects=("hole",), without_pairs=(("crack", "kept 0 of 4 pairs (filter dropped empty 12)"),))
+    """
+    scored, without = [], []
+    for defect in job.defects:
+        reason = no_pairs_reason(records[Job(job.category, job.data, defect).name])
+        if reason:
+            without.append((defect, reason))
+        else:
+            scored.append(defect)
+    return dataclasses.replace(job, defects=tuple(scored), without_pairs=tuple(without))
+
+
+def no_pairs_reason(record: dict) -> str | None:
+    """Why a generation job left its defect type without pairs (failed, or kept 0); None if it has pairs."""
+    if not finished(record):
+        return f"generation failed: {record.get('error', 'not run')}"
+    return kept_note(record) if record.get("kept") == 0 else None
+
+
+def kept_note(record: dict) -> str:
+    """``kept 3 of 4 pairs (filter dropped empty 5, too_large 1)`` for a generation record."""
+    asked = f" of {record['asked']}" if record.get("asked") is not None else ""
+    reasons = ", ".join(f"{verdict} {count}" for verdict, count in (record.get("reasons") or {}).items())
+    return f"kept {record.get('kept')}{asked} pairs" + (f" (filter dropped {reasons})" if reasons else "")
+
+
+def job_note(record: dict) -> str:
+    """What a job record adds to its status: the error, the kept pairs of a short generation, or the
+    defect types an evaluation could not score."""
+    if record.get("status") == "failed":
+        return record.get("error", "")
+    if record.get("status", "").startswith("short"):
+        return kept_note(record)
+    without = record.get("without_pairs") or {}
+    return f"not scored (no pairs): {', '.join(without)}" if without else ""
+
+
+def running_line(submitted, out: Path) -> str:
+    """``running: nut__hole training 120/500, pill__stain generating 2/4`` (queued jobs are left out)."""
+    stages = [(job.name, _read_json(job_folder(out, job) / RUNNING)) for job in submitted]
+    running = [f"{name} {record['stage']}" for name, record in stages if record]
+    return f"running: {', '.join(running)}" if running else "waiting for Ray to start the queued jobs"
+
+
+def run_outcome(jobs: list[Job], records: dict[str, dict]) -> tuple[int, str]:
+    """The exit code of a run and the line that explains it: `EXIT_FAILED` when a job failed (or never
+    ran), `EXIT_PARTIAL` when a generation kept fewer pairs than asked, else 0."""
+    failed = [job.name for job in jobs if not finished(records.get(job.name))]
+    if failed:
+        return EXIT_FAILED, f"{len(failed)} job(s) failed: {', '.join(failed)}; see summary.md, re-run to retry them"
+    short = [f"{job.category}/{job.defect} {kept_note(records[job.name])}" for job in jobs
+             if job.defect and records[job.name]["status"].startswith("short")]
+    if short:
+        return EXIT_PARTIAL, (
+            f"partial run: {len(short)} defect type(s) short of --num: {'; '.join(short)}; see summary.md "
+            "(raise generate.max_tries_factor or loosen generate.max_area/min_on_object in --config, then re-run)"
+        )
+    return 0, ""
+
+
+def _failure(out: Path, job: Job, cfg: Config, error: str, **fields) -> dict:
+    record = _record(job, cfg, "failed", time.time(), attempts=0, error=error, **fields)
     _finish(job_folder(out, job), FAILED, record)
     return record
 
 
 def job_table(jobs: list[Job], records: dict[str, dict], submitted, out: Path):
     """The live table: every job as waiting (an evaluation before its generations end), queued,
-    running (its stage and elapsed time), done, done earlier or failed (its error)."""
+    running (its stage and elapsed time), done, short (its kept pairs), done/short earlier or failed
+    (its error)."""
     from rich.table import Table
 
     submitted = {job.name for job in submitted}
@@ -377,8 +483,7 @@ def job_table(jobs: list[Job], records: dict[str, dict], submitted, out: Path):
     for job in jobs:
         record = records.get(job.name)
         if record:
-            stage = record.get("error", "")[:80] if record["status"] == "failed" else ""
-            table.add_row(job.name, record["status"], stage, f"{record['seconds']:.0f} s")
+            table.add_row(job.name, record["status"], job_note(record)[:80], f"{record['seconds']:.0f} s")
         elif job.name in submitted:
             running = _read_json(job_folder(out, job) / RUNNING)
             if running:
@@ -398,53 +503,61 @@ SUMMARY_COLUMNS = (
     ("defect", "defect"),
     *[(key, title) for key, title, _ in COLUMNS if key in METRIC_KEYS],
     ("pairs", "pairs"),
+    ("asked", "asked"),
     ("dropped", "dropped"),
     ("seconds", "seconds"),
     ("status", "status"),
+    ("note", "note"),
 )
 EVALUATION_ROW = "(evaluation)"
+_AVERAGED = (*METRIC_KEYS, "pairs", "asked", "dropped", "seconds")
 
 
 def summary_rows(jobs: list[Job], records: dict[str, dict]) -> list[dict]:
     """Rows of the summary table, values raw (metrics as fractions, None where missing).
 
     Per category: one row per defect type (its localization metrics on its own test images plus
-    test/good, its kept and dropped pairs, train + generate seconds, status), then the evaluation row
-    (metrics over the category's whole test split, pairs evaluated, evaluation seconds). Then two
-    averages: over the defect-type rows, and over the evaluation rows (the paper's per-category mean).
-    Averages skip missing values; their status counts the rows that succeeded.
+    test/good, its kept pairs of those asked, dropped pairs, train + generate seconds, status, and a
+    note: the error, or why it was not scored), then the evaluation row (metrics over the category's
+    test split of the defect types it scored, pairs evaluated, evaluation seconds; the note names the
+    defect types without pairs). Then two averages, whose ``defect`` cell says what they were taken
+    over: the defect types with metrics, and the evaluated categories (with their defect types, as the
+    paper's per-category mean). Averages skip missing values; their status counts the finished rows.
     """
-    defect_rows, evaluation_rows, rows = [], [], []
+    defect_rows, evaluation_rows, scored, rows = [], [], [], []  # scored: defect types per evaluated category
     for job in jobs:
         record = records.get(job.name, {})
-        done = record.get("status") in SUCCEEDED
         if job.defect:
             evaluation = records.get(Job(job.category, job.data).name, {})
-            per_defect = evaluation.get("per_defect", {}) if evaluation.get("status") in SUCCEEDED else {}
-            metrics = per_defect.get(job.defect, {})
+            metrics = (evaluation.get("per_defect") or {}).get(job.defect, {}) if finished(evaluation) else {}
+            not_scored = finished(evaluation) and job.defect in (evaluation.get("without_pairs") or {})
+            note = job_note(record) + ("; not scored" if not_scored else "")
             row = {"category": job.category, "defect": job.defect, **{k: metrics.get(k) for k in METRIC_KEYS},
-                   "pairs": record.get("kept"), "dropped": record.get("dropped")}
+                   "pairs": record.get("kept"), "asked": record.get("asked"), "dropped": record.get("dropped"),
+                   "note": note.strip("; ")}
             defect_rows.append(row)
         else:
+            done = finished(record)
             metrics = record.get("metrics", {}) if done else {}
             pairs = sum(record["pairs"].values()) if done else None
             row = {"category": job.category, "defect": EVALUATION_ROW, **{k: metrics.get(k) for k in METRIC_KEYS},
-                   "pairs": pairs, "dropped": None}
+                   "pairs": pairs, "asked": None, "dropped": None, "note": job_note(record)}
             evaluation_rows.append(row)
+            scored += [len(record["pairs"])] if done else []
         row.update(seconds=record.get("seconds"), status=record.get("status", "not run"))
         rows.append(row)
-    rows.append(_average(defect_rows, "average", "over defect types"))
-    rows.append(_average(evaluation_rows, "average", "over categories"))
+    with_metrics = sum(any(row[k] is not None for k in METRIC_KEYS) for row in defect_rows)
+    rows.append(_average(defect_rows, f"over {with_metrics} of {len(defect_rows)} defect types"))
+    rows.append(_average(evaluation_rows, f"over {len(scored)} categories ({sum(scored)} defect types)"))
     return rows
 
 
-def _average(rows: list[dict], category: str, defect: str) -> dict:
-    average = {"category": category, "defect": defect}
-    for key in (*METRIC_KEYS, "pairs", "dropped", "seconds"):
+def _average(rows: list[dict], over: str) -> dict:
+    average = {"category": "average", "defect": over, "note": ""}
+    for key in _AVERAGED:
         values = [row[key] for row in rows if row[key] is not None]
         average[key] = sum(values) / len(values) if values else None
-    succeeded = sum(row["status"] in SUCCEEDED for row in rows)
-    average["status"] = f"{succeeded}/{len(rows)} done"
+    average["status"] = f"{sum(row['status'].removesuffix(EARLIER) in FINISHED for row in rows)}/{len(rows)} finished"
     return average
 
 
@@ -469,8 +582,8 @@ def summary_cells(rows: list[dict]) -> list[list[str]]:
 
 
 def write_summary(out: Path, jobs: list[Job], records: dict[str, dict]) -> tuple[Path, Path]:
-    """summary.md (the table, then the failures with their logs) and summary.csv (the same cells,
-    empty where missing), both atomically."""
+    """summary.md (the table, then the defect types without pairs and the failures with their logs) and
+    summary.csv (the same cells, empty where missing), both atomically."""
     out = Path(out)
     cells = summary_cells(summary_rows(jobs, records))
     titles = [title for _, title in SUMMARY_COLUMNS]
@@ -478,13 +591,20 @@ def write_summary(out: Path, jobs: list[Job], records: dict[str, dict]) -> tuple
         "# run-all summary",
         "",
         "| " + " | ".join(titles) + " |",
-        "|" + "|".join(["---", "---"] + ["---:"] * (len(titles) - 3) + ["---"]) + "|",
-        *["| " + " | ".join(line) + " |" for line in cells],
+        "|" + "|".join(["---", "---"] + ["---:"] * (len(titles) - 4) + ["---", "---"]) + "|",
+        *["| " + " | ".join(_md_cell(cell) for cell in line) + " |" for line in cells],
         "",
         "Localization metrics in percent (per defect type: its test images plus test/good; evaluation rows: "
-        f"the category's whole test split); pairs = generated pairs kept; seconds = wall time of the job; "
-        f"{NOT_COMPUTED} = not computed.",
+        "the category's test split of the defect types it scored); pairs = generated pairs kept; asked = --num; "
+        f"seconds = wall time of the job; {NOT_COMPUTED} = not computed.",
     ]
+    without = [
+        f"- {job.category}/{defect}: {why}"
+        for job in jobs if not job.defect
+        for defect, why in (records.get(job.name, {}).get("without_pairs") or {}).items()
+    ]
+    if without:
+        lines += ["", "## Defect types without pairs (not scored)", "", *without]
     failures = [records[job.name] for job in jobs if records.get(job.name, {}).get("status") == "failed"]
     if failures:
         lines += ["", "## Failed jobs", ""]
@@ -497,6 +617,10 @@ def write_summary(out: Path, jobs: list[Job], records: dict[str, dict]) -> tuple
     writer.writerows([["" if cell == NOT_COMPUTED else cell for cell in line] for line in cells])
     atomic_write_text(csv_path, buffer.getvalue())
     return md, csv_path
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _read_json(path: Path) -> dict | None:
