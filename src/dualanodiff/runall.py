@@ -309,13 +309,14 @@ def run_all(
     console=None,
 ) -> tuple[list[Job], dict[str, dict]]:
     """Run every job of `plan_jobs` on Ray (an existing connection, ``address``, or a local Ray with
-    ``num_cpus``), showing a live table; write summary.md and summary.csv. Returns the jobs and their
-    records by job name (``status``: done, done earlier or failed)."""
+    ``num_cpus``), showing a live table (a line per finished job where ``console`` is not a terminal);
+    write summary.md and summary.csv. Returns the jobs and their records by job name (``status``: done,
+    short, either with " earlier", or failed; `run_outcome` turns them into the exit code)."""
     import ray
-    from rich import get_console
+    from rich.console import Console
     from rich.live import Live
 
-    console = console or get_console()
+    console = console or Console(stderr=True, markup=False, emoji=False, highlight=False)  # names and errors verbatim
     data, out = Path(data).resolve(), Path(out).resolve()
     jobs = plan_jobs(data, categories, defects, max_defects)
     config = cfg.to_dict()
