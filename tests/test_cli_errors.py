@@ -43,19 +43,20 @@ def run_folder(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, command",
     [
-        (["train", "--stpes", "3"], "error: No such option: --stpes (Possible options: --seed, --steps) (see 'dualanodiff train --help')"),
-        (["generate", "RUN", "--out", "x", "--num", "abc"], "error: Invalid value for '--num'"),
-        (["train", "--data", "x"], "error: Missing option '--out'. (see 'dualanodiff train --help')"),
-        (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see 'dualanodiff --help')"),
-        (["generate"], "error: Missing argument 'run'. (see 'dualanodiff generate --help')"),
+        (["train", "--stpes", "3"], "error: No such option: --stpes (Possible options: ", "dualanodiff train"),
+        (["generate", "RUN", "--out", "x", "--num", "abc"], "error: Invalid value for '--num'", "dualanodiff generate"),
+        (["train", "--data", "x"], "error: Missing option '--out'.", "dualanodiff train"),
+        (["trian"], "error: No such command 'trian'. Did you mean 'train'?", "dualanodiff"),
+        (["generate"], "error: Missing argument 'run'.", "dualanodiff generate"),
     ],
 )
-def test_usage_mistakes_are_one_line_and_exit_2(run_cli, args, message):
+def test_usage_mistakes_are_one_line_and_exit_2(run_cli, args, message, command):
     code, out, err = run_cli(*args)
     assert code == EXIT_USAGE and out == ""
-    assert one_error_line(err).startswith(message)
+    line = one_error_line(err)
+    assert line.startswith(message) and line.endswith(f" (see '{command} --help')")
 
 
 def test_the_installed_entry_point_gives_the_same_line_without_a_traceback(tmp_path):
