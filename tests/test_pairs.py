@@ -234,6 +234,15 @@ def test_a_second_writer_is_refused_at_once_until_the_first_closes(tmp_path):
     PairWriter(tmp_path, "cat", "hole").close()  # released by the with-block
 
 
+def test_the_holder_is_named_briefly_even_with_a_long_command_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/opt/ray/default_worker.py", *["--node-option=value"] * 40])
+    with PairWriter(tmp_path, "cat", "hole"), pytest.raises(UserError) as refused:
+        PairWriter(tmp_path, "cat", "hole")
+    holder = str(refused.value).split("(", 1)[1].split("); wait")[0]
+    assert holder.split(": ", 1)[1].startswith("default_worker.py --node-option=value") and holder.endswith("...")
+    assert len(holder) < 200
+
+
 HOLD_FOLDER = """
 import sys
 from dualanodiff.pairs import PairWriter

@@ -46,6 +46,7 @@ CONTACT_SHEET = "contact_sheet.png"
 LOCK = ".writer.lock"
 _FILE_KEYS = ("image", "mask", "part")
 _PAIR_FILE = re.compile(r"\d{4,}\.png")
+_HOLDER_COMMAND_CHARS = 120  # of the holder's command line kept in the lock file
 _SHEET_BACKGROUND = 255
 _MISSING_TILE = 128
 
@@ -267,6 +268,8 @@ def _take_lock(folder: Path):
     handle.seek(0)
     handle.truncate()
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    if len(command) > _HOLDER_COMMAND_CHARS:  # a Ray worker's command line runs to hundreds of characters
+        command = command[: _HOLDER_COMMAND_CHARS - 3] + "..."
     handle.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n")
     handle.flush()
     return handle
