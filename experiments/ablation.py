@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 CANDIDATE = {
-    "model.saim_init": "official",
+    "model.saim_init": "zero",
     "train.noise": "shared",
     "generate.initial_noise": "shared",
     "model.global_prompt": "a {object} with {defect}",
@@ -33,7 +33,7 @@ CANDIDATE = {
 VARIANTS = {
     "landed": {"model.saim_init": "zero"},  # the defaults before issue 12 (demo: lr 1e-4, vfx/sks)
     "candidate": CANDIDATE,
-    "saim-zero-init": CANDIDATE | {"model.saim_init": "zero"},
+    "saim-official-init": CANDIDATE | {"model.saim_init": "official"},
     "independent-noise-at-generation": CANDIDATE | {"generate.initial_noise": "independent"},
     "independent-noise-in-training": CANDIDATE | {"train.noise": "independent"},
     "vfx-sks": CANDIDATE | {"model.global_prompt": "a vfx with sks", "model.anomaly_prompt": "sks"},
@@ -45,6 +45,8 @@ VARIANTS = {
     "no-saim": CANDIDATE | {"model.saim": False},
     "no-bcm": CANDIDATE | {"model.bcm": False},
 }
+# variants that differ from another only in sampling reuse its trained run
+TRAINED_AS = {"independent-noise-at-generation": "candidate"}
 NUM = 16  # pairs asked per variant
 TRIES = 3  # attempts allowed per pair asked
 
@@ -84,12 +86,16 @@ def run_variant(out: Path, target: str, name: str, evaluate: bool = True) -> dic
     cfg = variant_config(name, data / category, defect)
     clock = {}
     start = time.perf_counter()
-    if not (folder / "run" / "adapters.safetensors").is_file():
-        resume = (folder / "run" / "config.yaml").is_file()
-        train(cfg, folder / "run", resume=resume, force=not resume)
+    run = out / f"{category}-{defect}" / TRAINED_AS.get(name, name) / "run"
+    if name in TRAINED_AS:
+        while not (run / "adapters.safetensors").is_file():  # trained by the other variant's job
+            time.sleep(10)
+    elif not (run / "adapters.safetensors").is_file():
+        resume = (run / "config.yaml").is_file()
+        train(cfg, run, resume=resume, force=not resume)
     clock["train"] = time.perf_counter() - start
     if not (folder / "generated.done").is_file():
-        generate(folder / "run", folder / "generated", cfg.generate)
+        generate(run, folder / "generated", cfg.generate)
         (folder / "generated.done").write_text("")
     clock["generate"] = time.perf_counter() - start - clock["train"]
     pairs_dir = folder / "generated" / category / defect

@@ -296,3 +296,15 @@ def test_two_process_data_parallel_training_checkpoints_every_rank(synthetic_roo
     assert [int(r["step"]) for r in losses(run)] == [1, 2]
     with pytest.raises(UserError, match="saved by 2 process"):
         train(tiny_config(synthetic_root, steps=3), run, resume=True)
+
+
+def test_cli_resume_without_steps_keeps_the_runs_length(synthetic_root, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    tiny_config(synthetic_root, steps=3).to_yaml(config)
+    main(["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "run"), "--resume"])
+    assert exit_info.value.code == 2 and "already trained for 3 steps" in capsys.readouterr().err
+    assert Config.from_yaml(tmp_path / "run" / "config.yaml").train.steps == 3  # not replaced by the default 5000
+    main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4"])
+    assert len(losses(tmp_path / "run")) == 4

@@ -243,7 +243,11 @@ def train(
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
     from dualanodiff.training import train as train_run
 
-    cfg = load_config(config).with_overrides({  # re-validated: choices such as --bcm-variant are checked
+    from dualanodiff.config import Config
+
+    saved = out / "config.yaml"  # a resumed run keeps its own settings (and length, unless --steps is given)
+    start = Config.from_yaml(saved) if resume and saved.is_file() else load_config(config)
+    cfg = start.with_overrides({  # re-validated: choices such as --bcm-variant are checked
         ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
         ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,
         ("model", "bcm_variant"): bcm_variant, ("train", "steps"): steps, ("train", "batch_size"): batch_size,
@@ -288,6 +292,8 @@ def generate(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its generate section overrides the run's."),
     normal: Optional[Path] = typer.Option(None, "--normal", help="Normal image to inpaint a defect into (with --mask)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Where the defect may go in the --normal image."),
+    initial_noise: Optional[str] = typer.Option(None, "--initial-noise", help="shared (one x_T for both rows of a pair) or independent (paper)."),
+    force: bool = typer.Option(False, "--force", help="Replace pairs made here with other settings (else refused)."),
 ) -> None:
     """Generate aligned anomaly image-mask pairs with a trained run (SAIM + BCM, guided, filtered)."""
     from dualanodiff.generation import generate as generate_pairs
@@ -295,14 +301,14 @@ def generate(
 
     cfg = generate_config(
         run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-        mask_method=mask_method, filter=use_filter, device=device, dtype=dtype,
+        mask_method=mask_method, filter=use_filter, device=device, dtype=dtype, initial_noise=initial_noise,
     )
     check_writable(out)
     with progress_bars() as bars:
         bar = bars("generating", cfg.num)
         summary = generate_pairs(
             run, out, cfg, background=background, normal=normal, mask=mask, u2net_weights=str(u2net_weights or ""),
-            progress=lambda kept, total: bar(kept, total), log=_log,
+            progress=lambda kept, total: bar(kept, total), log=_log, force=force,
         )
     console.print(f"{summary.kept} pairs in {summary.folder} ({summary.seconds:.1f} s)")
     if summary.kept < cfg.num:
@@ -445,7 +451,12 @@ def pretrain_base_command(
     from dualanodiff.pretrain import pretrain_base
 
     check_writable(out)
-    record = pretrain_base(out, steps_vae, steps_unet, resolution, seed, resume=resume, force=force, log=_log)
+    _log(f"preset {preset}: {chosen.about}")
+    record = pretrain_base(
+        out, steps_vae or chosen.steps_vae, steps_unet or chosen.steps_unet, resolution, seed, chosen.options,
+        resume=resume, force=force, device=device, time_budget=time_budget,
+        workers=workers or min(os.cpu_count() or 1, 16), preset=preset, log=_log,
+    )
     console.print(
         f"wrote {out}: VAE held-out PSNR {record['heldout']['vae_psnr_db']:.2f} dB, "
         f"samples in {out / 'samples.png'}"
