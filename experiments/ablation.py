@@ -40,6 +40,8 @@ VARIANTS = {
     "vfx-sks-learned": CANDIDATE | {"model.global_prompt": "a vfx with sks", "model.anomaly_prompt": "sks", "model.learned_words": "vfx sks"},
     "lr-1e-4": CANDIDATE | {"train.lr": 1e-4},
     "added-lr-x10": CANDIDATE | {"train.added_lr_scale": 10.0},
+    "added-lr-x0.1": CANDIDATE | {"train.added_lr_scale": 0.1},
+    "saim-to-anomaly": CANDIDATE | {"model.saim_direction": "to_anomaly"},
     "defect-loss-weight-4": CANDIDATE | {"train.defect_loss_weight": 4.0},
     "lora-ff-conv": CANDIDATE | {"model.lora_targets": "attention+ff+conv"},
     "no-saim": CANDIDATE | {"model.saim": False},

@@ -304,3 +304,16 @@ def test_saim_closed_form_equals_two_token_softmax_attention():
     update = saim.to_out(mixed).view(pairs, length, 2, 12).permute(2, 0, 1, 3).reshape(2 * pairs, length, 12)
     assert torch.allclose(out[: 2 * pairs], states[: 2 * pairs] + update, atol=1e-12)
     assert torch.equal(out[2 * pairs :], states[2 * pairs :])  # background rows untouched
+
+
+@torch.no_grad()
+def test_one_way_saim_leaves_the_global_rows_alone_and_feeds_the_anomaly_rows():
+    model, _ = build(saim=True, saim_init="official", saim_direction="to_anomaly", bcm=False)
+    plain, _ = build(saim=False, bcm=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".saim." not in k}, strict=False)
+    (x_global, x_anomaly), t = inputs()
+    text = model.prompt_embeddings(PAIRS)
+    eps_global, first = model.predict_noise(x_global, x_anomaly, t, text)
+    assert torch.allclose(eps_global, plain.predict_noise(x_global, x_anomaly, t, text)[0], atol=1e-6)
+    _, second = model.predict_noise(x_global + torch.randn_like(x_global), x_anomaly, t, text)
+    assert (first - second).abs().max() > 1e-3  # the part reads the whole image

@@ -44,6 +44,7 @@ class ModelConfig:
     saim: bool = True
     saim_rank: int = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
     saim_init: Literal["official", "zero"] = "official"  # official: nn.Linear's default init; zero: output at 0
+    saim_direction: Literal["both", "to_anomaly"] = "both"  # both (paper); to_anomaly: only the part reads the image
     bcm: bool = True
     bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
     gamma_init: float = 0.1

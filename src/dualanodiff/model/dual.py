@@ -88,7 +88,7 @@ class DualAnoDiffModel(nn.Module):
             if isinstance(module, Attention):
                 processors[f"{name}.processor"] = DualBranchAttnProcessor(
                     module, self.layout, cfg.rank, cfg.alpha, cfg.saim, cfg.saim_rank, cfg.bcm,
-                    cfg.bcm_variant, cfg.gamma_init, cfg.bcm_hidden, cfg.saim_init,
+                    cfg.bcm_variant, cfg.gamma_init, cfg.bcm_hidden, cfg.saim_init, cfg.saim_direction,
                 )
         self.processors = list(processors.values())
         self.unet.set_attn_processor(processors)  # pops the entries of `processors`
