@@ -58,13 +58,24 @@ def test_bad_weight_files_are_user_errors(tmp_path):
         load_resnet_weights(ResNet34(2), tmp_path / "junk.pth")
 
 
+@pytest.mark.parametrize("images", [3, 12])
+def test_training_takes_the_same_number_of_steps_whatever_the_number_of_images(images, monkeypatch):
+    counted = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: counted.append(1) or step(self, *a, **k))
+    data = (torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    labels = torch.arange(images) % 2
+    train_classifier(ResNet34(num_classes=2), data, labels, EvaluateConfig(steps=3, batch_size=4), "cpu")
+    assert len(counted) == 3
+
+
 def test_a_short_training_run_fits_two_classes():
     g = torch.Generator().manual_seed(0)
     dark = (torch.rand(4, 3, 32, 32, generator=g) * 80).to(torch.uint8)
     bright = (175 + torch.rand(4, 3, 32, 32, generator=g) * 80).to(torch.uint8)
     images, labels = torch.cat([dark, bright]), torch.tensor([0] * 4 + [1] * 4)
     torch.manual_seed(0)
-    cfg = EvaluateConfig(epochs=5, batch_size=8, lr=1e-3, seed=0)
+    cfg = EvaluateConfig(steps=5, batch_size=8, lr=1e-3, seed=0)
     model = train_classifier(ResNet34(num_classes=2), images, labels, cfg, "cpu")
     assert not model.training
     assert torch.equal(predict_classes(model, images), labels)

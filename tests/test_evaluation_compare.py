@@ -1,15 +1,19 @@
-"""`evaluate_generators`: which defect types are compared, and what is said about what is not."""
+"""`evaluate_generators`: which defect types are compared, what is said about what is not, rows made of
+several roots, and the alignment of each row's pairs."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
+from dualanodiff.alignment import alignment_score
 from dualanodiff.config import EvaluateConfig
-from dualanodiff.data import few_shot_split, load_image, load_mask, open_category
+from dualanodiff.data import few_shot_split, foreground_mask, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation import evaluate_generators
+from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.pairs import PairWriter
 
 
@@ -27,7 +31,7 @@ def roots(tmp_path_factory, synthetic_root):
 
 
 def test_only_defect_types_every_generator_has_are_compared(synthetic_root, roots):
-    cfg = EvaluateConfig(epochs=1, batch_size=4, resolution=64, base_width=4)
+    cfg = EvaluateConfig(steps=2, batch_size=4, resolution=64, base_width=4)
     results = evaluate_generators(synthetic_root / "nut", roots, cfg, classification=False, device="cpu")
     assert results["defects"] == ["crack", "hole"]
     assert any("left out" in note and "scratch, stain" in note for note in results["notes"])
@@ -38,7 +42,7 @@ def test_only_defect_types_every_generator_has_are_compared(synthetic_root, root
 
 
 def test_one_defect_type_skips_classification_with_a_note(synthetic_root, roots):
-    cfg = EvaluateConfig(epochs=1, batch_size=4, resolution=64, base_width=4)
+    cfg = EvaluateConfig(steps=2, batch_size=4, resolution=64, base_width=4)
     results = evaluate_generators(
         synthetic_root / "nut", {"full": roots["full"]}, cfg, defects=["stain"], device="cpu"
     )
@@ -50,3 +54,54 @@ def test_one_defect_type_skips_classification_with_a_note(synthetic_root, roots)
 def test_a_requested_defect_type_missing_from_a_generator_is_a_user_error(synthetic_root, roots):
     with pytest.raises(UserError, match=r"partial/nut/stain: no generated pairs for defect type 'stain'"):
         evaluate_generators(synthetic_root / "nut", roots, EvaluateConfig(resolution=64), defects=["stain"])
+
+
+@pytest.fixture
+def trained_on(monkeypatch) -> dict[str, list]:
+    """Replaces the U-Net protocol by a stub that records, per call, the pairs it was given."""
+    import dualanodiff.evaluation.compare as compare
+
+    calls = []
+
+    def stub(category, pairs, cfg, rounding, defects, base_width, device):
+        calls.append(list(pairs))
+        scores = dict.fromkeys(METRIC_KEYS, 0.5)
+        return {**scores, "per_defect": {d: dict(scores) for d in defects}, "num_test": 0}
+
+    monkeypatch.setattr(compare, "evaluate_localization", stub)
+    return calls
+
+
+def test_a_row_of_two_roots_trains_on_the_pairs_of_both(synthetic_root, roots, trained_on):
+    generated = {"full": roots["full"], "partial": roots["partial"], "full+partial": [roots["full"], roots["partial"]]}
+    results = evaluate_generators(synthetic_root / "nut", generated, EvaluateConfig(resolution=64), classification=False)
+    full, partial, both = results["generators"]
+    assert both["roots"] == [str(roots["full"]), str(roots["partial"])]
+    assert both["pairs"] == {"crack": 4, "hole": 4} and both["metrics"]["pairs"] == 8
+    assert sorted(trained_on[2]) == sorted(trained_on[0] + trained_on[1])
+    assert set(trained_on[0]).isdisjoint(trained_on[1])
+
+
+def test_each_row_reports_the_mean_alignment_of_its_pairs(synthetic_root, roots, trained_on, tmp_path):
+    # roots["full"] has no alignment in its manifest: computed from the files with the foreground
+    results = evaluate_generators(synthetic_root / "nut", {"full": roots["full"]}, EvaluateConfig(resolution=64),
+                                  defects=["hole"], classification=False)  # fmt: skip
+    expected = []
+    for image_path, mask_path in trained_on[0]:
+        image = load_image(image_path)
+        expected.append(alignment_score(image, load_mask(mask_path), foreground_mask(image, "object")))
+    row = results["generators"][0]
+    assert row["metrics"]["alignment"] == pytest.approx(np.nanmean(expected))
+    assert row["per_defect"]["hole"]["alignment"] == pytest.approx(np.nanmean(expected))
+    assert row["metrics"]["pairs"] == row["per_defect"]["hole"]["pairs"] == 2
+    assert "alignment" in results["protocol"]
+
+    # recorded in the manifest: taken from there (null = not scorable, left out of the mean)
+    writer = PairWriter(tmp_path, "nut", "hole")
+    for attempt, ((image_path, mask_path), recorded) in enumerate(zip(trained_on[0] * 2, [2.0, 4.0, None, 3.0])):
+        record = {"attempt": attempt, "seed": 0, "alignment": recorded}
+        writer.write(load_image(image_path), load_mask(mask_path), None, record)
+    results = evaluate_generators(synthetic_root / "nut", {"recorded": tmp_path}, EvaluateConfig(resolution=64),
+                                  defects=["hole"], classification=False)  # fmt: skip
+    assert results["generators"][0]["metrics"]["alignment"] == pytest.approx(3.0)
+    assert results["generators"][0]["metrics"]["pairs"] == 4

@@ -61,7 +61,7 @@ def _squares(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch
 def test_training_is_seeded_and_learns_a_trivial_defect():
     images, masks = _squares(8)
     normal = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 60).to(torch.uint8)
-    cfg = EvaluateConfig(epochs=12, batch_size=8, lr=1e-2, resolution=32, seed=3)
+    cfg = EvaluateConfig(steps=24, batch_size=8, lr=1e-2, resolution=32, seed=3)
     first = train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu")
     second = train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu")
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
@@ -70,6 +70,18 @@ def test_training_is_seeded_and_learns_a_trivial_defect():
     maps = predict_anomaly_maps(first, test_images)
     assert maps.shape == (4, 32, 32) and 0 <= maps.min() and maps.max() <= 1
     assert localization_metrics(maps, test_masks.numpy())["pixel_auroc"] > 0.95
+
+
+@pytest.mark.parametrize("pairs", [3, 20])
+def test_training_takes_the_same_number_of_steps_whatever_the_number_of_pairs(pairs, monkeypatch):
+    counted = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: counted.append(1) or step(self, *a, **k))
+    images, masks = _squares(pairs)
+    normal = images[:2] // 4
+    cfg = EvaluateConfig(steps=7, batch_size=4, resolution=32)
+    train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu")
+    assert len(counted) == 7
 
 
 def test_real_test_split_is_the_part_after_the_few_shot_training_images(synthetic_root):

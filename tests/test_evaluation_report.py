@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -15,15 +16,15 @@ from PIL import Image
 
 from dualanodiff.data import few_shot_split, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
-from dualanodiff.evaluation import LPIPS, parse_generated, write_report
+from dualanodiff.evaluation import LPIPS, combined_rows, parse_generated, write_report
 from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.report import format_value
 from dualanodiff.pairs import PairWriter
 
 
 def _results(**metrics) -> dict:
-    row = {key: math.nan for key in (*METRIC_KEYS, "is", "is_std", "ic_lpips", "accuracy")}
-    row.update(metrics)
+    row = {key: math.nan for key in (*METRIC_KEYS, "is", "is_std", "ic_lpips", "accuracy", "alignment")}
+    row.update({"pairs": 3, **metrics})
     return {
         "category": "nut",
         "category_dir": "/data/nut",
@@ -31,14 +32,15 @@ def _results(**metrics) -> dict:
         "protocol": {
             "split_rounding": "floor",
             "test_images": {"crack": 4, "good": 6},
-            "localization": "U-Net, fixed epochs, no test-set selection",
+            "localization": "U-Net, fixed steps, no test-set selection",
             "classification": "not run",
             "generation": "IS, IC-LPIPS",
-            "selection": "fixed epochs, no test-set selection",
+            "alignment": "mean alignment score of each row's pairs",
+            "selection": "fixed steps, no test-set selection",
         },
         "notes": ["IS not computed: needs --inception-weights FILE"],
         "generators": [
-            {"name": "ours", "root": "/out", "pairs": {"crack": 3}, "metrics": row, "per_defect": {"crack": row}}
+            {"name": "ours", "roots": ["/out"], "pairs": {"crack": 3}, "metrics": row, "per_defect": {"crack": row}}
         ],
     }
 
@@ -47,25 +49,31 @@ def test_values_are_percent_with_one_decimal_and_a_dash_when_missing():
     assert format_value(0.92345, True) == "92.3"
     assert format_value(1.8765, False) == "1.88"
     assert format_value(math.nan, True) == format_value(None, False) == "–"
+    assert format_value(12, False) == "12"  # a count
 
 
 def test_report_files_and_no_overwrite_without_force(tmp_path):
-    results = _results(pixel_auroc=0.991, pixel_ap=0.5)
+    results = _results(pixel_auroc=0.991, pixel_ap=0.5, alignment=2.345)
     out = tmp_path / "report.md"
     written = write_report(results, out, json_path=tmp_path / "r.json", csv_path=tmp_path / "r.csv")
     assert written == [out, tmp_path / "report.png", tmp_path / "r.json", tmp_path / "r.csv"]
     text = out.read_text()
-    assert "| ours | 99.1 | 50.0 | – |" in text and "no test-set selection" in text and "![" in text
+    assert "| generator | pairs | pixel AUROC |" in text and text.count("| alignment |") == 2  # table, per defect
+    assert "| ours | 3 | 99.1 | 50.0 | – |" in text and "| – | 2.35 |" in text
+    assert "no test-set selection" in text and "![" in text and "- Alignment: mean alignment score" in text
     assert "- IS not computed" in text
     assert Image.open(tmp_path / "report.png").format == "PNG"
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["generators"][0]["metrics"]["pixel_auroc"] == 0.991 and data["generators"][0]["metrics"]["is"] is None
+    metrics = data["generators"][0]["metrics"]
+    assert metrics["pixel_auroc"] == 0.991 and metrics["is"] is None
+    assert metrics["alignment"] == 2.345 and metrics["pairs"] == 3
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert rows[0]["generator"] == "ours" and rows[0]["pixel_ap"] == "50.0" and rows[0]["accuracy"] == ""
+    assert rows[0]["pairs"] == "3" and rows[0]["alignment"] == "2.35"
     with pytest.raises(UserError, match="report.md: already exists.*--force"):
         write_report(results, out)
     write_report(_results(pixel_auroc=0.5), out, force=True)
-    assert "| ours | 50.0 |" in out.read_text()
+    assert "| ours | 3 | 50.0 |" in out.read_text()
 
 
 def test_generated_option_takes_dir_or_name_dir(tmp_path):
@@ -73,6 +81,17 @@ def test_generated_option_takes_dir_or_name_dir(tmp_path):
     assert parse_generated(f"ours={tmp_path}") == ("ours", tmp_path)
     with pytest.raises(UserError, match="NAME=DIR"):
         parse_generated("=x")
+
+
+def test_combine_option_names_rows_to_train_on_together(tmp_path):
+    roots = {"crop-paste": tmp_path / "cp", "ours": tmp_path / "gen", "perlin": tmp_path / "p"}
+    assert combined_rows(["crop-paste+ours"], roots) == {"crop-paste+ours": [tmp_path / "cp", tmp_path / "gen"]}
+    assert list(combined_rows(["crop-paste+ours", "ours+perlin"], roots)) == ["crop-paste+ours", "ours+perlin"]
+    for bad in ("ours", "ours+dualanodiff"):
+        with pytest.raises(UserError, match=re.escape(f"--combine {bad}: expected two or more --generated row names")):
+            combined_rows([bad], roots)
+    with pytest.raises(UserError, match="exists already"):
+        combined_rows(["ours+perlin", "ours+perlin"], roots)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -117,26 +136,32 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 def test_evaluate_writes_a_complete_report(tmp_path, synthetic_root, generators, weights, run_cli):
     out = tmp_path / "nut.md"
     code, stdout, err = run_cli("evaluate", "--data", synthetic_root / "nut",
-        "--generated", f"copy={generators['copy']}", "--generated", generators["disc"],
-        "--epochs", "1", "--resolution", "64", "--base-width", "8", "--device", "cpu",
+        "--generated", f"copy={generators['copy']}", "--generated", generators["disc"], "--combine", "copy+disc",
+        "--steps", "2", "--resolution", "64", "--base-width", "8", "--device", "cpu",
         "--inception-weights", weights["inception"], "--lpips-weights", weights["lpips"],
         "--report", out, "--json", tmp_path / "nut.json", "--csv", tmp_path / "nut.csv",
     )  # fmt: skip
     assert code == 0, err
     results = json.loads((tmp_path / "nut.json").read_text())
-    assert [row["name"] for row in results["generators"]] == ["copy", "disc"]
+    assert [row["name"] for row in results["generators"]] == ["copy", "disc", "copy+disc"]
+    assert results["generators"][2]["roots"] == [str(generators["copy"]), str(generators["disc"])]
+    assert "2 optimizer steps at batch 8, the same for every set" in results["protocol"]["localization"]
     assert results["defects"] == ["crack", "hole", "scratch", "stain"]
-    assert results["protocol"]["selection"] == "fixed epochs, no test-set selection"
+    assert results["protocol"]["selection"] == "fixed steps, no test-set selection"
     for row in results["generators"]:
         metrics = row["metrics"]
         assert all(0.0 <= metrics[key] <= 1.0 for key in METRIC_KEYS), metrics
         assert metrics["is"] >= 1.0 and metrics["ic_lpips"] >= 0.0 and 0.0 <= metrics["accuracy"] <= 1.0
     assert results["generators"][0]["pairs"] == {"crack": 4, "hole": 4, "scratch": 4, "stain": 4}
+    assert [row["metrics"]["pairs"] for row in results["generators"]] == [16, 12, 28]
+    assert all(row["metrics"]["alignment"] > 1 for row in results["generators"])  # real defects, painted discs
     assert results["protocol"]["test_images"] == {"crack": 4, "hole": 4, "scratch": 4, "stain": 4, "good": 6}
     text = out.read_text()
     assert "| copy |" in text and "| disc |" in text and "### stain" in text and "no test-set selection" in text
     assert Image.open(tmp_path / "nut.png").size[0] > 100
-    assert [row["generator"] for row in csv.DictReader((tmp_path / "nut.csv").open())] == ["copy", "disc"]
+    table = list(csv.DictReader((tmp_path / "nut.csv").open()))
+    assert [(row["generator"], row["pairs"]) for row in table] == [("copy", "16"), ("disc", "12"), ("copy+disc", "28")]
+    assert all(float(row["alignment"]) > 1 for row in table)
     assert "copy" in stdout
 
     again = ("evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"], "--report", out)
@@ -147,7 +172,7 @@ def test_evaluate_writes_a_complete_report(tmp_path, synthetic_root, generators,
 @pytest.mark.slow
 def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, synthetic_root, generators, run_cli):
     code, _, err = run_cli("evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"],
-        "--defect", "hole", "--epochs", "1", "--resolution", "64", "--base-width", "8", "--device", "cpu",
+        "--defect", "hole", "--steps", "2", "--resolution", "64", "--base-width", "8", "--device", "cpu",
         "--no-classification", "--json", tmp_path / "r.json",
     )  # fmt: skip
     assert code == 0, err
@@ -168,3 +193,7 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path, synthetic_root, generators
     assert code == 2 and "--resnet-weights" in err and "file not found" in err
     code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--resolution", "100")
     assert code == 2 and "--resolution 100" in err
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--combine", "copy+dsic")
+    assert code == 2 and "--combine copy+dsic" in err and "rows: copy" in err
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--steps", "0")
+    assert code == 2 and "--steps 0" in err

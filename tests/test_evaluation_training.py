@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualanodiff.evaluation.training import recalibrate_batch_norm, shuffled_batches
+from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_norm, shuffled_batches
 
 
 def test_batches_cover_every_index_once_and_never_leave_a_single_sample():
@@ -14,6 +14,21 @@ def test_batches_cover_every_index_once_and_never_leave_a_single_sample():
     assert sorted(torch.cat(batches).tolist()) == list(range(9))
     again = shuffled_batches(9, 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_cycling_batches_have_one_size_and_take_each_index_once_per_pass():
+    batches = cycling_batches(5, 3, torch.Generator().manual_seed(0))
+    drawn = [next(batches) for _ in range(5)]  # 15 indices: three passes over range(5)
+    assert all(len(b) == 3 for b in drawn)
+    flat = torch.cat(drawn).tolist()
+    assert all(sorted(flat[i : i + 5]) == list(range(5)) for i in (0, 5, 10))
+    again = cycling_batches(5, 3, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, next(again)) for a in drawn)
+
+
+def test_cycling_batches_repeat_indices_when_the_set_is_smaller_than_a_batch():
+    batch = next(cycling_batches(2, 5, torch.Generator().manual_seed(0)))
+    assert len(batch) == 5 and set(batch.tolist()) == {0, 1}
 
 
 def test_batch_norm_statistics_are_averaged_over_the_given_batches():

@@ -352,9 +352,15 @@ def evaluate(
     generated: list[str] = typer.Option(
         ..., "--generated", help="Output root of generate/baseline, as DIR or NAME=DIR (repeatable: one row each)."
     ),
+    combine: Optional[list[str]] = typer.Option(
+        None, "--combine", help="Also a row trained on the pairs of two or more --generated rows together, named "
+        "by their names joined with + (repeatable), e.g. --combine crop-paste+dualanodiff.",
+    ),
     defect: Optional[list[str]] = typer.Option(None, "--defect", help="Only these defect types (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its `evaluate` section is used."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (fixed; no test-set selection)."),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", help="Optimizer steps of each training, the same for every row (no test-set selection)."
+    ),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing."),
     base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings."),
@@ -372,16 +378,17 @@ def evaluate(
     """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
     from rich.table import Table
 
-    from dualanodiff.evaluation import evaluate_generators, parse_generated, write_report
+    from dualanodiff.evaluation import combined_rows, evaluate_generators, parse_generated, write_report
     from dualanodiff.evaluation.report import COLUMNS, chart_path, check_outputs, table_rows
 
-    options = {"epochs": epochs, "resolution": resolution, "seed": seed, "base_width": base_width}
+    options = {"steps": steps, "resolution": resolution, "seed": seed, "base_width": base_width}
     cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
-    if cfg.epochs < 1:
-        raise UserError(f"--epochs {cfg.epochs}: must be at least 1")
+    if cfg.steps < 1:
+        raise UserError(f"--steps {cfg.steps}: must be at least 1")
     roots = dict(parse_generated(spec) for spec in generated)
     if len(roots) != len(generated):
         raise UserError("--generated: two folders share a row name; label them as NAME=DIR")
+    roots.update(combined_rows(combine or [], roots))
     check_outputs([report, report and chart_path(report), json_path, csv_path], force)
     for path in {Path(p).parent for p in (report, json_path, csv_path) if p is not None}:
         check_writable(path)  # before the U-Net trains

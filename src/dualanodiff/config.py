@@ -91,7 +91,9 @@ class GenerateConfig:
 
 @dataclass
 class EvaluateConfig:
-    epochs: int = 50
+    # optimizer steps of the localizer and of the classifier, the same for every set of pairs; 3000 is
+    # about the former 50 epochs over 500 images at batch 8 (the localizer's batches hold 4 pairs)
+    steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
     resolution: int = 256

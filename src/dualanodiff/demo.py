@@ -56,7 +56,7 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     cfg.generate.steps = 25
     cfg.generate.scheduler = "dpm"
     cfg.generate.batch_size = 6
-    cfg.evaluate.epochs = 10
+    cfg.evaluate.steps = 80  # crop-paste's pixel AP: 92 at 40 steps, 98 at 80, 99 at 400 (mean of 2 seeds)
     cfg.evaluate.resolution = 128
     return cfg
 
@@ -193,7 +193,7 @@ def _baselines(cfg: Config, root: Path, hooks: DemoHooks) -> None:
 def _evaluate(cfg: Config, out: Path, names: list[str], hooks: DemoHooks) -> None:
     from dualanodiff.evaluation import evaluate_generators, write_report
 
-    hooks.log(f"evaluating {', '.join(names)} with the localization protocol ({cfg.evaluate.epochs} epochs each)")
+    hooks.log(f"evaluating {', '.join(names)} with the localization protocol ({cfg.evaluate.steps} optimizer steps each)")
     results = evaluate_generators(
         cfg.data.data,
         {name: out / "generated" / name for name in names},

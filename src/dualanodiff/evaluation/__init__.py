@@ -11,7 +11,7 @@ generators), `report` (Markdown / JSON / CSV / chart), `inputs` (what they read)
 from dualanodiff.evaluation.classification import ResNet34, evaluate_classification, load_resnet_weights
 from dualanodiff.evaluation.compare import evaluate_generators
 from dualanodiff.evaluation.generation_metrics import LPIPS, ic_lpips, inception_score, load_inception, load_lpips
-from dualanodiff.evaluation.inputs import generated_pairs, parse_generated
+from dualanodiff.evaluation.inputs import combined_rows, generated_pairs, pair_alignments, parse_generated
 from dualanodiff.evaluation.localization import DiscriminativeUNet, evaluate_localization, focal_loss
 from dualanodiff.evaluation.metrics import METRIC_KEYS, localization_metrics
 from dualanodiff.evaluation.report import write_report
@@ -21,6 +21,7 @@ __all__ = [
     "LPIPS",
     "METRIC_KEYS",
     "ResNet34",
+    "combined_rows",
     "evaluate_classification",
     "evaluate_generators",
     "evaluate_localization",
@@ -32,6 +33,7 @@ __all__ = [
     "load_lpips",
     "load_resnet_weights",
     "localization_metrics",
+    "pair_alignments",
     "parse_generated",
     "write_report",
 ]

@@ -7,16 +7,15 @@ names (``conv1``, ``bn1``, ``layer1``..``layer4`` of BasicBlocks with ``downsamp
 a torchvision checkpoint loads from a local file. With such weights the backbone starts from them and
 ``fc`` is new whenever the class count differs; without, it starts from torchvision's random init.
 Inputs are scaled to [0, 1] and normalised with the ImageNet mean and std that torchvision's weights
-expect. Training: Adam, ``evaluate.lr``, ``evaluate.epochs`` passes over the generated images, no
-augmentation, no test-set selection; then the batch-norm statistics are averaged once over the
-generated images (`recalibrate_batch_norm`).
+expect. Training: Adam, ``evaluate.lr``, ``evaluate.steps`` optimizer steps on batches cycling through
+the generated images (the same number for every set), no augmentation, no test-set selection; then
+the batch-norm statistics are averaged once over the generated images (`recalibrate_batch_norm`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +26,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import check_state_dict, load_images, load_state_dict
 from dualanodiff.evaluation.localization import real_test_split
 from dualanodiff.devices import resolve_device
-from dualanodiff.evaluation.training import epoch_progress, recalibrate_batch_norm, shuffled_batches
+from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_norm, shuffled_batches, step_progress
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,17 +107,16 @@ def train_classifier(
     target_device = resolve_device(device)
     model.to(target_device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    with epoch_progress("classification ResNet-34", cfg.epochs) as advance:
-        for _ in range(cfg.epochs):
-            losses = []
-            for batch in shuffled_batches(len(images), cfg.batch_size, generator):
-                logits = model(_normalise(images[batch].to(target_device)))
-                loss = F.cross_entropy(logits, labels[batch].to(target_device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            advance(float(np.mean(losses)))
+    batches = cycling_batches(len(images), max(2, cfg.batch_size), generator)  # batch norm needs 2 samples
+    with step_progress("classification ResNet-34", cfg.steps) as advance:
+        for _ in range(cfg.steps):
+            batch = next(batches)
+            logits = model(_normalise(images[batch].to(target_device)))
+            loss = F.cross_entropy(logits, labels[batch].to(target_device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            advance(loss.item())
     chunks = shuffled_batches(len(images), cfg.batch_size, generator)
     return recalibrate_batch_norm(model, (_normalise(images[c].to(target_device)) for c in chunks))
 

@@ -1,5 +1,11 @@
 """One evaluation run: several generators' pairs for one category, scored side by side with the same
-protocol, seeds and real test split, into one results dict that `write_report` renders."""
+protocol, seeds and real test split, into one results dict that `write_report` renders.
+
+A row may train on the union of several roots' pairs (a list of roots): the way users will use a
+generator, with the few-shot real pairs (crop-paste) beside the generated ones::
+
+    evaluate_generators(data, {"crop-paste": cp, "dualanodiff": gen, "crop-paste+dualanodiff": [cp, gen]}, cfg)
+"""
 
 from __future__ import annotations
 
@@ -22,17 +28,17 @@ from dualanodiff.evaluation.generation_metrics import (
     load_inception,
     load_lpips,
 )
-from dualanodiff.evaluation.inputs import PairPaths, generated_pairs, load_images
+from dualanodiff.evaluation.inputs import PairPaths, generated_pairs, load_images, pair_alignments
 from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
 from dualanodiff.evaluation.metrics import METRIC_KEYS
 
-SELECTION = "fixed epochs, no test-set selection"
+SELECTION = "fixed steps, no test-set selection"
 IS_SPLITS = 10  # torch-fidelity's default; fewer when a defect type has fewer generated images
 
 
 def evaluate_generators(
     category_dir: Path | str,
-    generated: dict[str, Path],
+    generated: dict[str, Path | list[Path]],
     cfg: EvaluateConfig,
     *,
     defects: list[str] | None = None,
@@ -44,12 +50,14 @@ def evaluate_generators(
     device: str = "auto",
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Score every generator (row label -> output root of `generate` or `baseline`) on one category.
+    """Score every generator (row label -> output root of `generate` or `baseline`, or a list of
+    roots whose pairs together make the row) on one category.
 
     ``defects`` defaults to the category's defect types that every generator has pairs for. Returns
-    ``{"category", "defects", "protocol", "notes", "generators": [{"name", "root", "pairs",
+    ``{"category", "defects", "protocol", "notes", "generators": [{"name", "roots", "pairs",
     "metrics", "per_defect"}]}``; metric values are fractions (``nan`` where not computed), with
-    keys `METRIC_KEYS` + ``is``, ``is_std``, ``ic_lpips``, ``accuracy``.
+    keys `METRIC_KEYS` + ``is``, ``is_std``, ``ic_lpips``, ``accuracy``, ``alignment`` (the mean
+    `alignment_score` of the row's pairs, a ratio) and ``pairs`` (their number).
     """
     category = open_category(category_dir)
     check_resolution(cfg.resolution)
@@ -57,7 +65,11 @@ def evaluate_generators(
         raise UserError(f"--resnet-weights {resnet_weights}: file not found; pass a local ResNet-34 state dict")
     inception = load_inception(inception_weights) if inception_weights is not None else None
     lpips = load_lpips(lpips_weights) if lpips_weights is not None else None
-    pairs, defects, notes = _pairs_per_generator(category, generated, defects)
+    roots = {
+        name: [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+        for name, root in generated.items()
+    }
+    pairs, defects, notes = _pairs_per_generator(category, roots, defects)
     for defect in defects:
         few_shot_split(category.defects[defect], rounding)  # a too small defect type fails before training
     if inception is None:
@@ -73,8 +85,10 @@ def evaluate_generators(
     rows = []
     for name, found in pairs.items():
         by_defect = {defect: found[defect] for defect in defects}
-        log(f"{name}: {sum(len(v) for v in by_defect.values())} generated pairs over {len(defects)} defect types")
         flat = [pair for defect in defects for pair in by_defect[defect]]
+        alignments = {defect: pair_alignments(by_defect[defect], category.kind) for defect in defects}
+        alignment = _mean([score for defect in defects for score in alignments[defect]])
+        log(f"{name}: {len(flat)} generated pairs over {len(defects)} defect types, mean alignment {alignment:.2f}")
         localization = evaluate_localization(category, flat, cfg, rounding, defects, cfg.base_width, device)
         accuracy = (
             evaluate_classification(category, by_defect, cfg, rounding, resnet_weights, device) if classify else None
@@ -86,15 +100,18 @@ def evaluate_generators(
                 **localization["per_defect"][defect],
                 **scores,
                 "accuracy": accuracy["per_defect"][defect] if accuracy else math.nan,
+                "alignment": _mean(alignments[defect]),
+                "pairs": len(by_defect[defect]),
             }
         metrics = {key: localization[key] for key in METRIC_KEYS}
         for key in ("is", "is_std", "ic_lpips"):
             metrics[key] = _mean([per_defect[d][key] for d in defects])
         metrics["accuracy"] = accuracy["accuracy"] if accuracy else math.nan
+        metrics["alignment"], metrics["pairs"] = alignment, len(flat)
         rows.append(
             {
                 "name": name,
-                "root": str(generated[name]),
+                "roots": [str(root) for root in roots[name]],
                 "pairs": {d: len(by_defect[d]) for d in defects},
                 "metrics": metrics,
                 "per_defect": per_defect,
@@ -111,29 +128,42 @@ def evaluate_generators(
 
 
 def _pairs_per_generator(
-    category: Category, generated: dict[str, Path], defects: list[str] | None
+    category: Category, generated: dict[str, list[Path]], defects: list[str] | None
 ) -> tuple[dict[str, dict[str, PairPaths]], list[str], list[str]]:
-    """Each generator's pairs, the defect types to evaluate and notes on what was left out."""
-    if not generated:
-        raise UserError("--generated: give at least one folder of generated pairs")
+    """Each generator's pairs (the union over its roots), the defect types to evaluate and notes on
+    what was left out."""
+    if not generated or not all(generated.values()):
+        raise UserError("--generated: give at least one folder of generated pairs for every row")
     if defects is not None:
         unknown = [d for d in defects if d not in category.defects]
         if unknown:
             valid = ", ".join(category.defects)
             raise UserError(f"--defect {unknown[0]}: not a defect type of {category.root}; valid: {valid}")
-    pairs = {name: generated_pairs(root, category.name, defects) for name, root in generated.items()}
+    pairs = {
+        name: _union([generated_pairs(root, category.name, defects) for root in roots]) for name, roots in generated.items()
+    }
     notes = []
     if defects is None:
         defects = [d for d in category.defects if all(d in by_defect for by_defect in pairs.values())]
         if not defects:
             raise UserError(
                 f"{category.root}: no defect type has generated pairs in every --generated folder "
-                f"({', '.join(map(str, generated.values()))}); generate them or pass --defect"
+                f"({', '.join(str(root) for roots in generated.values() for root in roots)}); "
+                "generate them or pass --defect"
             )
         left_out = sorted({d for by_defect in pairs.values() for d in by_defect} - set(defects))
         if left_out:
             notes.append(f"defect types left out (not in the dataset or not in every generator): {', '.join(left_out)}")
     return pairs, defects, notes
+
+
+def _union(found: list[dict[str, PairPaths]]) -> dict[str, PairPaths]:
+    """Defect type -> the pairs of every root that has that type, root by root."""
+    union: dict[str, PairPaths] = {}
+    for by_defect in found:
+        for defect, pairs in by_defect.items():
+            union.setdefault(defect, []).extend(pairs)
+    return union
 
 
 def _generation_scores(
@@ -181,11 +211,13 @@ def _protocol(
         "test_images": {**test, "good": len(category.test_good)},
         "localization": (
             f"DRAEM-shaped U-Net (base width {cfg.base_width}), focal loss (gamma 2), batches of 50 % generated pairs "
-            f"and 50 % train/good with empty masks, {cfg.epochs} epochs at {cfg.resolution} px, {SELECTION}"
+            f"and 50 % train/good with empty masks, {cfg.steps} optimizer steps at batch {cfg.batch_size}, the same "
+            f"for every set, at {cfg.resolution} px, {SELECTION}"
         ),
         "classification": (
             f"ResNet-34 ({'weights from ' + str(resnet_weights) if resnet_weights else 'random init'}), "
-            f"{cfg.epochs} epochs on the generated images, labels = defect types, {SELECTION}"
+            f"{cfg.steps} optimizer steps at batch {cfg.batch_size} on the generated images, the same for every set, "
+            f"labels = defect types, {SELECTION}"
             if classify
             else "not run"
         ),
@@ -193,8 +225,13 @@ def _protocol(
             f"IS over min({IS_SPLITS}, N) splits per defect type; IC-LPIPS against the few-shot training images; "
             "both averaged over the defect types"
         ),
+        "alignment": (
+            "mean image-mask alignment score of each row's pairs (inpainting residual inside the mask over the same "
+            "mask shifted elsewhere on the object; about 1 for a random mask); from the pairs' manifests, else "
+            "computed; pairs that cannot be scored are left out"
+        ),
         "selection": SELECTION,
-        "epochs": cfg.epochs,
+        "steps": cfg.steps,
         "resolution": cfg.resolution,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,

@@ -1,18 +1,20 @@
-"""What the evaluation reads: generated pairs of a category, images at the evaluation resolution,
-and local weight files (state dicts) for the networks it scores with.
+"""What the evaluation reads: generated pairs of a category (and their alignment scores), images at
+the evaluation resolution, and local weight files (state dicts) for the networks it scores with.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dualanodiff.data import load_image, load_mask
+from dualanodiff.alignment import alignment_score
+from dualanodiff.data import foreground_mask, load_image, load_mask
 from dualanodiff.errors import UserError
-from dualanodiff.pairs import discover_generated, read_pairs
+from dualanodiff.pairs import discover_generated, kept_rows, read_pairs
 
 PairPaths = list[tuple[Path, Path]]  # (image, mask) files
 
@@ -26,6 +28,26 @@ def parse_generated(spec: str) -> tuple[str, Path]:
     if not name or not folder:
         raise UserError(f"--generated {spec}: expected DIR or NAME=DIR; give both a name and a folder")
     return name, Path(folder)
+
+
+def combined_rows(specs: list[str], roots: dict[str, Path]) -> dict[str, list[Path]]:
+    """``--combine A+B`` values -> rows trained on the union of the named rows' pairs::
+
+        combined_rows(["crop-paste+ours"], {"crop-paste": cp, "ours": gen}) == {"crop-paste+ours": [cp, gen]}
+    """
+    rows = {}
+    for spec in specs:
+        names = spec.split("+")
+        unknown = [name for name in names if name not in roots]
+        if len(names) < 2 or unknown:
+            raise UserError(
+                f"--combine {spec}: expected two or more --generated row names joined by + "
+                f"(rows: {', '.join(roots)})"
+            )
+        if spec in roots or spec in rows:
+            raise UserError(f"--combine {spec}: a row of that name exists already; give each row once")
+        rows[spec] = [roots[name] for name in names]
+    return rows
 
 
 def generated_pairs(root: Path, category: str, defects: list[str] | None = None) -> dict[str, PairPaths]:
@@ -53,6 +75,25 @@ def generated_pairs(root: Path, category: str, defects: list[str] | None = None)
             "and mask/); pass the --out folder of `dualanodiff generate` or `dualanodiff baseline`"
         )
     return pairs
+
+
+def pair_alignments(pairs: PairPaths, kind: str) -> list[float]:
+    """The `alignment_score` of each pair: its manifest row's ``alignment`` where the row has one
+    (null: not scorable, nan), else computed from the files with the image's foreground (`kind`:
+    "object" or "texture", the category's)."""
+    recorded = {}
+    for folder in {image.parent.parent for image, _ in pairs}:
+        recorded.update({folder / row["image"]: row["alignment"] for row in kept_rows(folder) if "alignment" in row})
+    scores = []
+    for image_path, mask_path in pairs:
+        if image_path in recorded:
+            value = recorded[image_path]
+            scores.append(math.nan if value is None else float(value))
+            continue
+        image = load_image(image_path)
+        region = foreground_mask(image, kind=kind)
+        scores.append(alignment_score(image, load_mask(mask_path, shape=image.shape[:2]), region))
+    return scores
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:

@@ -11,10 +11,10 @@ so that a CPU can train it.
 
 Training follows DRAEM's discriminative loss, focal loss with gamma = 2 on the softmax, on batches
 that are half generated pairs, half ``train/good`` images with empty masks, for a fixed number of
-epochs (one epoch = one pass over the generated pairs), after which the batch-norm statistics are
-averaged once over the training images (`recalibrate_batch_norm`). The reference code picks its checkpoint by
-the test score; we never look at the test split before the last epoch ("fixed epochs, no test-set
-selection").
+optimizer steps (``evaluate.steps``, the same for every set of pairs whatever its size), after which the
+batch-norm statistics are averaged once over the training images (`recalibrate_batch_norm`). The
+reference code picks its checkpoint by the test score; we never look at the test split before the last
+step ("fixed steps, no test-set selection").
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import load_images, load_masks
 from dualanodiff.evaluation.metrics import localization_metrics
 from dualanodiff.devices import resolve_device
-from dualanodiff.evaluation.training import epoch_progress, recalibrate_batch_norm, shuffled_batches
+from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_norm, shuffled_batches, step_progress
 
 DEPTH = 6  # encoder blocks; the input side must be a multiple of 2 ** (DEPTH - 1)
 FOCAL_GAMMA = 2.0  # DRAEM's focal loss
@@ -98,8 +98,8 @@ def train_localization_model(
     device: str = "auto",
 ) -> DiscriminativeUNet:
     """Train from scratch on anomalous images (N, 3, S, S) uint8 with masks (N, S, S) bool and normal
-    images (M, 3, S, S) uint8: each step takes ``batch_size // 2`` anomalous pairs in a seeded
-    shuffled order and as many normal images (cycling through their own shuffled order)."""
+    images (M, 3, S, S) uint8 for ``cfg.steps`` steps: each takes ``batch_size // 2`` anomalous pairs
+    and as many normal images, each set cycling through its own seeded shuffled order."""
     if len(anomalous) == 0 or len(normal) == 0:
         raise ValueError("localization training needs both generated pairs and normal images")
     torch.manual_seed(cfg.seed)
@@ -107,23 +107,20 @@ def train_localization_model(
     target_device = resolve_device(device)
     model = DiscriminativeUNet(base_width=base_width).to(target_device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    normal_order = torch.empty(0, dtype=torch.long)
+    half = max(1, cfg.batch_size // 2)
+    anomalous_batches = cycling_batches(len(anomalous), half, generator)
+    normal_batches = cycling_batches(len(normal), half, generator)
     model.train()
-    with epoch_progress("localization U-Net", cfg.epochs) as advance:
-        for _ in range(cfg.epochs):
-            losses = []
-            for batch in shuffled_batches(len(anomalous), max(1, cfg.batch_size // 2), generator):
-                while len(normal_order) < len(batch):
-                    normal_order = torch.cat([normal_order, torch.randperm(len(normal), generator=generator)])
-                picked, normal_order = normal_order[: len(batch)], normal_order[len(batch) :]
-                images = torch.cat([anomalous[batch], normal[picked]]).to(target_device).float() / 255
-                target = torch.cat([masks[batch], masks.new_zeros((len(picked), *masks.shape[1:]))]).to(target_device)
-                loss = focal_loss(model(images), target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            advance(float(np.mean(losses)))
+    with step_progress("localization U-Net", cfg.steps) as advance:
+        for _ in range(cfg.steps):
+            batch, picked = next(anomalous_batches), next(normal_batches)
+            images = torch.cat([anomalous[batch], normal[picked]]).to(target_device).float() / 255
+            target = torch.cat([masks[batch], masks.new_zeros((half, *masks.shape[1:]))]).to(target_device)
+            loss = focal_loss(model(images), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            advance(loss.item())
     training_images = torch.cat([anomalous, normal])
     chunks = shuffled_batches(len(training_images), cfg.batch_size, generator)
     return recalibrate_batch_norm(model, (training_images[c].to(target_device).float() / 255 for c in chunks))

@@ -1,8 +1,9 @@
 """The evaluation report: one table per category, rows = generators, columns as the paper's Table 2
-(pixel and image AUROC / AP / F1-max) plus IS, IC-LPIPS and classification accuracy, written as
-Markdown (with a bar chart PNG beside it), JSON and CSV.
+(pixel and image AUROC / AP / F1-max) plus IS, IC-LPIPS, classification accuracy, and the number of
+pairs and their mean image-mask alignment score, written as Markdown (with a bar chart PNG beside it),
+JSON and CSV.
 
-Percent columns show ``100 * value`` with one decimal as the paper does; IS and IC-LPIPS two
+Percent columns show ``100 * value`` with one decimal as the paper does; IS, IC-LPIPS and alignment two
 decimals; "–" where a value was not computed. The JSON keeps the raw fractions (``null`` for not
 computed) and the protocol; the CSV holds the table's numbers (empty for not computed).
 """
@@ -23,6 +24,7 @@ from dualanodiff.io import atomic_write_bytes, atomic_write_text
 NOT_COMPUTED = "–"
 # (results key, column title, percent?)
 COLUMNS = (
+    ("pairs", "pairs", False),
     ("pixel_auroc", "pixel AUROC", True),
     ("pixel_ap", "pixel AP", True),
     ("pixel_f1max", "pixel F1-max", True),
@@ -32,11 +34,15 @@ COLUMNS = (
     ("is", "IS", False),
     ("ic_lpips", "IC-LPIPS", False),
     ("accuracy", "accuracy", True),
+    ("alignment", "alignment", False),
 )
 
 
-def format_value(value: float | None, percent: bool) -> str:
-    """``0.9234, True`` -> ``"92.3"``; ``1.8765, False`` -> ``"1.88"``; ``nan``/``None`` -> ``"–"``."""
+def format_value(value: float | int | None, percent: bool) -> str:
+    """``0.9234, True`` -> ``"92.3"``; ``1.8765, False`` -> ``"1.88"``; a count ``12`` -> ``"12"``;
+    ``nan``/``None`` -> ``"–"``."""
+    if isinstance(value, int):
+        return str(value)
     if value is None or math.isnan(value):
         return NOT_COMPUTED
     return f"{100 * value:.1f}" if percent else f"{value:.2f}"
@@ -97,10 +103,11 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
         f"- Localization: {protocol['localization']}.",
         f"- Classification: {protocol['classification']}.",
         f"- Generation: {protocol['generation']}.",
+        f"- Alignment: {protocol['alignment']}.",
         "",
         markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
         "",
-        f"Percent except IS and IC-LPIPS; {NOT_COMPUTED} = not computed.",
+        f"Percent except IS, IC-LPIPS and alignment; {NOT_COMPUTED} = not computed.",
     ]
     lines += [""] + [f"- {note}" for note in results["notes"]] if results["notes"] else []
     if chart_name:
@@ -108,11 +115,10 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
     lines += ["", "## Per defect type"]
     for defect in results["defects"]:
         rows = [
-            [row["name"], str(row["pairs"][defect])]
-            + [format_value(row["per_defect"][defect].get(key), percent) for key, _, percent in COLUMNS]
+            [row["name"]] + [format_value(row["per_defect"][defect].get(key), percent) for key, _, percent in COLUMNS]
             for row in results["generators"]
         ]
-        header = ["generator", "pairs"] + [title for _, title, _ in COLUMNS]
+        header = ["generator"] + [title for _, title, _ in COLUMNS]
         lines += ["", f"### {defect}", "", "Localization on this type's test images plus all test/good.", ""]
         lines += [markdown_table(header, rows)]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,10 @@
 """What the two downstream trainings (U-Net localization, ResNet classification) share: seeded
-batch orders, batch-norm statistics and a progress bar over epochs."""
+batch orders, batch-norm statistics and a progress bar over optimizer steps.
+
+Both train a fixed number of steps, the same for every set of pairs: epochs over sets of different
+sizes would be different amounts of training (4 crop-paste pairs score 4 % pixel AP after 10 epochs and
+86 % after 30).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+
+def cycling_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches of exactly ``batch_size`` from consecutive seeded permutations of
+    ``range(n)``: each index comes once per pass, and a batch may span two passes (or hold an index
+    twice when ``n < batch_size``)."""
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        yield order[:batch_size]
+        order = order[batch_size:]
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -46,11 +62,19 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) ->
 
 
 @contextmanager
-def epoch_progress(label: str, epochs: int) -> Iterator[Callable[[float], None]]:
-    """A rich progress bar over epochs (on stderr, cleared when done); yields ``advance(loss)``."""
+def step_progress(label: str, steps: int) -> Iterator[Callable[[float], None]]:
+    """A rich progress bar over optimizer steps (on stderr, cleared when done); yields
+    ``advance(loss)``, and shows the loss averaged over recent steps (one batch's is noise)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
     console = Console(stderr=True)
+    average = None
+
+    def advance(loss: float) -> None:
+        nonlocal average
+        average = loss if average is None else 0.95 * average + 0.05 * loss
+        progress.update(task, advance=1, loss=f"{average:.4f}")
+
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(label, total=epochs, loss="-")
-        yield lambda loss: progress.update(task, advance=1, loss=f"{loss:.4f}")
+        task = progress.add_task(label, total=steps, loss="-")
+        yield advance
