@@ -5,6 +5,13 @@ missing path is a `UserError` listing what to provide.
 
 - `tiny`: the project's small pretrained latent diffusion model shipped in the package (see README).
 - `tiny-random`: the same architecture family at test size, randomly initialised (seeded).
+
+The project's own base comes in the sizes of ``ARCHITECTURES`` (``dualanodiff pretrain-base --preset``):
+``v1`` (4.2 M-parameter UNet without attention at the full latent resolution, trainable on a CPU),
+``v2`` (Stable-Diffusion-shaped: cross-attention at every latent level, 32x32 included, about 18 M
+parameters in all, stored in fp16 within 40 MiB; made for a GPU) and ``test`` (seconds on a CPU). Any of them
+loads the same way, as a diffusers directory whose weights may be fp16 and sharded; it is always loaded
+in fp32.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -23,6 +31,7 @@ from dualanodiff.errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 hf_logging.disable_progress_bar()  # our own rich bars report progress; tqdm bars would interleave
+diffusers_logging.disable_progress_bar()  # e.g. "Loading checkpoint shards" for a sharded UNet
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_BASE = Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
@@ -80,10 +89,10 @@ def _load_diffusers_dir(path: Path) -> BaseModel:
             "save a full StableDiffusionPipeline there (pipe.save_pretrained(DIR))"
         )
     kw = {"local_files_only": True}
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+    try:  # fp32 whatever the storage: the project's own base is stored in fp16, Stable Diffusion may be
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32, **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
     except (OSError, ValueError) as exc:
@@ -154,6 +163,65 @@ def build_tokenizer(max_length: int = 16, words: tuple[str, ...] = VOCAB_WORDS) 
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+IDENTIFIER_WORDS = ("vfx", "sks")  # the paper's identifier words: whole tokens, never trained in pretraining
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes of the project's own base. ``heads``: attention heads per UNet level (diffusers'
+    ``attention_head_dim``), or with ``head_dim`` > 0 each level gets channels // head_dim heads.
+    ``vocabulary``: "fixed" keeps ``VOCAB_WORDS`` whole; "world" keeps the pretraining captions' words whole
+    and spells category names in characters (so a name the base never saw still reads as something)."""
+
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: tuple[int, ...] = (1, 2)
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: down-factor 4
+    text_width: int = 96
+    text_layers: int = 3
+    heads: int = 4
+    layers_per_block: tuple[int, ...] = (1,)  # one entry per UNet level, or one for all
+    vae_layers: int = 1
+    head_dim: int = 0
+    norm_groups: int = 8
+    text_length: int = 16
+    vocabulary: str = "fixed"
+
+    def unet_heads(self) -> int | tuple[int, ...]:
+        return tuple(c // self.head_dim for c in self.unet_channels) if self.head_dim else self.heads
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # the shipped base up to now: no attention at the full 32x32 latent level (its CPU cost)
+    "v1": Architecture(),
+    # Stable-Diffusion-shaped: cross-attention at every level, two blocks and the most width at full
+    # resolution, where a 1-3-cell defect lives; 13.3 M UNet + 3.8 M VAE + 0.8 M text encoder
+    "v2": Architecture(
+        unet_channels=(96, 128, 192), attention_levels=(0, 1, 2), layers_per_block=(2, 1, 1),
+        vae_channels=(64, 128, 128), text_width=128, text_layers=4, head_dim=32, norm_groups=32, text_length=24,
+        vocabulary="world",
+    ),
+    # the v2 shape at test size: seconds on a CPU
+    "test": Architecture(
+        unet_channels=(8, 16, 32), attention_levels=(0, 1, 2), vae_channels=(8, 16, 16), text_width=16,
+        text_layers=1, heads=4, text_length=24, vocabulary="world",
+    ),
+}
+
+
+def build_base(
+    arch: Architecture, resolution: int, words: tuple[str, ...] = VOCAB_WORDS
+) -> tuple[CLIPTokenizer, UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Tokenizer (keeping `words` whole) and randomly initialised UNet, VAE and text encoder of `arch`."""
+    tokenizer = build_tokenizer(arch.text_length, tuple(words))
+    layers = arch.layers_per_block[0] if len(arch.layers_per_block) == 1 else arch.layers_per_block
+    unet, vae, text_encoder = tiny_architecture(
+        tokenizer, resolution, arch.unet_channels, arch.vae_channels, arch.text_width, arch.text_layers,
+        arch.unet_heads(), arch.attention_levels, layers_per_block=layers, vae_layers=arch.vae_layers,
+        norm_groups=arch.norm_groups,
+    )
+    return tokenizer, unet, vae, text_encoder
+
+
 def tiny_architecture(
     tokenizer: CLIPTokenizer,
     resolution: int,
@@ -161,8 +229,12 @@ def tiny_architecture(
     vae_channels: tuple[int, ...],
     text_width: int,
     text_layers: int,
-    heads: int,
+    heads: int | tuple[int, ...],
     attention_levels: tuple[int, ...] | None = None,
+    *,
+    layers_per_block: int | tuple[int, ...] = 1,
+    vae_layers: int = 1,
+    norm_groups: int = 8,
 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
     """Stable-Diffusion-shaped UNet/VAE/CLIP text encoder at a chosen small size, randomly initialised.
 
@@ -170,7 +242,7 @@ def tiny_architecture(
     by default all but the deepest, as in Stable Diffusion. Leaving out level 0 saves most of the cost
     on a CPU, where self-attention over every latent pixel dominates.
     """
-    groups = min(8, unet_channels[0])
+    groups = min(norm_groups, unet_channels[0])
     n = len(unet_channels)
     levels = range(n - 1) if attention_levels is None else attention_levels
     down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
@@ -180,7 +252,7 @@ def tiny_architecture(
         in_channels=4,
         out_channels=4,
         block_out_channels=unet_channels,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         down_block_types=down,
         up_block_types=up,
         cross_attention_dim=text_width,
@@ -194,8 +266,8 @@ def tiny_architecture(
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=min(8, vae_channels[0]),
+        layers_per_block=vae_layers,
+        norm_num_groups=min(norm_groups, vae_channels[0]),
         sample_size=resolution,
     )
     text_encoder = CLIPTextModel(
