@@ -447,16 +447,31 @@ def demo(
 @app.command("pretrain-base")
 def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
-    steps_vae: int = typer.Option(2400, "--steps-vae", help="VAE training steps (batch 8, 64 px crops)."),
-    steps_unet: int = typer.Option(5500, "--steps-unet", help="UNet + text encoder steps (batch 12)."),
+    preset: str = typer.Option("auto", "--preset", help="gpu, cpu, v1 (the earlier base's sizes) or tiny; auto: "
+                               "gpu when a CUDA GPU is visible, else cpu."),
+    steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
+    steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", help="Seconds from the start after which no training step begins; the step counts "
+        "become maxima. Measuring and export follow.",
+    ),
     resolution: int = typer.Option(128, "--resolution", help="Image side in pixels (latents are a quarter of it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the initialisation and every random draw."),
+    device: str = typer.Option("auto", "--device", help="auto (the GPU when there is one), cpu or cuda."),
+    workers: int = typer.Option(0, "--workers", help="Processes rendering the data (0: one per CPU core, at most 16)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint/state.pt."),
     force: bool = typer.Option(False, "--force", help="Delete an earlier pretrain-base run in OUT and start over."),
 ) -> None:
     """Pretrain the small Stable-Diffusion-shaped base model (`--base-model tiny`) on synthetic images."""
-    from dualanodiff.pretrain import pretrain_base
+    import torch
 
+    from dualanodiff.pretrain import PRESETS, pretrain_base
+
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() and device != "cpu" else "cpu"
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset}: unknown; choose auto, {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
     check_writable(out)
     _log(f"preset {preset}: {chosen.about}")
     record = pretrain_base(

@@ -1,39 +1,51 @@
 """Pretrain the project's own small Stable-Diffusion-shaped base model (``dualanodiff pretrain-base``).
 
 Stable Diffusion's weights cannot be downloaded here, yet DualAnoDiff tunes LoRA branches on top of a
-*frozen pretrained* base. So the project trains its own, with SD's recipe at a small size:
+*frozen pretrained* base. So the project trains its own, with SD's recipe at a small size, in stages:
 
-1. an ``AutoencoderKL`` (down-factor 4: 128 px -> 32x32x4 latents) for reconstruction (L1 + image-gradient
-   L1 + a small KL), then its latent ``scaling_factor`` = 1 / std of the training latents, as SD does;
-2. a ``UNet2DConditionModel`` and a ``CLIPTextModel`` together, from scratch, with SD's epsilon objective
-   (min-SNR weighted) on the frozen VAE's latents, 10 % empty captions for classifier-free guidance,
-   and an exponential moving average of their weights, which is what gets saved.
+1. **data**: the pretraining world of `dualanodiff.synthetic` (every family but the held-out one): normal
+   and defective images, defect-only part images I*M and backgrounds (1 - M_f) * I, both on mid-grey as
+   DualAnoDiff's anomaly branch and BCM see them, captioned "a nut", "a nut with hole", "hole",
+   "a nut background"; a held-out stream of the same families and one of the held-out category;
+2. **VAE**: an ``AutoencoderKL`` (down-factor 4: 128 px -> 32x32x4 latents) for reconstruction (L1 +
+   image-gradient L1 + colour L1 + a small KL), then its latent ``scaling_factor`` = 1 / std of the
+   training latents, as SD does;
+3. **UNet**: a ``UNet2DConditionModel`` and a ``CLIPTextModel`` together, from scratch, with SD's epsilon
+   objective (min-SNR weighted) on the frozen VAE's latents, 10 % empty captions for classifier-free
+   guidance, and an exponential moving average of their weights, which is what gets saved;
+4. **measure**: held-out denoising MSE by timestep bucket (seen families and the unseen category) and VAE
+   PSNR on all images, per kind, on flat grey and on the defect and grey regions of part images;
+5. **export**: a diffusers directory (unet, vae, text_encoder, tokenizer, scheduler, model_index.json;
+   fp16 weights in files of at most ``shard_mib`` MiB) that `load_base_model(DIR)` and
+   ``StableDiffusionPipeline.from_pretrained(DIR)`` load, with ``training.json`` (settings, data, steps,
+   device, wall time, losses, held-out figures), ``samples.png`` (a row per family) and
+   ``reconstructions.png`` beside it.
 
-The data is drawn on the fly from `dualanodiff.synthetic`: normal and defective images of every category and
-defect type, the defect-only "part" images DualAnoDiff's anomaly branch learns (defect on mid-grey), random
-flips and quarter turns, and colour jitter (hue, saturation, brightness) so the base knows more than three
-looks. Captions read "a photo of a nut", "a pill with missing piece", "a weave texture with hole", "scratch".
-A held-out set (other seeds) gives the reconstruction PSNR and a denoising loss.
+Compute: on a GPU when there is one (bf16 autocast, fused AdamW), else on the CPU (fp32). ``PRESETS`` name
+the settings for each (``gpu``, ``cpu``, ``v1``: the earlier shipped architecture, ``tiny``: tests).
+With a ``time_budget`` each training stage stops by the wall clock: after a few timed steps it plans how
+many steps fit (the VAE's learning-rate schedule follows that plan) and it never starts a step past its
+deadline.
 
-Everything follows from (resolution, seed, options): a seeded ``torch.Generator`` drives every random draw,
-its state is checkpointed with the models and optimisers, so a resumed run continues exactly where it
-stopped. The result is a diffusers directory (unet, vae, text_encoder, tokenizer, scheduler,
-model_index.json) that `load_base_model(DIR)` and ``StableDiffusionPipeline.from_pretrained(DIR)`` load,
-with ``training.json`` (data, steps, times, losses, held-out metrics), ``samples.png`` and
-``reconstructions.png`` beside it. Example::
+Everything else follows from (resolution, seed, options): a seeded ``torch.Generator`` on the training
+device drives every random draw, its state is checkpointed with the models and optimisers, so a resumed
+run continues exactly where it stopped (on the same kind of device). Example::
 
-    record = pretrain_base(Path("base"), steps_vae=2400, steps_unet=5500)
+    record = pretrain_base(Path("base"), steps_vae=2400, steps_unet=5500, options=PRESETS["cpu"].options)
     print(record["heldout"]["vae_psnr_db"])
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
 import math
+import multiprocessing
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,36 +59,34 @@ from PIL import Image, ImageDraw
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
-from dualanodiff.model.base import build_tokenizer, load_base_model, sd_scheduler, tiny_architecture
-from dualanodiff.synthetic import CATEGORIES, render_sample
+from dualanodiff.model.base import (
+    ARCHITECTURES,
+    IDENTIFIER_WORDS,
+    VOCAB_WORDS,
+    Architecture,
+    build_base,
+    load_base_model,
+    sd_scheduler,
+)
+from dualanodiff.synthetic import FAMILIES, HELD_OUT, PRETRAIN_FAMILIES, WORLD_KINDS, WORLD_MIX, thing_name, world_item, world_words
+
+__all__ = ["Architecture", "PretrainOptions", "Preset", "PRESETS", "pretrain_base", "measure_base"]
 
 CHECKPOINT = "checkpoint/state.pt"
-SAMPLE_PROMPTS = (
-    "a photo of a nut", "a nut with scratch", "a nut with hole", "a photo of a pill", "a pill with missing piece",
-    "a pill with stain", "a photo of a weave texture", "a weave texture with hole", "a weave texture with thread",
-    "",
-)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Model sizes. The default fits 25 MB of fp32 weights and a ~0.3 s UNet step (12 latents, 2 CPU threads)."""
-
-    unet_channels: tuple[int, ...] = (32, 64, 128)
-    attention_levels: tuple[int, ...] = (1, 2)  # no attention at full latent resolution: the CPU cost
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: down-factor 4
-    text_width: int = 96
-    text_layers: int = 3
-    heads: int = 4
+BASE_FILES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
+TIMESTEP_BUCKETS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
+_now = time.monotonic  # the clock of time budgets (tests replace it)
 
 
 @dataclass(frozen=True)
 class PretrainOptions:
     """Everything besides resolution, seed and step counts that a run is reproducible from."""
 
-    architecture: Architecture = field(default_factory=Architecture)
+    architecture: Architecture = ARCHITECTURES["v2"]
+    families: tuple[str, ...] = PRETRAIN_FAMILIES  # the held-out category is not among them
     train_images: int = 4000
     heldout_images: int = 64
     vae_batch: int = 8
@@ -89,72 +99,84 @@ class PretrainOptions:
     empty_caption: float = 0.1
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # 0: only at the end of each stage
     log_every: int = 50
     sample_steps: int = 50  # DDIM steps for samples.png
+    samples_per_prompt: int = 2
     guidance: float = 3.0
+    vae_share: float = 0.2  # under a time budget: the VAE stage's share of the training time
+    storage: str = "fp16"  # weights as saved: fp16 (half the size) or fp32
+    shard_mib: int = 15  # largest weight file written
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Named settings: options and the default step counts (maxima under a time budget)."""
+
+    options: PretrainOptions
+    steps_vae: int
+    steps_unet: int
+    about: str
+
+
+PRESETS: dict[str, Preset] = {
+    "gpu": Preset(
+        PretrainOptions(
+            train_images=24000, heldout_images=256, vae_batch=32, vae_lr=1e-3, unet_batch=128, unet_lr=4e-4,
+            warmup=500, ema_decay=0.9995, checkpoint_every=0, log_every=500, samples_per_prompt=4,
+        ),
+        steps_vae=8000, steps_unet=40000,
+        about="the v2 architecture at batch 128 on one GPU (bf16); with --time-budget the steps are maxima",
+    ),
+    "cpu": Preset(PretrainOptions(), steps_vae=2400, steps_unet=5500,
+                  about="the v2 architecture at batch 12 on the CPU: hours, run it in the background"),
+    "v1": Preset(PretrainOptions(architecture=ARCHITECTURES["v1"], storage="fp32"), steps_vae=2400, steps_unet=5500,
+                 about="the earlier shipped base's architecture and recipe (no attention at full latent resolution)"),
+    "tiny": Preset(
+        PretrainOptions(
+            architecture=ARCHITECTURES["test"], train_images=16, heldout_images=8, vae_batch=4, unet_batch=4,
+            warmup=2, checkpoint_every=2, log_every=2, sample_steps=2, samples_per_prompt=1,
+        ),
+        steps_vae=3, steps_unet=4, about="test size: seconds on a CPU (use --resolution 32)",
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _words(name: str) -> str:
-    return name.replace("_", " ")
+@dataclass
+class Corpus:
+    """Rendered images (N x 3 x H x W uint8), their captions and kinds (see `synthetic.WORLD_KINDS`)."""
+
+    images: torch.Tensor
+    captions: list[str]
+    kinds: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
 
 
-def _caption(rng: np.random.Generator, category: str, defect: str | None, part: bool) -> str:
-    if part:
-        return _words(defect)
-    thing = f"{category} texture" if CATEGORIES[category].kind == "texture" else category
-    if defect is None:
-        templates = ["a photo of a {t}", "a {t}", "a good {t}"]
+def _render_one(job: tuple) -> tuple[np.ndarray, str, str]:
+    item = world_item(*job)
+    return item.image, item.caption, item.kind
+
+
+def render_corpus(
+    seed: int, stream: int, count: int, resolution: int, families: tuple[str, ...] = PRETRAIN_FAMILIES,
+    workers: int = 1,
+) -> Corpus:
+    """`count` world images of `stream` (0: training, 1: held out, 2: the held-out category), in parallel
+    over `workers` processes; every image is fixed by its coordinates, so the result is the same for any
+    number of workers."""
+    jobs = [(seed, stream, i, resolution, tuple(families)) for i in range(count)]
+    if workers > 1 and count > 64:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            items = pool.map(_render_one, jobs, chunksize=max(1, count // (workers * 8)))
     else:
-        templates = ["a photo of a {t} with {d}", "a {t} with {d}"]
-    return str(rng.choice(templates)).format(t=thing, d=_words(defect or ""))
-
-
-def _colour_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Saturation, hue rotation about the grey axis, contrast and brightness: new looks, same shapes."""
-    x = image.astype(np.float32) / 255.0
-    grey = x.mean(-1, keepdims=True)
-    x = grey + (x - grey) * rng.uniform(0.5, 1.5)
-    if rng.random() < 0.5:
-        angle = rng.uniform(-math.pi, math.pi)
-        k = np.full(3, 1 / math.sqrt(3))
-        cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-        rotation = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
-        x = x @ rotation.T.astype(np.float32)
-    x = (x - x.mean()) * rng.uniform(0.75, 1.25) + x.mean() * rng.uniform(0.75, 1.25)
-    return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
-
-
-def corpus_item(seed: int, stream: int, index: int, resolution: int) -> tuple[np.ndarray, str]:
-    """One training (stream 0) or held-out (stream 1) image with its caption, fixed by its coordinates.
-
-    45 % normal, 45 % defective, 10 % defect-only part images (the defect on mid-grey, as DualAnoDiff's
-    anomaly branch sees it); a random flip/quarter turn; colour jitter on 30 % of whole images.
-    """
-    rng = np.random.default_rng([seed, stream, index])
-    category = str(rng.choice(list(CATEGORIES)))
-    draw = rng.random()
-    defect = None if draw < 0.45 else str(rng.choice(list(CATEGORIES[category].defects)))
-    part = draw >= 0.9
-    sample = render_sample(category, defect, rng, resolution)
-    image = np.where(sample.mask[..., None], sample.image, np.uint8(128)) if part else sample.image
-    turn = int(rng.integers(8))
-    image = np.rot90(image, turn % 4)
-    if turn >= 4:
-        image = image[:, ::-1]
-    if not part and rng.random() < 0.3:
-        image = _colour_jitter(image, rng)
-    return np.ascontiguousarray(image), _caption(rng, category, defect, part)
-
-
-def render_corpus(seed: int, stream: int, count: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """`count` images as an N x 3 x H x W uint8 tensor, and their captions."""
-    items = [corpus_item(seed, stream, i, resolution) for i in range(count)]
-    images = torch.from_numpy(np.stack([image for image, _ in items])).permute(0, 3, 1, 2).contiguous()
-    return images, [caption for _, caption in items]
+        items = [_render_one(job) for job in jobs]
+    images = torch.from_numpy(np.stack([image for image, _, _ in items])).permute(0, 3, 1, 2).contiguous()
+    return Corpus(images, [caption for _, caption, _ in items], [kind for _, _, kind in items])
 
 
 def _to_model(images: torch.Tensor) -> torch.Tensor:
@@ -163,7 +185,15 @@ def _to_model(images: torch.Tensor) -> torch.Tensor:
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tokenizer_words(arch: Architecture, families: tuple[str, ...]) -> tuple[str, ...]:
+    """The words the tokenizer keeps whole: a fixed list (v1), or the pretraining captions' words and the
+    paper's identifiers, category names left to be spelled in characters (v2)."""
+    if arch.vocabulary == "fixed":
+        return VOCAB_WORDS
+    return tuple(world_words(families)) + IDENTIFIER_WORDS
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -174,36 +204,46 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generat
     otherwise learns last) + KL per latent element, on [-1, 1] images."""
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator)
-    recon = vae.decode(latents).sample
+    recon = vae.decode(latents).sample.float()
+    images = images.float()
     l1 = (recon - images).abs().mean()
     gradient = sum(
         (torch.diff(recon, dim=d) - torch.diff(images, dim=d)).abs().mean() for d in (2, 3)
     )
     colour = (F.avg_pool2d(recon, 4) - F.avg_pool2d(images, 4)).abs().mean()
-    kl = posterior.kl().mean() / latents[0].numel()
+    kl = posterior.kl().float().mean() / latents[0].numel()
     return l1 + 0.5 * gradient + colour + kl_weight * kl
 
 
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """Posterior-mean reconstructions of uint8 images, in [-1, 1]."""
-    return torch.cat([vae.decode(vae.encode(_to_model(chunk)).latent_dist.mode()).sample for chunk in images.split(batch)])
+    device = vae.device
+    return torch.cat([
+        vae.decode(vae.encode(_to_model(chunk.to(device))).latent_dist.mode()).sample.float()
+        for chunk in images.split(batch)
+    ])
 
 
-def psnr(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of uint8 N x H x W x 3 arrays."""
-    mse = ((reference.astype(np.float64) - image.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+def psnr(reference: np.ndarray, image: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Per-image PSNR (dB) of uint8 N x H x W x 3 arrays, optionally over the pixels `where` (N x H x W) only."""
+    error = (reference.astype(np.float64) - image.astype(np.float64)) ** 2
+    if where is None:
+        mse = error.mean(axis=(1, 2, 3))
+    else:
+        weight = where[..., None].astype(np.float64)
+        mse = (error * weight).sum(axis=(1, 2, 3)) / np.maximum(weight.sum(axis=(1, 2, 3)) * 3, 1)
     return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
 
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and standard deviation of every image (unscaled)."""
+    """Posterior mean and standard deviation of every image (unscaled, fp32, on the VAE's device)."""
     means, stds = [], []
     for chunk in images.split(batch):
-        posterior = vae.encode(_to_model(chunk)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(_to_model(chunk.to(vae.device))).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -224,16 +264,20 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     snr_gamma: float | None,
+    per_row: bool = False,
 ) -> torch.Tensor:
-    """SD's epsilon-prediction MSE; with `snr_gamma`, each row weighted by min(SNR, gamma) / SNR (min-SNR)."""
+    """SD's epsilon-prediction MSE; with `snr_gamma`, each row weighted by min(SNR, gamma) / SNR (min-SNR).
+    With `per_row` the unweighted MSE of each row."""
     alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-    prediction = unet(noisy, timesteps, text_encoder(input_ids)[0]).sample
-    per_row = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    prediction = unet(noisy, timesteps, text_encoder(input_ids)[0]).sample.float()
+    rows = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    if per_row:
+        return rows
     if snr_gamma is None:
-        return per_row.mean()
+        return rows.mean()
     snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-    return (per_row * snr.clamp(max=snr_gamma) / snr).mean()
+    return (rows * snr.clamp(max=snr_gamma) / snr).mean()
 
 
 @torch.no_grad()
@@ -246,19 +290,27 @@ def sample_images(
     seed: int,
     steps: int,
     guidance: float,
+    batch: int = 64,
 ) -> np.ndarray:
-    """DDIM samples with classifier-free guidance (empty negative prompt); N x H x W x 3 uint8."""
+    """DDIM samples with classifier-free guidance (empty negative prompt); N x H x W x 3 uint8. The initial
+    noise is drawn on the CPU, so a seed gives the same start on any device."""
+    device = unet.device
     scheduler = DDIMScheduler.from_config(sd_scheduler().config)
     scheduler.set_timesteps(steps)
-    ids = tokenizer(list(prompts) + [""] * len(prompts), padding="max_length", truncation=True, return_tensors="pt")
-    context = text_encoder(ids.input_ids)[0]
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
-    for t in scheduler.timesteps:
-        cond, uncond = unet(torch.cat([latents, latents]), t, context).sample.chunk(2)
-        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-    return _to_uint8(vae.decode(latents / vae.config.scaling_factor).sample)
+    noise = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start : start + batch])
+        ids = tokenizer(chunk + [""] * len(chunk), padding="max_length", truncation=True, return_tensors="pt")
+        context = text_encoder(ids.input_ids.to(device))[0]
+        latents = noise[start : start + len(chunk)].to(device)
+        for t in scheduler.timesteps:
+            cond, uncond = unet(torch.cat([latents, latents]), t, context).sample.float().chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        images.append(_to_uint8(vae.decode(latents / vae.config.scaling_factor).sample))
+    return np.concatenate(images)
 
 
 def image_grid(rows: list[tuple[str, np.ndarray]]) -> np.ndarray:
@@ -276,6 +328,19 @@ def image_grid(rows: list[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.asarray(canvas)
 
 
+def sample_prompts(families: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """The sample sheet's rows: per family its normal and first-defect prompt, the held-out category's,
+    three part prompts and the empty prompt."""
+    rows = []
+    for name in list(families) + ([HELD_OUT] if HELD_OUT not in families else []):
+        thing, defect = thing_name(name), next(iter(FAMILIES[name].defects)).replace("_", " ")
+        label = f"{name}{' (held out)' if name not in families else ''}"
+        rows.append((label, [f"a {thing}", f"a {thing} with {defect}"]))
+    rows.append(("part images", ["hole", "scratch", "crack"]))
+    rows.append(("empty prompt", [""]))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -288,10 +353,59 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+@dataclass
+class Models:
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self.unet.parameters()) + list(self.text_encoder.parameters())
+
+
+@dataclass
+class Data:
+    train: Corpus
+    heldout: Corpus  # same families, other images
+    unseen: Corpus  # the held-out category
+
+
+@dataclass
+class _Run:
+    """What every stage shares: where to write, settings, device, the random stream, the clock, the log."""
+
+    out: Path
+    options: PretrainOptions
+    settings: dict
+    device: torch.device
+    mixed: bool  # bf16 autocast
+    generator: torch.Generator | None  # on the device, made once the data is rendered
+    log: Callable[[str], None]
+    started: float
+    deadline: float | None
+    state: dict | None  # the checkpoint resumed from
+    history: dict = field(default_factory=lambda: {"vae_loss": [], "unet_loss": [], "seconds": {}})
+    steps: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
+    plans: dict = field(default_factory=dict)  # stage -> planned steps under a time budget
+    stopped: dict = field(default_factory=dict)  # stage -> why it stopped before its step count
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mixed else nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def checkpoint(self, **parts) -> None:
+        state = {
+            "settings": self.settings, "generator": self.generator.get_state(), "generator_device": self.device.type,
+            "history": self.history, "vae_step": self.steps["vae"], "unet_step": self.steps["unet"],
+            "plans": self.plans, **parts,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.out / CHECKPOINT, buffer.getvalue())
 
 
 def _prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
@@ -300,7 +414,7 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; pick another folder")
     if resume and checkpoint.is_file():
-        return torch.load(checkpoint, weights_only=True)
+        return torch.load(checkpoint, weights_only=True, map_location="cpu")
     if out.is_dir() and any(out.iterdir()):
         ours = (out / "training.json").is_file() or checkpoint.parent.is_dir()
         if resume:
@@ -313,14 +427,405 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
     return None
 
 
-def _export(out: Path, unet, vae, text_encoder, tokenizer, record: dict) -> None:
-    """Write the diffusers directory into a temporary folder, then move each component into `out`."""
+def _start_run(out, resolution, seed, options, resume, force, device, time_budget, log) -> _Run:
+    """Validate the request, claim `out`, pick the device and restore the checkpoint's counters."""
+    started = _now()
+    if resolution % 4 or resolution < 16:
+        raise UserError(f"--resolution {resolution}: must be a multiple of 4, at least 16; use 128")
+    if options.storage not in ("fp16", "fp32"):
+        raise UserError(f"storage {options.storage!r}: choose fp16 or fp32")
+    unknown = [name for name in options.families if name not in FAMILIES]
+    if unknown:
+        raise UserError(f"families {unknown}: unknown; choose from {sorted(FAMILIES)}")
+    if time_budget is not None and time_budget <= 0:
+        raise UserError(f"--time-budget {time_budget}: must be a positive number of seconds")
+    target = resolve_device(device)
+    settings = {"resolution": resolution, "seed": seed, "options": dataclasses.asdict(options)}
+    state = _prepare_out(out, resume, force)
+    if state is not None and json.loads(json.dumps(state["settings"])) != json.loads(json.dumps(settings)):
+        raise UserError(f"--out {out}: its checkpoint was made with other settings ({state['settings']}); "
+                        "repeat those settings (the same --preset) or start another folder")
+    if state is not None and state.get("generator_device", "cpu") != target.type:
+        raise UserError(f"--out {out}: this run was checkpointed on {state['generator_device']}; resume it there "
+                        f"(--device {state['generator_device']})")
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(out, options, settings, target, target.type == "cuda", None, log, started,
+               None if time_budget is None else started + time_budget, state)
+    if state is not None:
+        run.history, run.plans = state["history"], state.get("plans", {})
+        run.steps = {"vae": state["vae_step"], "unet": state["unet_step"]}
+        log(f"resuming at VAE step {run.steps['vae']}, UNet step {run.steps['unet']}")
+    return run
+
+
+def _build_models(run: _Run, resolution: int, seed: int) -> Models:
+    """The device's random stream (restored on resume) and the models on the device. It comes after the
+    data, whose worker processes are forked: a process that has started CUDA should not fork."""
+    if run.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    run.generator = torch.Generator(device=run.device).manual_seed(seed)
+    if run.state is not None:
+        run.generator.set_state(run.state["generator"])
+    arch = run.options.architecture
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, unet, vae, text_encoder = build_base(arch, resolution, tokenizer_words(arch, run.options.families))
+    models = Models(tokenizer, unet.to(run.device), vae.to(run.device), text_encoder.to(run.device))
+    if run.state is not None:
+        models.vae.load_state_dict(run.state["vae"])
+    return models
+
+
+def _render_data(run: _Run, resolution: int, seed: int, workers: int) -> Data:
+    tick = time.perf_counter()
+    opts = run.options
+    data = Data(
+        render_corpus(seed, 0, opts.train_images, resolution, opts.families, workers),
+        render_corpus(seed, 1, opts.heldout_images, resolution, opts.families, workers),
+        render_corpus(seed, 2, opts.heldout_images, resolution, (HELD_OUT,), workers),
+    )
+    run.history["seconds"]["data"] = time.perf_counter() - tick
+    run.log(f"rendered {len(data.train)} training and {len(data.heldout)} + {len(data.unseen)} held-out images "
+            f"in {run.history['seconds']['data']:.0f} s")
+    return data
+
+
+class _StepClock:
+    """Per-stage wall clock: how long steps take, how many fit before the stage's deadline."""
+
+    CALIBRATE = (5, 25)  # time steps 5..25 (after warm-up: kernel selection, allocator growth)
+
+    def __init__(self, run: _Run, stage: str, deadline: float | None, max_steps: int):
+        self.run, self.stage, self.deadline, self.max_steps = run, stage, deadline, max_steps
+        self.mark: tuple[int, float] | None = None
+
+    def total(self) -> int:
+        """The stage's step count for schedules: the plan under a time budget, else the maximum."""
+        if self.deadline is None:
+            return self.max_steps
+        return min(self.run.plans.get(self.stage, self.max_steps), self.max_steps)
+
+    def tick(self, step: int) -> None:
+        """Called after `step` steps are done: at the calibration window's ends, time it and plan."""
+        if self.deadline is None or self.stage in self.run.plans:
+            return
+        first, last = self.CALIBRATE
+        if step in (first, last):
+            self.run.sync()
+        if step == first:
+            self.mark = (step, _now())
+        elif step == last and self.mark is not None:
+            seconds = (_now() - self.mark[1]) / (step - self.mark[0])
+            fit = step + int(max(self.deadline - _now(), 0) / seconds)
+            self.run.plans[self.stage] = min(self.max_steps, fit)
+            self.run.log(f"{self.stage}: {seconds * 1000:.1f} ms/step, planning {self.run.plans[self.stage]} steps")
+
+    def out_of_time(self, step: int) -> bool:
+        """Past the deadline (every stage takes at least one step, so that it has something to save)."""
+        return self.deadline is not None and step > 0 and _now() >= self.deadline
+
+
+def _progress(show: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    return Progress(*columns, disable=not show, transient=True)
+
+
+def _stage_deadline(run: _Run, share: float) -> float | None:
+    if run.deadline is None:
+        return None
+    now = _now()
+    return now + max(run.deadline - now, 0) * share
+
+
+def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: Progress) -> None:
+    """Stage 2: the VAE, on random crops of the training images. Skipped when the checkpoint is past it."""
+    opts, vae = run.options, models.vae
+    frozen = run.state is not None and run.state.get("unet") is not None
+    if frozen:
+        if max_steps != run.steps["vae"]:
+            run.log(f"the VAE is already frozen after {run.steps['vae']} steps; --steps-vae {max_steps} is ignored")
+        return
+    resolution = data.train.images.shape[-1]
+    crop = min(opts.vae_crop, resolution)
+    images = data.train.images.to(run.device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=opts.vae_lr, weight_decay=0.0, fused=run.mixed or None)
+    if run.state is not None and "vae_optimizer" in run.state:
+        optimizer.load_state_dict(run.state["vae_optimizer"])
+    clock = _StepClock(run, "vae", _stage_deadline(run, opts.vae_share), max_steps)
+    task = progress.add_task("VAE", total=max_steps, completed=min(run.steps["vae"], max_steps))
+    vae.train()
+    window, seconds = [], run.history["seconds"].setdefault("vae", 0.0)
+    tick = time.perf_counter()
+    while run.steps["vae"] < clock.total():
+        if clock.out_of_time(run.steps["vae"]):
+            run.stopped["vae"] = f"time budget, after {run.steps['vae']} of {clock.total()} planned steps"
+            break
+        step = run.steps["vae"]
+        for group in optimizer.param_groups:
+            group["lr"] = opts.vae_lr * _cosine(step, clock.total(), opts.warmup // 4)
+        index = torch.randint(len(images), (opts.vae_batch,), generator=run.generator, device=run.device)
+        y, x = torch.randint(resolution - crop + 1, (2,), generator=run.generator, device=run.device).tolist()
+        with run.autocast():
+            loss = vae_loss(vae, _to_model(images[index, :, y : y + crop, x : x + crop]), opts.kl_weight, run.generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        run.steps["vae"] = step = step + 1
+        window.append(loss.detach())
+        clock.tick(step)
+        progress.update(task, completed=step, total=clock.total())
+        if step % opts.log_every == 0 or step == clock.total():
+            mean = _mean_loss(window, "VAE", step)
+            run.history["vae_loss"].append([step, mean])
+            elapsed = seconds + time.perf_counter() - tick
+            run.log(f"VAE step {step}/{clock.total()} loss {mean:.4f} ({elapsed / step:.3f} s/step)")
+            window = []
+        if (opts.checkpoint_every and step % opts.checkpoint_every == 0) or step == clock.total():
+            run.history["seconds"]["vae"] = seconds + time.perf_counter() - tick
+            run.checkpoint(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict())
+    run.sync()
+    run.history["seconds"]["vae"] = seconds + time.perf_counter() - tick
+    if "vae" in run.stopped:
+        run.checkpoint(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict())
+    del images
+
+
+def _mean_loss(window: list[torch.Tensor], stage: str, step: int) -> float:
+    mean = float(torch.stack(window).float().mean()) if window else float("nan")
+    if not math.isfinite(mean):
+        raise UserError(f"{stage} loss became {mean} by step {step}; resume from the last checkpoint with a lower "
+                        "learning rate, or start over with another seed")
+    return mean
+
+
+def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The frozen VAE's posterior over every training image, and the latent scaling factor."""
+    models.vae.requires_grad_(False).eval()
+    tick = time.perf_counter()
+    means, stds = encode_latents(models.vae, data.train.images, batch=256 if run.mixed else 32)  # fp32: exact latents
+    scale = latent_scaling_factor(means, stds)
+    models.vae.register_to_config(scaling_factor=scale)
+    run.history["seconds"]["encode"] = time.perf_counter() - tick
+    return means, stds, scale
+
+
+def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tensor, torch.Tensor, float],
+                max_steps: int, progress: Progress) -> EMAModel:
+    """Stage 3: UNet + text encoder on the frozen VAE's latents, min-SNR epsilon loss, EMA of the weights."""
+    opts = run.options
+    means, stds, scale = latents
+    tokenizer = models.tokenizer
+    ids = tokenizer(data.train.captions, padding="max_length", truncation=True, return_tensors="pt").input_ids.to(run.device)
+    empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0].to(run.device)
+    alphas_cumprod = sd_scheduler().alphas_cumprod.to(run.device)
+    trainable = models.trainable()
+    optimizer = torch.optim.AdamW(trainable, lr=opts.unet_lr, weight_decay=1e-2, fused=run.mixed or None)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / opts.warmup))
+    ema = EMAModel(trainable, decay=opts.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=run.mixed)
+    if run.state is not None and run.state.get("unet") is not None:
+        models.unet.load_state_dict(run.state["unet"])
+        models.text_encoder.load_state_dict(run.state["text_encoder"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        warmup.load_state_dict(run.state["lr_schedule"])
+        ema.load_state_dict(run.state["ema"])
+    ema.to(run.device)
+
+    def checkpoint() -> None:
+        run.checkpoint(vae=models.vae.state_dict(), unet=models.unet.state_dict(),
+                       text_encoder=models.text_encoder.state_dict(), optimizer=optimizer.state_dict(),
+                       lr_schedule=warmup.state_dict(), ema=ema.state_dict())
+
+    models.unet.train()
+    models.text_encoder.train()
+    clock = _StepClock(run, "unet", run.deadline, max_steps)
+    task = progress.add_task("UNet", total=max_steps, completed=min(run.steps["unet"], max_steps))
+    window, seconds = [], run.history["seconds"].setdefault("unet", 0.0)
+    tick = time.perf_counter()
+    gen, device = run.generator, run.device
+    while run.steps["unet"] < clock.total():
+        if clock.out_of_time(run.steps["unet"]):
+            run.stopped["unet"] = f"time budget, after {run.steps['unet']} of {clock.total()} planned steps"
+            break
+        index = torch.randint(len(means), (opts.unet_batch,), generator=gen, device=device)
+        sample = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen, device=device)) * scale
+        noise = torch.randn(sample.shape, generator=gen, device=device)
+        timesteps = torch.randint(len(alphas_cumprod), (len(index),), generator=gen, device=device)
+        drop = torch.rand(len(index), generator=gen, device=device) < opts.empty_caption
+        batch_ids = torch.where(drop[:, None], empty[None], ids[index])
+        with run.autocast():
+            loss = diffusion_loss(models.unet, models.text_encoder, sample, batch_ids, noise, timesteps, alphas_cumprod,
+                                  opts.snr_gamma)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        warmup.step()
+        ema.step(trainable)
+        run.steps["unet"] = step = run.steps["unet"] + 1
+        window.append(loss.detach())
+        clock.tick(step)
+        progress.update(task, completed=step, total=clock.total())
+        if step % opts.log_every == 0 or step == clock.total():
+            mean = _mean_loss(window, "UNet", step)
+            run.history["unet_loss"].append([step, mean])
+            elapsed = seconds + time.perf_counter() - tick
+            run.log(f"UNet step {step}/{clock.total()} loss {mean:.4f} ({elapsed / step:.3f} s/step)")
+            window = []
+        if (opts.checkpoint_every and step % opts.checkpoint_every == 0) or step == clock.total():
+            run.history["seconds"]["unet"] = seconds + time.perf_counter() - tick
+            checkpoint()
+    run.sync()
+    run.history["seconds"]["unet"] = seconds + time.perf_counter() - tick
+    if "unet" in run.stopped:
+        checkpoint()
+    return ema
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+@torch.no_grad()
+def denoising_by_bucket(unet, text_encoder, vae, tokenizer, corpus: Corpus, seed: int) -> dict[str, float]:
+    """Plain epsilon MSE on held-out latents, one fixed timestep per image drawn inside each bucket of
+    ``TIMESTEP_BUCKETS``, fixed noise (drawn on the CPU from `seed`, so any device and any base see the same)."""
+    device = unet.device
+    means, _ = encode_latents(vae, corpus.images)
+    latents = means * vae.config.scaling_factor
+    ids = tokenizer(corpus.captions, padding="max_length", truncation=True, return_tensors="pt").input_ids.to(device)
+    alphas_cumprod = sd_scheduler().alphas_cumprod.to(device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    result = {}
+    for low, high in TIMESTEP_BUCKETS:
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(low, high, (len(latents),), generator=generator).to(device)
+        rows = []
+        for chunk in range(0, len(latents), 64):
+            part = slice(chunk, chunk + 64)
+            rows.append(diffusion_loss(unet, text_encoder, latents[part], ids[part], noise[part], timesteps[part],
+                                       alphas_cumprod, None, per_row=True))
+        result[f"{low}-{high - 1}"] = round(float(torch.cat(rows).mean()), 5)
+    return result
+
+
+@torch.no_grad()
+def vae_figures(vae: AutoencoderKL, data: Data) -> tuple[dict, dict[str, np.ndarray]]:
+    """VAE PSNR (dB) on the held-out images: all, per kind, flat mid-grey, the defect and the grey regions of
+    part images, and the unseen category; with the reconstructions (uint8) for the sheet."""
+    recon = _to_uint8(reconstruct(vae, data.heldout.images))
+    unseen = _to_uint8(reconstruct(vae, data.unseen.images))
+    grey_recon = _to_uint8(reconstruct(vae, torch.full((1, *data.heldout.images.shape[1:]), 128, dtype=torch.uint8)))
+    originals = data.heldout.images.permute(0, 2, 3, 1).numpy()
+    values = psnr(originals, recon)
+    kinds = np.array(data.heldout.kinds)
+    figures = {
+        "vae_psnr_db": float(values.mean()),
+        "vae_psnr_db_min": float(values.min()),
+        "vae_psnr_db_by_kind": {k: float(values[kinds == k].mean()) for k in WORLD_KINDS if (kinds == k).any()},
+        "vae_psnr_db_flat_grey": float(psnr(np.full_like(grey_recon, 128), grey_recon)[0]),
+        "vae_psnr_db_unseen_category": float(psnr(data.unseen.images.permute(0, 2, 3, 1).numpy(), unseen).mean()),
+    }
+    parts = kinds == "part"
+    if parts.any():
+        defect = (originals[parts] != 128).any(-1)
+        figures["vae_psnr_db_part_defect_region"] = float(psnr(originals[parts], recon[parts], defect).mean())
+        figures["vae_psnr_db_part_grey_region"] = float(psnr(originals[parts], recon[parts], ~defect).mean())
+    sheets = {"originals": originals, "reconstructions": recon, "kinds": kinds, "grey": grey_recon,
+              "unseen": data.unseen.images.permute(0, 2, 3, 1).numpy(), "unseen_reconstructions": unseen}
+    return figures, sheets
+
+
+def _measure(run: _Run, models: Models, data: Data, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Stage 4: the held-out figures of the (EMA) model, in fp32 on any device (comparable with `measure_base`)."""
+    tick = time.perf_counter()
+    vae, sheets = vae_figures(models.vae, data)
+    figures = {
+        **vae,
+        "denoising_mse_by_timestep": denoising_by_bucket(models.unet, models.text_encoder, models.vae, models.tokenizer,
+                                                         data.heldout, seed),
+        "denoising_mse_by_timestep_unseen_category": denoising_by_bucket(
+            models.unet, models.text_encoder, models.vae, models.tokenizer, data.unseen, seed),
+    }
+    run.history["seconds"]["measure"] = time.perf_counter() - tick
+    run.log(f"VAE held-out PSNR {figures['vae_psnr_db']:.2f} dB; denoising MSE {figures['denoising_mse_by_timestep']}")
+    return figures, sheets
+
+
+def measure_base(spec: str, resolution: int = 128, seed: int = 0, options: PretrainOptions = PRESETS["cpu"].options,
+                 device: str = "auto", workers: int = 1) -> dict:
+    """The held-out figures of any base (``load_base_model`` spec) on the same held-out images a pretraining
+    run with (resolution, seed, options) measures: the way to put an earlier base beside a new one.
+
+        before = measure_base("tiny", options=PRESETS["gpu"].options)  # the shipped base, the gpu run's images
+    """
+    base = load_base_model(spec)
+    target = resolve_device(device)
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(target)
+    data = Data(Corpus(torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8), [], []),
+                render_corpus(seed, 1, options.heldout_images, resolution, options.families, workers),
+                render_corpus(seed, 2, options.heldout_images, resolution, (HELD_OUT,), workers))
+    figures, _ = vae_figures(base.vae, data)
+    for key, corpus in (("denoising_mse_by_timestep", data.heldout),
+                        ("denoising_mse_by_timestep_unseen_category", data.unseen)):
+        figures[key] = denoising_by_bucket(base.unet, base.text_encoder, base.vae, base.tokenizer, corpus, seed)
+    return figures
+
+
+def _write_sheets(run: _Run, models: Models, seed: int, sheets: dict[str, np.ndarray], psnr_db: float) -> None:
+    """samples.png (a row per family: its normal and first-defect prompts) and reconstructions.png."""
+    tick = time.perf_counter()
+    opts = run.options
+    rows = sample_prompts(opts.families)
+    prompts = [p for _, group in rows for p in group for _ in range(opts.samples_per_prompt)]
+    samples = sample_images(models.unet, models.vae, models.text_encoder, models.tokenizer, prompts, seed,
+                            opts.sample_steps, opts.guidance)
+    grid, start = [], 0
+    for label, group in rows:
+        count = len(group) * opts.samples_per_prompt
+        grid.append((f"{label}: " + " | ".join(p or '""' for p in group), samples[start : start + count]))
+        start += count
+    save_png(run.out / "samples.png", image_grid(grid))
+    rows = []
+    for kind in WORLD_KINDS:  # four originals, then their reconstructions
+        chosen = np.flatnonzero(sheets["kinds"] == kind)[:4]
+        if len(chosen):
+            rows.append((f"{kind} images, then their reconstructions",
+                         np.concatenate([sheets["originals"][chosen], sheets["reconstructions"][chosen]])))
+    rows.append((f"held-out category {HELD_OUT}, then its reconstructions",
+                 np.concatenate([sheets["unseen"][:4], sheets["unseen_reconstructions"][:4]])))
+    rows.append((f"flat mid-grey, reconstructed (all held-out images: mean PSNR {psnr_db:.1f} dB)", sheets["grey"]))
+    save_png(run.out / "reconstructions.png", image_grid(rows))
+    run.history["seconds"]["samples"] = time.perf_counter() - tick
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _storage_copy(module: torch.nn.Module, storage: str) -> torch.nn.Module:
+    """The module as it is saved: a copy with fp16 parameters, or the module itself for fp32."""
+    if storage == "fp32":
+        return module
+    copied = copy.deepcopy(module)
+    for tensor in list(copied.parameters()) + list(copied.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float16)
+    return copied
+
+
+def _export(out: Path, models: Models, record: dict, options: PretrainOptions) -> None:
+    """Stage 5: write the diffusers directory into a temporary folder, then move each component into `out`."""
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "tokenizer")
+    shard = options.shard_mib * 2**20
+    _storage_copy(models.unet, options.storage).save_pretrained(tmp / "unet", safe_serialization=True, max_shard_size=shard)
+    _storage_copy(models.vae, options.storage).save_pretrained(tmp / "vae", safe_serialization=True, max_shard_size=shard)
+    _storage_copy(models.text_encoder, options.storage).save_pretrained(tmp / "text_encoder", safe_serialization=True,
+                                                                        max_shard_size=shard)
+    models.tokenizer.save_pretrained(tmp / "tokenizer")
     sd_scheduler().save_pretrained(tmp / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -335,12 +840,64 @@ def _export(out: Path, unet, vae, text_encoder, tokenizer, record: dict) -> None
         "vae": ["diffusers", "AutoencoderKL"],
     }
     atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2) + "\n")
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for name in BASE_FILES[:-1]:
         shutil.rmtree(out / name, ignore_errors=True)
         (tmp / name).rename(out / name)
     (tmp / "model_index.json").replace(out / "model_index.json")
     tmp.rmdir()
     atomic_write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
+
+
+def _record(run: _Run, models: Models, data: Data, scale: float, figures: dict, preset: str | None,
+            workers: int) -> dict:
+    import diffusers
+    import transformers
+
+    opts = run.options
+    history = run.history
+    device = run.device
+    return {
+        "what": "the project's small Stable-Diffusion-shaped base model, pretrained by `dualanodiff pretrain-base`",
+        "preset": preset,
+        "settings": run.settings,
+        "steps": dict(run.steps),
+        "planned_steps": dict(run.plans),
+        "stopped_early": dict(run.stopped),
+        "parameters": {"unet": _count(models.unet), "vae": _count(models.vae), "text_encoder": _count(models.text_encoder)},
+        "storage": opts.storage,
+        "compute": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": "bf16 autocast" if run.mixed else "fp32",
+            "torch_threads": torch.get_num_threads(),
+            "render_workers": workers,
+            "time_budget_s": None if run.deadline is None else round(run.deadline - run.started, 1),
+        },
+        "data": {
+            "source": "dualanodiff.synthetic.world_item (stream 0: training, 1: held out, 2: the held-out category)",
+            "families": {name: sorted(FAMILIES[name].defects) for name in opts.families},
+            "held_out_category": HELD_OUT,
+            "mix": WORLD_MIX,
+            "part_and_background": "I*M and (1 - M_f)*I taken in [-1, 1]: mid-grey (128) where multiplied away",
+            "augmentation": "random flip / quarter turn; colour jitter (saturation, hue, contrast, brightness) on 30%",
+            "train_images": opts.train_images,
+            "heldout_images": opts.heldout_images,
+            "empty_caption_share": opts.empty_caption,
+            "caption_examples": data.train.captions[:8],
+        },
+        "latent_scaling_factor": scale,
+        "seconds": history["seconds"],
+        "wall_seconds": round(_now() - run.started, 1),
+        "seconds_per_step": {
+            "vae": history["seconds"].get("vae", 0.0) / max(run.steps["vae"], 1),
+            "unet": history["seconds"].get("unet", 0.0) / max(run.steps["unet"], 1),
+        },
+        "losses": {"vae": history["vae_loss"], "unet": history["unet_loss"]},
+        "heldout": figures,
+        "samples": {"scheduler": "DDIM", "steps": opts.sample_steps, "guidance": opts.guidance,
+                    "rows": sample_prompts(opts.families)},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+    }
 
 
 def pretrain_base(
@@ -349,10 +906,14 @@ def pretrain_base(
     steps_unet: int,
     resolution: int = 128,
     seed: int = 0,
-    options: PretrainOptions = PretrainOptions(),
+    options: PretrainOptions = PRESETS["cpu"].options,
     *,
     resume: bool = False,
     force: bool = False,
+    device: str = "auto",
+    time_budget: float | None = None,
+    workers: int = 1,
+    preset: str | None = None,
     log: Callable[[str], None] = lambda message: None,
     show_progress: bool = True,
 ) -> dict:
@@ -361,212 +922,25 @@ def pretrain_base(
     A re-run with `resume` continues from ``out/checkpoint/state.pt`` (written every
     `options.checkpoint_every` steps and at each stage's end) and gives the same weights as an uninterrupted
     run; with more steps than before it trains on, with as many or fewer it only (re)exports.
+    `time_budget` (seconds from this call): no training step starts later; measuring and export follow.
+    `workers`: processes rendering the data. `preset`: the name recorded in training.json.
     """
     out = Path(out)
-    if resolution % 4 or resolution < 16:
-        raise UserError(f"--resolution {resolution}: must be a multiple of 4, at least 16; use 128")
     if steps_vae < 1 or steps_unet < 1:
         raise UserError("--steps-vae/--steps-unet: need at least one step of each")
-    settings = {"resolution": resolution, "seed": seed, "options": dataclasses.asdict(options)}
-    state = _prepare_out(out, resume, force)
-    if state is not None and json.loads(json.dumps(state["settings"])) != json.loads(json.dumps(settings)):
-        raise UserError(f"--out {out}: its checkpoint was made with other settings ({state['settings']}); "
-                        "repeat those settings or start another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    arch = options.architecture
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet, vae, text_encoder = tiny_architecture(
-            tokenizer, resolution, arch.unet_channels, arch.vae_channels, arch.text_width, arch.text_layers,
-            arch.heads, arch.attention_levels,
-        )
-    generator = torch.Generator().manual_seed(seed)
-    history: dict = {"vae_loss": [], "unet_loss": [], "seconds": {"data": 0.0, "vae": 0.0, "unet": 0.0}}
-    vae_step = unet_step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        generator.set_state(state["generator"])
-        history, vae_step, unet_step = state["history"], state["vae_step"], state["unet_step"]
-        log(f"resuming at VAE step {vae_step}, UNet step {unet_step}")
-
-    started = time.perf_counter()
-    train_images, train_captions = render_corpus(seed, 0, options.train_images, resolution)
-    heldout_images, heldout_captions = render_corpus(seed, 1, options.heldout_images, resolution)
-    history["seconds"]["data"] = time.perf_counter() - started
-    crop = min(options.vae_crop, resolution)
-
-    def checkpoint(extra: dict) -> None:
-        _save_checkpoint(out / CHECKPOINT, {
-            "settings": settings, "vae": vae.state_dict(), "generator": generator.get_state(), "history": history,
-            "vae_step": vae_step, "unet_step": unet_step, **extra,
-        })
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
-        # ---- stage 1: VAE
-        vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=options.vae_lr, weight_decay=0.0)
-        if state is not None and "vae_optimizer" in state:
-            vae_optimizer.load_state_dict(state["vae_optimizer"])
-        frozen = state is not None and state.get("unet") is not None
-        task = progress.add_task("VAE", total=steps_vae, completed=min(vae_step, steps_vae), loss=float("nan"))
-        window: list[float] = []
-        while vae_step < steps_vae and not frozen:
-            tick = time.perf_counter()
-            for group in vae_optimizer.param_groups:
-                group["lr"] = options.vae_lr * _cosine(vae_step, steps_vae, options.warmup // 4)
-            index = torch.randint(len(train_images), (options.vae_batch,), generator=generator)
-            y, x = torch.randint(resolution - crop + 1, (2,), generator=generator).tolist()
-            batch = _to_model(train_images[index, :, y : y + crop, x : x + crop])
-            loss = vae_loss(vae, batch, options.kl_weight, generator)
-            vae_optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            vae_optimizer.step()
-            vae_step += 1
-            window.append(loss.item())
-            history["seconds"]["vae"] += time.perf_counter() - tick
-            progress.update(task, completed=vae_step, loss=loss.item())
-            if vae_step % options.log_every == 0 or vae_step == steps_vae:
-                history["vae_loss"].append([vae_step, float(np.mean(window))])
-                log(f"VAE step {vae_step}/{steps_vae} loss {np.mean(window):.4f} "
-                    f"({history['seconds']['vae'] / vae_step:.2f} s/step)")
-                window = []
-            if vae_step % options.checkpoint_every == 0 or vae_step == steps_vae:
-                checkpoint({"vae_optimizer": vae_optimizer.state_dict()})
-        if frozen and steps_vae != vae_step:
-            log(f"the VAE is already frozen after {vae_step} steps; --steps-vae {steps_vae} is ignored")
-        vae.requires_grad_(False).eval()
-        recon = _to_uint8(reconstruct(vae, heldout_images))
-        heldout_np = heldout_images.permute(0, 2, 3, 1).numpy()
-        vae_psnr = psnr(heldout_np, recon)
-        log(f"VAE held-out PSNR {vae_psnr.mean():.2f} dB")
-
-        # ---- stage 2: UNet + text encoder on frozen-VAE latents
-        tick = time.perf_counter()
-        means, stds = encode_latents(vae, train_images)
-        scale = latent_scaling_factor(means, stds)
-        vae.register_to_config(scaling_factor=scale)
-        history["seconds"]["encode"] = time.perf_counter() - tick
-        ids = tokenizer(train_captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
-        alphas_cumprod = sd_scheduler().alphas_cumprod
-        trainable = list(unet.parameters()) + list(text_encoder.parameters())
-        optimizer = torch.optim.AdamW(trainable, lr=options.unet_lr, weight_decay=1e-2)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / options.warmup))
-        ema = EMAModel(trainable, decay=options.ema_decay, use_ema_warmup=True, power=3 / 4)
-        if state is not None and state.get("unet") is not None:
-            unet.load_state_dict(state["unet"])
-            text_encoder.load_state_dict(state["text_encoder"])
-            optimizer.load_state_dict(state["optimizer"])
-            warmup.load_state_dict(state["lr_schedule"])
-            ema.load_state_dict(state["ema"])
-        unet.train()
-        text_encoder.train()
-        task = progress.add_task("UNet", total=steps_unet, completed=min(unet_step, steps_unet), loss=float("nan"))
-        window = []
-        while unet_step < steps_unet:
-            tick = time.perf_counter()
-            index = torch.randint(len(train_images), (options.unet_batch,), generator=generator)
-            latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(len(alphas_cumprod), (len(index),), generator=generator)
-            drop = torch.rand(len(index), generator=generator) < options.empty_caption
-            batch_ids = torch.where(drop[:, None], empty[None], ids[index])
-            loss = diffusion_loss(unet, text_encoder, latents, batch_ids, noise, timesteps, alphas_cumprod,
-                                  options.snr_gamma)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            warmup.step()
-            ema.step(trainable)
-            unet_step += 1
-            window.append(loss.item())
-            history["seconds"]["unet"] += time.perf_counter() - tick
-            progress.update(task, completed=unet_step, loss=loss.item())
-            if unet_step % options.log_every == 0 or unet_step == steps_unet:
-                history["unet_loss"].append([unet_step, float(np.mean(window))])
-                log(f"UNet step {unet_step}/{steps_unet} loss {np.mean(window):.4f} "
-                    f"({history['seconds']['unet'] / unet_step:.2f} s/step)")
-                window = []
-            if unet_step % options.checkpoint_every == 0 or unet_step == steps_unet:
-                checkpoint({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                            "optimizer": optimizer.state_dict(), "lr_schedule": warmup.state_dict(),
-                            "ema": ema.state_dict()})
-
-    # ---- the EMA weights are the model; measure and export them
-    ema.copy_to(trainable)
-    unet.eval()
-    text_encoder.eval()
-    heldout_loss = _heldout_denoising(unet, text_encoder, vae, tokenizer, heldout_images, heldout_captions, seed,
-                                      alphas_cumprod)
-    log(f"held-out denoising MSE by timestep {heldout_loss}")
-    tick = time.perf_counter()
-    prompts = list(SAMPLE_PROMPTS)
-    per_prompt = 4
-    samples = sample_images(unet, vae, text_encoder, tokenizer, [p for p in prompts for _ in range(per_prompt)], seed,
-                            options.sample_steps, options.guidance)
-    save_png(out / "samples.png", image_grid([(p, samples[i * per_prompt : (i + 1) * per_prompt])
-                                              for i, p in enumerate(prompts)]))
-    shown = min(8, len(heldout_np))
-    save_png(out / "reconstructions.png", image_grid([
-        ("held-out originals", heldout_np[:shown]),
-        (f"VAE reconstructions (mean PSNR {vae_psnr.mean():.1f} dB)", recon[:shown]),
-    ]))
-    history["seconds"]["samples"] = time.perf_counter() - tick
-    import diffusers
-    import transformers
-
-    record = {
-        "what": "the project's small Stable-Diffusion-shaped base model, pretrained by `dualanodiff pretrain-base`",
-        "settings": settings,
-        "steps": {"vae": vae_step, "unet": unet_step},
-        "parameters": {"unet": _count(unet), "vae": _count(vae), "text_encoder": _count(text_encoder)},
-        "data": {
-            "source": "dualanodiff.synthetic, rendered on the fly (stream 0: training, stream 1: held out)",
-            "categories": {name: sorted(spec.defects) for name, spec in CATEGORIES.items()},
-            "mix": "45% normal, 45% defective, 10% defect-only part images (defect on mid-grey)",
-            "augmentation": "random flip / quarter turn; colour jitter (saturation, hue, contrast, brightness) on 30%",
-            "train_images": options.train_images,
-            "heldout_images": options.heldout_images,
-            "empty_caption_share": options.empty_caption,
-            "caption_examples": train_captions[:8],
-        },
-        "latent_scaling_factor": scale,
-        "seconds": history["seconds"],
-        "seconds_per_step": {
-            "vae": history["seconds"]["vae"] / max(vae_step, 1),
-            "unet": history["seconds"]["unet"] / max(unet_step, 1),
-        },
-        "losses": {"vae": history["vae_loss"], "unet": history["unet_loss"]},
-        "heldout": {
-            "vae_psnr_db": float(vae_psnr.mean()),
-            "vae_psnr_db_min": float(vae_psnr.min()),
-            "denoising_mse_by_timestep": heldout_loss,
-        },
-        "samples": {"scheduler": "DDIM", "steps": options.sample_steps, "guidance": options.guidance,
-                    "prompts": prompts},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
-    }
-    _export(out, unet, vae, text_encoder, tokenizer, record)
+    run = _start_run(out, resolution, seed, options, resume, force, device, time_budget, log)
+    data = _render_data(run, resolution, seed, workers)
+    models = _build_models(run, resolution, seed)
+    with _progress(show_progress) as progress:
+        _train_vae(run, models, data, steps_vae, progress)
+        latents = _encode_corpus(run, models, data)
+        ema = _train_unet(run, models, data, latents, steps_unet, progress)
+    ema.copy_to(models.trainable())  # the EMA weights are the model
+    models.unet.eval()
+    models.text_encoder.eval()
+    figures, sheets = _measure(run, models, data, seed)
+    _write_sheets(run, models, seed, sheets, figures["vae_psnr_db"])
+    record = _record(run, models, data, latents[2], figures, preset, workers)
+    _export(out, models, record, options)
     load_base_model(str(out))  # the directory must load the way users will load it
     return record
-
-
-@torch.no_grad()
-def _heldout_denoising(unet, text_encoder, vae, tokenizer, images, captions, seed, alphas_cumprod) -> dict[str, float]:
-    """Plain epsilon MSE on held-out latents at fixed timesteps and fixed noise."""
-    means, _ = encode_latents(vae, images)
-    latents = means * vae.config.scaling_factor
-    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
-    generator = torch.Generator().manual_seed(seed + 1)
-    result = {}
-    for t in (50, 250, 500, 750, 950):
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.full((len(latents),), t)
-        result[str(t)] = round(float(diffusion_loss(unet, text_encoder, latents, ids, noise, timesteps, alphas_cumprod,
-                                                    None)), 5)
-    return result
