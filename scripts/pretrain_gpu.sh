@@ -78,7 +78,8 @@ else
   say "no wheels in $WHEELS: using the installed packages"
 fi
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# NVML for "is there a GPU?": no CUDA context before the data's worker processes are forked
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTORCH_NVML_BASED_CUDA_CHECK=1
 
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, diffusers, transformers, dualanodiff.pretrain

@@ -381,6 +381,7 @@ class _Run:
     device: torch.device
     mixed: bool  # bf16 autocast
     generator: torch.Generator | None  # on the device, made once the data is rendered
+    host_generator: torch.Generator  # on the CPU: draws the host needs (crop offsets) without a device sync
     log: Callable[[str], None]
     started: float
     deadline: float | None
@@ -400,6 +401,7 @@ class _Run:
     def checkpoint(self, **parts) -> None:
         state = {
             "settings": self.settings, "generator": self.generator.get_state(), "generator_device": self.device.type,
+            "host_generator": self.host_generator.get_state(),
             "history": self.history, "vae_step": self.steps["vae"], "unet_step": self.steps["unet"],
             "plans": self.plans, **parts,
         }
@@ -449,9 +451,10 @@ def _start_run(out, resolution, seed, options, resume, force, device, time_budge
         raise UserError(f"--out {out}: this run was checkpointed on {state['generator_device']}; resume it there "
                         f"(--device {state['generator_device']})")
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(out, options, settings, target, target.type == "cuda", None, log, started,
-               None if time_budget is None else started + time_budget, state)
+    run = _Run(out, options, settings, target, target.type == "cuda", None, torch.Generator().manual_seed(seed + 1),
+               log, started, None if time_budget is None else started + time_budget, state)
     if state is not None:
+        run.host_generator.set_state(state["host_generator"])
         run.history, run.plans = state["history"], state.get("plans", {})
         run.steps = {"vae": state["vae_step"], "unet": state["unet_step"]}
         log(f"resuming at VAE step {run.steps['vae']}, UNet step {run.steps['unet']}")
@@ -567,7 +570,7 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: 
         for group in optimizer.param_groups:
             group["lr"] = opts.vae_lr * _cosine(step, clock.total(), opts.warmup // 4)
         index = torch.randint(len(images), (opts.vae_batch,), generator=run.generator, device=run.device)
-        y, x = torch.randint(resolution - crop + 1, (2,), generator=run.generator, device=run.device).tolist()
+        y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         with run.autocast():
             loss = vae_loss(vae, _to_model(images[index, :, y : y + crop, x : x + crop]), opts.kl_weight, run.generator)
         optimizer.zero_grad()
