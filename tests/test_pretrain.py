@@ -24,7 +24,7 @@ from dualanodiff.model.base import ARCHITECTURES, build_tokenizer, load_base_mod
 from dualanodiff.pretrain import (
     PRESETS,
     TIMESTEP_BUCKETS,
-    _StepClock,
+    _Stage,
     latent_scaling_factor,
     measure_base,
     pretrain_base,
@@ -166,7 +166,7 @@ def test_resume_in_the_vae_stage_continues_from_its_checkpoint(tmp_path):
 def test_a_time_budget_stops_each_stage_by_the_clock_and_plans_its_steps(tmp_path, monkeypatch):
     ticks = iter(range(10**9))
     monkeypatch.setattr(pretrain, "_now", lambda: next(ticks) * 0.05)  # a clock that moves only when read
-    monkeypatch.setattr(_StepClock, "CALIBRATE", (1, 3))
+    monkeypatch.setattr(_Stage, "CALIBRATE", (1, 3))
     record = run(tmp_path / "timed", steps_vae=10**6, steps_unet=10**6, time_budget=2.0)
     assert 3 <= record["steps"]["vae"] < record["steps"]["unet"] < 100, "the VAE has a fifth of the time"
     assert set(record["planned_steps"]) == {"vae", "unet"}

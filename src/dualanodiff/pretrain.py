@@ -495,24 +495,80 @@ def _render_data(run: _Run, resolution: int, seed: int, workers: int) -> Data:
     return data
 
 
-class _StepClock:
-    """Per-stage wall clock: how long steps take, how many fit before the stage's deadline."""
+class _Stage:
+    """One training stage's bookkeeping, so that its loop shows only the step itself: the step count, the
+    wall clock (time the first steps, plan how many fit before the deadline, stop there), the loss window
+    and its log line, the progress bar and when to checkpoint.
+
+        stage = _Stage(run, "unet", "UNet", deadline, max_steps, progress)
+        while stage.running():
+            loss = ...one step...
+            if stage.record(loss):
+                save()
+        if stage.finish():  # stopped early: save where it stopped
+            save()
+    """
 
     CALIBRATE = (5, 25)  # time steps 5..25 (after warm-up: kernel selection, allocator growth)
 
-    def __init__(self, run: _Run, stage: str, deadline: float | None, max_steps: int):
-        self.run, self.stage, self.deadline, self.max_steps = run, stage, deadline, max_steps
+    def __init__(self, run: _Run, key: str, label: str, deadline: float | None, max_steps: int, progress: Progress):
+        self.run, self.key, self.label, self.deadline, self.max_steps = run, key, label, deadline, max_steps
+        self.progress = progress
+        self.task = progress.add_task(label, total=max_steps, completed=min(run.steps[key], max_steps))
+        self.window: list[torch.Tensor] = []
         self.mark: tuple[int, float] | None = None
+        self.earlier = run.history["seconds"].setdefault(key, 0.0)  # seconds before a resume
+        self.started = time.perf_counter()
+
+    @property
+    def step(self) -> int:
+        return self.run.steps[self.key]
 
     def total(self) -> int:
         """The stage's step count for schedules: the plan under a time budget, else the maximum."""
         if self.deadline is None:
             return self.max_steps
-        return min(self.run.plans.get(self.stage, self.max_steps), self.max_steps)
+        return min(self.run.plans.get(self.key, self.max_steps), self.max_steps)
 
-    def tick(self, step: int) -> None:
-        """Called after `step` steps are done: at the calibration window's ends, time it and plan."""
-        if self.deadline is None or self.stage in self.run.plans:
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def running(self) -> bool:
+        """Another step? Not past the step count, nor past the deadline (every stage takes at least one step,
+        so that it has something to save)."""
+        if self.step >= self.total():
+            return False
+        if self.deadline is not None and self.step > 0 and _now() >= self.deadline:
+            self.run.stopped[self.key] = f"time budget, after {self.step} of {self.total()} planned steps"
+            return False
+        return True
+
+    def record(self, loss: torch.Tensor) -> bool:
+        """Count the step just taken, plan, log; True when a checkpoint is due."""
+        step = self.run.steps[self.key] = self.step + 1
+        self.window.append(loss.detach())
+        self._plan(step)
+        self.progress.update(self.task, completed=step, total=self.total())
+        opts = self.run.options
+        if step % opts.log_every == 0 or step == self.total():
+            mean = _mean_loss(self.window, self.label, step)
+            self.run.history[f"{self.key}_loss"].append([step, mean])
+            self.run.log(f"{self.label} step {step}/{self.total()} loss {mean:.4f} ({self.seconds() / step:.3f} s/step)")
+            self.window = []
+        due = bool(opts.checkpoint_every and step % opts.checkpoint_every == 0) or step == self.total()
+        if due:
+            self.run.history["seconds"][self.key] = self.seconds()
+        return due
+
+    def finish(self) -> bool:
+        """After the loop: the stage's time; True when it stopped early (then save where it stopped)."""
+        self.run.sync()
+        self.run.history["seconds"][self.key] = self.seconds()
+        return self.key in self.run.stopped
+
+    def _plan(self, step: int) -> None:
+        """At the calibration window's ends, time it and plan the steps that fit."""
+        if self.deadline is None or self.key in self.run.plans:
             return
         first, last = self.CALIBRATE
         if step in (first, last):
@@ -522,12 +578,16 @@ class _StepClock:
         elif step == last and self.mark is not None:
             seconds = (_now() - self.mark[1]) / (step - self.mark[0])
             fit = step + int(max(self.deadline - _now(), 0) / seconds)
-            self.run.plans[self.stage] = min(self.max_steps, fit)
-            self.run.log(f"{self.stage}: {seconds * 1000:.1f} ms/step, planning {self.run.plans[self.stage]} steps")
+            self.run.plans[self.key] = min(self.max_steps, fit)
+            self.run.log(f"{self.label}: {seconds * 1000:.1f} ms/step, planning {self.run.plans[self.key]} steps")
 
-    def out_of_time(self, step: int) -> bool:
-        """Past the deadline (every stage takes at least one step, so that it has something to save)."""
-        return self.deadline is not None and step > 0 and _now() >= self.deadline
+
+def _mean_loss(window: list[torch.Tensor], stage: str, step: int) -> float:
+    mean = float(torch.stack(window).float().mean()) if window else float("nan")
+    if not math.isfinite(mean):
+        raise UserError(f"{stage} loss became {mean} by step {step}; resume from the last checkpoint with a lower "
+                        "learning rate, or start over with another seed")
+    return mean
 
 
 def _progress(show: bool) -> Progress:
@@ -546,8 +606,7 @@ def _stage_deadline(run: _Run, share: float) -> float | None:
 def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: Progress) -> None:
     """Stage 2: the VAE, on random crops of the training images. Skipped when the checkpoint is past it."""
     opts, vae = run.options, models.vae
-    frozen = run.state is not None and run.state.get("unet") is not None
-    if frozen:
+    if run.state is not None and run.state.get("unet") is not None:
         if max_steps != run.steps["vae"]:
             run.log(f"the VAE is already frozen after {run.steps['vae']} steps; --steps-vae {max_steps} is ignored")
         return
@@ -557,18 +616,15 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=opts.vae_lr, weight_decay=0.0, fused=run.mixed or None)
     if run.state is not None and "vae_optimizer" in run.state:
         optimizer.load_state_dict(run.state["vae_optimizer"])
-    clock = _StepClock(run, "vae", _stage_deadline(run, opts.vae_share), max_steps)
-    task = progress.add_task("VAE", total=max_steps, completed=min(run.steps["vae"], max_steps))
+
+    def checkpoint() -> None:
+        run.checkpoint(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict())
+
     vae.train()
-    window, seconds = [], run.history["seconds"].setdefault("vae", 0.0)
-    tick = time.perf_counter()
-    while run.steps["vae"] < clock.total():
-        if clock.out_of_time(run.steps["vae"]):
-            run.stopped["vae"] = f"time budget, after {run.steps['vae']} of {clock.total()} planned steps"
-            break
-        step = run.steps["vae"]
+    stage = _Stage(run, "vae", "VAE", _stage_deadline(run, opts.vae_share), max_steps, progress)
+    while stage.running():
         for group in optimizer.param_groups:
-            group["lr"] = opts.vae_lr * _cosine(step, clock.total(), opts.warmup // 4)
+            group["lr"] = opts.vae_lr * _cosine(stage.step, stage.total(), opts.warmup // 4)
         index = torch.randint(len(images), (opts.vae_batch,), generator=run.generator, device=run.device)
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         with run.autocast():
@@ -577,32 +633,10 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        run.steps["vae"] = step = step + 1
-        window.append(loss.detach())
-        clock.tick(step)
-        progress.update(task, completed=step, total=clock.total())
-        if step % opts.log_every == 0 or step == clock.total():
-            mean = _mean_loss(window, "VAE", step)
-            run.history["vae_loss"].append([step, mean])
-            elapsed = seconds + time.perf_counter() - tick
-            run.log(f"VAE step {step}/{clock.total()} loss {mean:.4f} ({elapsed / step:.3f} s/step)")
-            window = []
-        if (opts.checkpoint_every and step % opts.checkpoint_every == 0) or step == clock.total():
-            run.history["seconds"]["vae"] = seconds + time.perf_counter() - tick
-            run.checkpoint(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict())
-    run.sync()
-    run.history["seconds"]["vae"] = seconds + time.perf_counter() - tick
-    if "vae" in run.stopped:
-        run.checkpoint(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict())
-    del images
-
-
-def _mean_loss(window: list[torch.Tensor], stage: str, step: int) -> float:
-    mean = float(torch.stack(window).float().mean()) if window else float("nan")
-    if not math.isfinite(mean):
-        raise UserError(f"{stage} loss became {mean} by step {step}; resume from the last checkpoint with a lower "
-                        "learning rate, or start over with another seed")
-    return mean
+        if stage.record(loss):
+            checkpoint()
+    if stage.finish():
+        checkpoint()
 
 
 def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -619,12 +653,12 @@ def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor,
 def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tensor, torch.Tensor, float],
                 max_steps: int, progress: Progress) -> EMAModel:
     """Stage 3: UNet + text encoder on the frozen VAE's latents, min-SNR epsilon loss, EMA of the weights."""
-    opts = run.options
+    opts, gen, device = run.options, run.generator, run.device
     means, stds, scale = latents
     tokenizer = models.tokenizer
-    ids = tokenizer(data.train.captions, padding="max_length", truncation=True, return_tensors="pt").input_ids.to(run.device)
-    empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0].to(run.device)
-    alphas_cumprod = sd_scheduler().alphas_cumprod.to(run.device)
+    ids = tokenizer(data.train.captions, padding="max_length", truncation=True, return_tensors="pt").input_ids.to(device)
+    empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0].to(device)
+    alphas_cumprod = sd_scheduler().alphas_cumprod.to(device)
     trainable = models.trainable()
     optimizer = torch.optim.AdamW(trainable, lr=opts.unet_lr, weight_decay=1e-2, fused=run.mixed or None)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / opts.warmup))
@@ -635,7 +669,7 @@ def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tens
         optimizer.load_state_dict(run.state["optimizer"])
         warmup.load_state_dict(run.state["lr_schedule"])
         ema.load_state_dict(run.state["ema"])
-    ema.to(run.device)
+    ema.to(device)
 
     def checkpoint() -> None:
         run.checkpoint(vae=models.vae.state_dict(), unet=models.unet.state_dict(),
@@ -644,15 +678,8 @@ def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tens
 
     models.unet.train()
     models.text_encoder.train()
-    clock = _StepClock(run, "unet", run.deadline, max_steps)
-    task = progress.add_task("UNet", total=max_steps, completed=min(run.steps["unet"], max_steps))
-    window, seconds = [], run.history["seconds"].setdefault("unet", 0.0)
-    tick = time.perf_counter()
-    gen, device = run.generator, run.device
-    while run.steps["unet"] < clock.total():
-        if clock.out_of_time(run.steps["unet"]):
-            run.stopped["unet"] = f"time budget, after {run.steps['unet']} of {clock.total()} planned steps"
-            break
+    stage = _Stage(run, "unet", "UNet", run.deadline, max_steps, progress)
+    while stage.running():
         index = torch.randint(len(means), (opts.unet_batch,), generator=gen, device=device)
         sample = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen, device=device)) * scale
         noise = torch.randn(sample.shape, generator=gen, device=device)
@@ -668,22 +695,9 @@ def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tens
         optimizer.step()
         warmup.step()
         ema.step(trainable)
-        run.steps["unet"] = step = run.steps["unet"] + 1
-        window.append(loss.detach())
-        clock.tick(step)
-        progress.update(task, completed=step, total=clock.total())
-        if step % opts.log_every == 0 or step == clock.total():
-            mean = _mean_loss(window, "UNet", step)
-            run.history["unet_loss"].append([step, mean])
-            elapsed = seconds + time.perf_counter() - tick
-            run.log(f"UNet step {step}/{clock.total()} loss {mean:.4f} ({elapsed / step:.3f} s/step)")
-            window = []
-        if (opts.checkpoint_every and step % opts.checkpoint_every == 0) or step == clock.total():
-            run.history["seconds"]["unet"] = seconds + time.perf_counter() - tick
+        if stage.record(loss):
             checkpoint()
-    run.sync()
-    run.history["seconds"]["unet"] = seconds + time.perf_counter() - tick
-    if "unet" in run.stopped:
+    if stage.finish():
         checkpoint()
     return ema
 
