@@ -481,6 +481,7 @@ def pretrain_base_command(
     )
     console.print(
         f"wrote {out}: VAE held-out PSNR {record['heldout']['vae_psnr_db']:.2f} dB, "
+        f"{record['steps']['unet']} UNet steps in {record['wall_seconds']:.0f} s on {record['compute']['device']}, "
         f"samples in {out / 'samples.png'}"
     )
 
