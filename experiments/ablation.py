@@ -42,13 +42,30 @@ VARIANTS = {
     "added-lr-x10": CANDIDATE | {"train.added_lr_scale": 10.0},
     "added-lr-x0.1": CANDIDATE | {"train.added_lr_scale": 0.1},
     "saim-to-anomaly": CANDIDATE | {"model.saim_direction": "to_anomaly"},
+    "independent-noise-in-training-saim-to-anomaly": CANDIDATE | {"train.noise": "independent", "model.saim_direction": "to_anomaly"},
     "defect-loss-weight-4": CANDIDATE | {"train.defect_loss_weight": 4.0},
     "lora-ff-conv": CANDIDATE | {"model.lora_targets": "attention+ff+conv"},
     "no-saim": CANDIDATE | {"model.saim": False},
     "no-bcm": CANDIDATE | {"model.bcm": False},
 }
+# the defaults chosen from the first rounds: the candidate with the paper's independent training noise
+FINAL = CANDIDATE | {"train.noise": "independent"}
+VARIANTS |= {
+    "final-independent-noise-at-generation": FINAL | {"generate.initial_noise": "independent"},
+    "final-no-saim": FINAL | {"model.saim": False},
+    "final-vfx-sks": FINAL | {"model.global_prompt": "a vfx with sks", "model.anomaly_prompt": "sks"},
+    "final-vfx-sks-learned": FINAL | {"model.global_prompt": "a vfx with sks", "model.anomaly_prompt": "sks", "model.learned_words": "vfx sks"},
+    "final-lr-1e-4": FINAL | {"train.lr": 1e-4},
+    "final-saim-to-anomaly": FINAL | {"model.saim_direction": "to_anomaly"},
+    "final-defect-loss-weight-4": FINAL | {"train.defect_loss_weight": 4.0},
+    "final-lora-ff-conv": FINAL | {"model.lora_targets": "attention+ff+conv"},
+    "final-no-bcm": FINAL | {"model.bcm": False},
+}
 # variants that differ from another only in sampling reuse its trained run
-TRAINED_AS = {"independent-noise-at-generation": "candidate"}
+TRAINED_AS = {
+    "independent-noise-at-generation": "candidate",
+    "final-independent-noise-at-generation": "independent-noise-in-training",
+}
 NUM = 16  # pairs asked per variant
 TRIES = 3  # attempts allowed per pair asked
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dualanodiff.demo import DemoHooks, consistency_figures, demo_config, run_demo
+from dualanodiff.demo import DemoHooks, demo_config, pair_figures, run_demo
 from dualanodiff.errors import UserError
 
 
@@ -20,7 +20,7 @@ def tiny_demo_config(defect: str = "hole"):
     cfg.generate.num = 2
     cfg.generate.steps = 2
     cfg.generate.filter = False  # a random base makes no defects worth filtering
-    cfg.evaluate.epochs = 1
+    cfg.evaluate.steps = 2
     cfg.evaluate.resolution = 32
     cfg.evaluate.base_width = 4
     return cfg
@@ -34,15 +34,20 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     text = report.read_text()
     results = json.loads((out / "evaluation.json").read_text())
     names = [row["name"] for row in results["generators"]]
-    assert names == ["dualanodiff", "no-saim", "no-bcm", "crop-paste", "perlin"]
+    assert names == ["dualanodiff", "no-saim", "no-bcm", "crop-paste", "perlin", "crop-paste+dualanodiff"]
+    combined = results["generators"][-1]
+    assert combined["metrics"]["pairs"] == results["generators"][0]["metrics"]["pairs"] + results["generators"][3]["metrics"]["pairs"]
     for row in results["generators"]:
         assert f"| {row['name']} | " in text
         ap = row["metrics"]["pixel_ap"]
         assert f"{100 * ap:.1f}" in text
-    ours = consistency_figures(out / "generated" / "dualanodiff" / "nut" / "hole")
-    assert ours["kept"] == 2 and f"{ours['consistency_mean']:.2f} dB" in text
-    assert "## Ablation" in text and "| no-saim |" in text
-    for figure in ("pairs_dualanodiff", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "consistency"):
+    ours = pair_figures(out / "generated" / "dualanodiff" / "nut" / "hole")
+    assert ours["kept"] == 2 and ours["kept_rate"] == 1.0
+    assert f"mean {ours['alignment_mean']:.2f}, median {ours['alignment_median']:.2f}" in text
+    assert f"{ours['consistency_mean']:.2f} dB" in text
+    assert "2 of 2 generation attempts kept (100 %)" in text
+    assert "## Ablation" in text and "| no-saim |" in text and "SAIM " in text
+    for figure in ("pairs_dualanodiff", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "alignment"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()
     assert "<table>" in html and 'src="figures/pairs_dualanodiff.png"' in html

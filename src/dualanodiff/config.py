@@ -43,7 +43,9 @@ class ModelConfig:
     lora_targets: Literal["attention", "attention+ff", "attention+ff+conv"] = "attention"  # UNet layers with LoRA
     saim: bool = True
     saim_rank: int = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
-    saim_init: Literal["official", "zero"] = "official"  # official: nn.Linear's default init; zero: output at 0
+    # zero: SAIM's output starts at 0 (ours); official: nn.Linear's default init, as the reference code (measured
+    # to turn the global branch's objects into texture within 300 few-shot steps: experiments/ABLATION.md)
+    saim_init: Literal["official", "zero"] = "zero"
     saim_direction: Literal["both", "to_anomaly"] = "both"  # both (paper); to_anomaly: only the part reads the image
     bcm: bool = True
     bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
@@ -77,7 +79,9 @@ class GenerateConfig:
     scheduler: str = "pndm"
     batch_size: int = 4
     seed: int = 0
-    initial_noise: Literal["independent", "shared"] = "independent"  # x_T of a pair's two rows
+    # x_T of a pair's two rows: shared (one draw, ours: puts the part's defect where the image's is) or
+    # independent (paper and reference code)
+    initial_noise: Literal["independent", "shared"] = "shared"
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
     mask_floor: float = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
     min_component: int = 16  # pixels; smaller connected components are dropped
