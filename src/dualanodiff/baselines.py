@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,31 +425,31 @@ def _run(category, defect, num, out, seed, settings, force, progress, make) -> P
     """Resume or start a folder of pairs: attempt ``a`` always uses seed ``seed + a``."""
     if num < 1:
         raise UserError(f"--num {num}: must be at least 1")
-    writer = PairWriter(out, category.name, defect)
-    if force and writer.dir.exists():
-        shutil.rmtree(writer.dir)
-    wanted = settings | {"base seed": seed}
-    for row in writer.kept():
-        made = {key: row.get(key) for key in settings} | {"base seed": row["seed"] - row["attempt"]}
-        if made != wanted:
-            raise UserError(
-                f"{writer.dir}: holds pairs made with {_describe(made)}, not {_describe(wanted)}; "
-                "use the same options to add pairs, another --out, or --force to replace them"
-            )
-    done = len(writer.kept())
-    attempt = writer.attempts_done()
-    if progress:
-        progress(done)
-    while done < num:
-        pair = make(np.random.default_rng(seed + attempt))
-        alignment = round(alignment_score(pair.image, pair.mask, pair.region), 4)
-        record = {"attempt": attempt, "seed": seed + attempt, **settings, **pair.record, "alignment": alignment}
-        writer.write(pair.image, pair.mask, pair.part, record)
-        attempt += 1
-        done += 1
+    with PairWriter(out, category.name, defect) as writer:
+        if force:
+            writer.clear()
+        wanted = settings | {"base seed": seed}
+        for row in writer.kept():
+            made = {key: row.get(key) for key in settings} | {"base seed": row["seed"] - row["attempt"]}
+            if made != wanted:
+                raise UserError(
+                    f"{writer.dir}: holds pairs made with {_describe(made)}, not {_describe(wanted)}; "
+                    "use the same options to add pairs, another --out, or --force to replace them"
+                )
+        done = len(writer.kept())
+        attempt = writer.attempts_done()
         if progress:
             progress(done)
-    writer.write_contact_sheet()
+        while done < num:
+            pair = make(np.random.default_rng(seed + attempt))
+            alignment = round(alignment_score(pair.image, pair.mask, pair.region), 4)
+            record = {"attempt": attempt, "seed": seed + attempt, **settings, **pair.record, "alignment": alignment}
+            writer.write(pair.image, pair.mask, pair.part, record)
+            attempt += 1
+            done += 1
+            if progress:
+                progress(done)
+        writer.write_contact_sheet()
     return writer.dir
 
 
