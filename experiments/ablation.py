@@ -22,7 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-CANDIDATE = {
+# the settings before issue 12 (the demo's then: lr 1e-4, vfx/sks), spelled out: the defaults have moved since
+LANDED = {
+    "model.saim_init": "zero",
+    "model.saim_direction": "both",
+    "model.global_prompt": "a vfx with sks",
+    "model.anomaly_prompt": "sks",
+    "train.lr": 1e-4,
+    "train.noise": "independent",
+    "generate.initial_noise": "independent",
+}
+CANDIDATE = LANDED | {
     "model.saim_init": "zero",
     "train.noise": "shared",
     "generate.initial_noise": "shared",
@@ -31,7 +41,7 @@ CANDIDATE = {
     "train.lr": 1e-3,
 }
 VARIANTS = {
-    "landed": {"model.saim_init": "zero"},  # the defaults before issue 12 (demo: lr 1e-4, vfx/sks)
+    "landed": LANDED,
     "candidate": CANDIDATE,
     "saim-official-init": CANDIDATE | {"model.saim_init": "official"},
     "independent-noise-at-generation": CANDIDATE | {"generate.initial_noise": "independent"},
@@ -68,6 +78,7 @@ TRAINED_AS = {
 }
 NUM = 16  # pairs asked per variant
 TRIES = 3  # attempts allowed per pair asked
+EVALUATE_STEPS = 80  # localizer steps (the demo's when the ablation ran)
 
 
 def variant_config(name: str, category_dir: Path, defect: str):
@@ -80,6 +91,7 @@ def variant_config(name: str, category_dir: Path, defect: str):
         raw[section][option] = value
     raw["data"]["data"] = str(category_dir)
     raw["generate"]["num"], raw["generate"]["max_tries_factor"] = NUM, TRIES
+    raw["evaluate"]["steps"] = EVALUATE_STEPS
     return type(cfg).from_dict(raw, f"variant {name}")
 
 

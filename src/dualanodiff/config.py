@@ -46,7 +46,9 @@ class ModelConfig:
     # zero: SAIM's output starts at 0 (ours); official: nn.Linear's default init, as the reference code (measured
     # to turn the global branch's objects into texture within 300 few-shot steps: experiments/ABLATION.md)
     saim_init: Literal["official", "zero"] = "zero"
-    saim_direction: Literal["both", "to_anomaly"] = "both"  # both (paper); to_anomaly: only the part reads the image
+    # to_anomaly (ours): only the part rows read the image; both: the paper's two-way exchange (measured to pull
+    # the image toward the flat part image and to teach the localizer less: experiments/ABLATION.md)
+    saim_direction: Literal["both", "to_anomaly"] = "to_anomaly"
     bcm: bool = True
     bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
     gamma_init: float = 0.1

@@ -228,7 +228,7 @@ def pair_figures(defect_dir: Path) -> dict:
     def finite(key: str) -> list[float]:
         return [float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
 
-    alignment, consistency = finite("alignment"), finite("consistency")
+    alignment, consistency, area = finite("alignment"), finite("consistency"), finite("mask_area")
     dropped = len(rejected_rows(defect_dir))
     return {
         "kept": len(rows),
@@ -238,7 +238,7 @@ def pair_figures(defect_dir: Path) -> dict:
         "alignment_median": statistics.median(alignment) if alignment else math.nan,
         "consistency_mean": statistics.fmean(consistency) if consistency else math.nan,
         "consistency_median": statistics.median(consistency) if consistency else math.nan,
-        "mask_area_mean": statistics.fmean(float(r["mask_area"]) for r in rows) if rows else math.nan,
+        "mask_area_mean": statistics.fmean(area) if area else math.nan,
         "values": alignment,
     }
 
