@@ -71,6 +71,14 @@ VARIANTS |= {
     "final-lora-ff-conv": FINAL | {"model.lora_targets": "attention+ff+conv"},
     "final-no-bcm": FINAL | {"model.bcm": False},
 }
+# the defaults chosen (one-way SAIM on top of FINAL), and the switches not yet measured against them
+CHOSEN = FINAL | {"model.saim_direction": "to_anomaly"}
+VARIANTS |= {
+    "chosen-vfx-sks-learned": CHOSEN | {"model.global_prompt": "a vfx with sks", "model.anomaly_prompt": "sks", "model.learned_words": "vfx sks"},
+    "chosen-lora-ff-conv": CHOSEN | {"model.lora_targets": "attention+ff+conv"},
+    "chosen-defect-loss-weight-4": CHOSEN | {"train.defect_loss_weight": 4.0},
+    "chosen-added-lr-x10": CHOSEN | {"train.added_lr_scale": 10.0},
+}
 # variants that differ from another only in sampling reuse its trained run
 TRAINED_AS = {
     "independent-noise-at-generation": "candidate",
