@@ -466,3 +466,28 @@ def test_a_defect_type_without_kept_pairs_leaves_its_category_evaluated_on_the_o
     assert "over 1 of 2 defect types" in summary and "over 1 categories (1 defect types)" in summary
     assert f"- nut/crack: {reason}" in (out / "summary.md").read_text()
     assert "not scored (no pairs): crack" in table
+
+
+def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, monkeypatch):
+    """run-all's rule, a re-run with other settings redoes the job, holds for generate's refusal to mix pairs."""
+    from dualanodiff.errors import OtherSettings
+
+    forced = []
+
+    def fake_generate(run, out, cfg, force=False, **kwargs):
+        forced.append(force)
+        if not force:
+            raise OtherSettings(f"{out}: holds pairs made with other settings (steps 25 -> 50)")
+        return SimpleNamespace(folder=out / "nut" / "hole", kept=cfg.num, dropped=0)
+
+    (tmp_path / "runs" / "nut" / "hole").mkdir(parents=True)
+    monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
+    monkeypatch.setattr("dualanodiff.runall.trained_steps", lambda run: 10)
+    job, cfg = Job("nut", tmp_path / "data" / "nut", "hole"), Config()
+    cfg.train.steps, cfg.generate.num = 2, 3
+    logged = []
+    status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
+    monkeypatch.setattr(status, "log", logged.append)
+    result = train_and_generate(job, tmp_path, cfg, status)
+    assert forced == [False, True] and result["kept"] == 3
+    assert any("other settings" in line for line in logged)

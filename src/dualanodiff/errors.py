@@ -20,3 +20,8 @@ EXIT_INTERRUPTED = 130
 
 class UserError(Exception):
     """Bad input from the user: the message names the file or option and says what to do."""
+
+
+class OtherSettings(UserError):
+    """An output folder holds results made with other settings (`generate` refuses to mix them; `run-all`,
+    whose re-runs redo a job whose settings changed, replaces them)."""

@@ -48,7 +48,7 @@ from dualanodiff.alignment import alignment_score
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import foreground_mask, load_image, load_mask, natural_key, open_category
 from dualanodiff.devices import resolve_device, resolve_dtype
-from dualanodiff.errors import UserError
+from dualanodiff.errors import OtherSettings, UserError
 from dualanodiff.masks import attention_to_mask, filter_verdict, pair_consistency, part_to_mask, u2net_part_mask
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
@@ -442,7 +442,7 @@ def _check_same_settings(writer: PairWriter, settings: dict) -> None:
     earlier = rows[0]
     changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value]
     if changed:
-        raise UserError(
+        raise OtherSettings(
             f"{writer.dir}: holds pairs made with other settings ({'; '.join(changed)}); "
             "use another --out, or pass --force to replace them"
         )

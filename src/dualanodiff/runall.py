@@ -41,7 +41,7 @@ from pathlib import Path
 
 from dualanodiff.config import Config
 from dualanodiff.data import natural_key, open_category
-from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
+from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, OtherSettings, UserError
 from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.report import COLUMNS, NOT_COMPUTED, format_value
 from dualanodiff.io import atomic_write_text
@@ -199,10 +199,17 @@ def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> d
             cfg, run, resume=resume, log=status.log,
             progress=lambda step, total, losses: status.stage(f"training {step}/{total}"),
         )
-    summary = generation.generate(
-        run, out / GENERATED, cfg.generate, u2net_weights=cfg.data.u2net_weights, log=status.log,
-        progress=lambda done, total: status.stage(f"generating {done}/{total}"),
-    )
+    def pairs(force: bool) -> generation.GenerationSummary:
+        return generation.generate(
+            run, out / GENERATED, cfg.generate, u2net_weights=cfg.data.u2net_weights, log=status.log,
+            progress=lambda done, total: status.stage(f"generating {done}/{total}"), force=force,
+        )
+
+    try:
+        summary = pairs(force=False)  # resumes pairs made with these settings
+    except OtherSettings:  # a re-run with other settings redoes the job
+        status.log(f"replacing the pairs of {job.category}/{job.defect} made with other settings")
+        summary = pairs(force=True)
     reasons = Counter(str(row.get("verdict")) for row in rejected_rows(Path(summary.folder)))
     return {
         "run": str(run), "folder": str(summary.folder), "kept": summary.kept, "asked": cfg.generate.num,
