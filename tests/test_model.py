@@ -104,22 +104,23 @@ def test_one_step_changes_only_the_trainable_set():
     assert any(n.startswith("text_encoder.") for n in changed)
 
 
-def _coupling(saim: bool) -> float:
-    """Largest change of the global prediction when only the anomaly input changes, after one step."""
-    model, _ = build(saim=saim, bcm=False)
+def _coupling(saim: bool, direction: str = "both") -> float:
+    """Largest change of the anomaly prediction when only the global input changes, after one step."""
+    model, _ = build(saim=saim, saim_direction=direction, bcm=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     (x_global, x_anomaly), t = inputs()
     eps_global, eps_anomaly = model(x_global, x_anomaly, t)
     (eps_global - torch.randn_like(eps_global)).square().mean().add(eps_anomaly.square().mean()).backward()
     optimizer.step()
     with torch.no_grad():
-        first, _ = model(x_global, x_anomaly, t)
-        second, _ = model(x_global, x_anomaly + torch.randn_like(x_anomaly), t)
+        _, first = model(x_global, x_anomaly, t)
+        _, second = model(x_global + torch.randn_like(x_global), x_anomaly, t)
     return float((first - second).abs().max())
 
 
 def test_saim_couples_the_branches_after_one_step_and_nothing_else_does():
-    assert _coupling(saim=True) > 1e-4
+    assert _coupling(saim=True, direction="both") > 1e-4
+    assert _coupling(saim=True, direction="to_anomaly") > 1e-4
     assert _coupling(saim=False) <= 1e-6
 
 
