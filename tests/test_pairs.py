@@ -347,3 +347,17 @@ def test_clear_empties_the_folder_and_keeps_the_lock(tmp_path):
         with pytest.raises(UserError, match="another writer"):
             PairWriter(tmp_path, "cat", "hole")
         assert write_pairs(writer, range(1)) == [0]
+
+
+def test_check_settings_names_what_changed_and_passes_on_the_same(tmp_path):
+    from dualanodiff.errors import OtherSettings
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    with PairWriter(tmp_path, "nut", "hole") as writer:
+        writer.check_settings({"steps": 25})  # an empty folder takes any settings
+        writer.write(image, mask, None, {"attempt": 0, "seed": 0, "steps": 25, "scheduler": "dpm"})
+        writer.check_settings({"steps": 25, "scheduler": "dpm"})
+        with pytest.raises(OtherSettings, match=r"other settings \(steps 25 -> 50\).*--force"):
+            writer.check_settings({"steps": 50, "scheduler": "dpm"})

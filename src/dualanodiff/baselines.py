@@ -428,14 +428,8 @@ def _run(category, defect, num, out, seed, settings, force, progress, make) -> P
     with PairWriter(out, category.name, defect) as writer:
         if force:
             writer.clear()
-        wanted = settings | {"base seed": seed}
-        for row in writer.kept():
-            made = {key: row.get(key) for key in settings} | {"base seed": row["seed"] - row["attempt"]}
-            if made != wanted:
-                raise UserError(
-                    f"{writer.dir}: holds pairs made with {_describe(made)}, not {_describe(wanted)}; "
-                    "use the same options to add pairs, another --out, or --force to replace them"
-                )
+        settings = settings | {"base_seed": seed}
+        writer.check_settings(settings)
         done = len(writer.kept())
         attempt = writer.attempts_done()
         if progress:
@@ -451,7 +445,3 @@ def _run(category, defect, num, out, seed, settings, force, progress, make) -> P
                 progress(done)
         writer.write_contact_sheet()
     return writer.dir
-
-
-def _describe(settings: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in settings.items())

@@ -48,11 +48,11 @@ from dualanodiff.alignment import alignment_score
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import foreground_mask, load_image, load_mask, natural_key, open_category
 from dualanodiff.devices import resolve_device, resolve_dtype
-from dualanodiff.errors import OtherSettings, UserError
+from dualanodiff.errors import UserError
 from dualanodiff.masks import attention_to_mask, filter_verdict, pair_consistency, part_to_mask, u2net_part_mask
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
-from dualanodiff.pairs import PairWriter, rejected_rows
+from dualanodiff.pairs import PairWriter
 from dualanodiff.training import ADAPTERS, resize_image, resize_mask, to_model_range, to_uint8
 
 SCHEDULER_ALIASES = {
@@ -386,7 +386,7 @@ def generate(
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect) as writer:
         if force:
             writer.clear()
-        _check_same_settings(writer, settings)
+        writer.check_settings(settings)
         kept, attempt = len(writer.kept()), writer.attempts_done()
         cap = cfg.num * cfg.max_tries_factor
         verdicts: Counter[str] = Counter()
@@ -432,20 +432,6 @@ def generate(
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
     return summary
-
-
-def _check_same_settings(writer: PairWriter, settings: dict) -> None:
-    """`UserError` when the folder's earlier pairs were made from another run or with other settings."""
-    rows = writer.kept() + rejected_rows(writer.dir)
-    if not rows:
-        return
-    earlier = rows[0]
-    changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value]
-    if changed:
-        raise OtherSettings(
-            f"{writer.dir}: holds pairs made with other settings ({'; '.join(changed)}); "
-            "use another --out, or pass --force to replace them"
-        )
 
 
 def _inputs(

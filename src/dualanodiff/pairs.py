@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from dualanodiff.data import IMAGE_EXTENSIONS, load_image, load_mask, natural_key
-from dualanodiff.errors import UserError
+from dualanodiff.errors import OtherSettings, UserError
 from dualanodiff.io import atomic_write_text, save_png
 from dualanodiff.masks import mask_overlay
 
@@ -98,6 +98,19 @@ class PairWriter:
     def kept(self) -> list[dict]:
         """Manifest rows whose files all exist, in index order (the last row wins for an index)."""
         return kept_rows(self.dir)
+
+    def check_settings(self, settings: dict) -> None:
+        """`OtherSettings` when pairs here (kept or dropped) were made with other ``settings`` (keys of
+        their rows): one folder must not mix two experiments. ``--force`` (`clear`) is the way out."""
+        rows = self.kept() + rejected_rows(self.dir)
+        if not rows:
+            return
+        changed = [f"{key} {rows[0].get(key)!r} -> {value!r}" for key, value in settings.items() if rows[0].get(key) != value]
+        if changed:
+            raise OtherSettings(
+                f"{self.dir}: holds pairs made with other settings ({'; '.join(changed)}); "
+                "use another --out, or pass --force to replace them"
+            )
 
     def attempts_done(self) -> int:
         """1 + the largest "attempt" in the manifest and the rejected rows; 0 before the first pair."""
