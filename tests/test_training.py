@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from dualanodiff.cli import main
@@ -309,3 +310,17 @@ def test_cli_resume_without_steps_keeps_the_runs_length(synthetic_root, tmp_path
     assert Config.from_yaml(tmp_path / "run" / "config.yaml").train.steps == 3  # not replaced by the default 5000
     main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4"])
     assert len(losses(tmp_path / "run")) == 4
+
+
+def test_an_empty_training_mask_is_refused_before_anything_is_written(synthetic_root, tmp_path):
+    import shutil
+
+    data = tmp_path / "nut"
+    shutil.copytree(synthetic_root / "nut", data)
+    train_pairs, _ = few_shot_split(open_category(data).defects["hole"])
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(train_pairs[1].mask)
+    cfg = tiny_config(synthetic_root)
+    cfg.data.data = str(data)
+    with pytest.raises(UserError, match=rf"{train_pairs[1].mask.name}: mask is empty.*fix the mask"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()

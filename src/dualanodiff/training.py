@@ -110,6 +110,11 @@ def encode_training_set(
     for pair in pairs:
         image = load_image(pair.image)
         mask = load_mask(pair.mask, image.shape[:2])
+        if not mask.any():
+            raise UserError(
+                f"{pair.mask}: mask is empty (all zero); a few-shot training pair needs its defect marked: "
+                "fix the mask or remove the pair"
+            )
         fg = foreground_mask(image, kind, u2net or None)
         image, mask, fg = resize_image(image, resolution), resize_mask(mask, resolution), resize_mask(fg, resolution)
         targets = training_targets(image, mask, fg)
