@@ -120,14 +120,14 @@ class SelfAttentionInteraction(nn.Module):
     def forward(self, hidden_states: torch.Tensor, pairs: int) -> torch.Tensor:
         paired = hidden_states[: 2 * pairs]
         x = self.proj_in(self.norm(paired))  # per token: no need to regroup the rows into 2-token sequences
-        q, k, v = (proj(x).unflatten(0, (2, pairs)) for proj in (self.to_q, self.to_k, self.to_v))  # (2, P, L, W)
+        # the rows that read from their pair: both (paper), or only the anomaly rows (`to_anomaly`)
+        start = pairs if self.direction == "to_anomaly" else 0
+        q = self.to_q(x[start:]).unflatten(0, (-1, pairs))  # (readers, P, L, W)
+        k, v = (proj(x).unflatten(0, (2, pairs)) for proj in (self.to_k, self.to_v))  # (2, P, L, W)
         # a softmax over the two tokens (global, anomaly) is the sigmoid of the logit difference
         weight = torch.sigmoid((q * (k[0] - k[1])).sum(-1, keepdim=True) * q.shape[-1] ** -0.5)
-        mixed = v[1] + weight * (v[0] - v[1])  # (2, P, L, W): what each token takes from the pair
-        if self.direction == "to_anomaly":  # the global rows stay as the base and their LoRA make them
-            return torch.cat([paired[:pairs], paired[pairs:] + self.to_out(mixed[1]), hidden_states[2 * pairs :]])
-        update = self.to_out(mixed.flatten(0, 1))
-        return torch.cat([paired + update, hidden_states[2 * pairs :]])
+        update = self.to_out((v[1] + weight * (v[0] - v[1])).flatten(0, 1))
+        return torch.cat([paired[:start], paired[start:] + update, hidden_states[2 * pairs :]])
 
 
 class BackgroundCompensation(nn.Module):
