@@ -15,7 +15,8 @@ from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import foreground_mask, load_image, load_mask, open_category
 from dualanodiff.generation import DualAnoDiffPipeline, generate, generate_config
 from dualanodiff.masks import filter_verdict, part_to_mask
-from dualanodiff.training import resize_image, to_uint8, train
+from dualanodiff.images import resize_image, to_uint8
+from dualanodiff.training import train
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -30,7 +30,8 @@ from dualanodiff.synthetic import (
     world_words,
     write_dataset,
 )
-from dualanodiff.training import fill_prompt, to_model_range, to_uint8
+from dualanodiff.images import to_model_range, to_uint8
+from dualanodiff.training import fill_prompt
 
 ALL_DEFECTS = [(c, d) for c, spec in FAMILIES.items() for d in spec.defects]
 NEW_FAMILIES = [name for name in FAMILIES if name not in CATEGORIES]

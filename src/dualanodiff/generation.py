@@ -53,7 +53,8 @@ from dualanodiff.masks import attention_to_mask, filter_verdict, pair_consistenc
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
 from dualanodiff.pairs import PairWriter
-from dualanodiff.training import ADAPTERS, resize_image, resize_mask, to_model_range, to_uint8
+from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
+from dualanodiff.training import ADAPTERS
 
 SCHEDULER_ALIASES = {
     "pndm": "PNDMScheduler",

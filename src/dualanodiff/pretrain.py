@@ -61,6 +61,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
+from dualanodiff.images import batch_to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import (
     ARCHITECTURES,
@@ -180,15 +181,6 @@ def render_corpus(
     return Corpus(images, [caption for _, caption, _ in items], [kind for _, _, kind in items])
 
 
-def _to_model(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 127.5 - 1.0
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def tokenizer_words(arch: Architecture, families: tuple[str, ...]) -> tuple[str, ...]:
     """The words the tokenizer keeps whole: a fixed list (v1), or the pretraining captions' words and the
     paper's identifiers, category names left to be spelled in characters (v2)."""
@@ -221,7 +213,7 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) -> to
     """Posterior-mean reconstructions of uint8 images, in [-1, 1]."""
     device = vae.device
     return torch.cat([
-        vae.decode(vae.encode(_to_model(chunk.to(device))).latent_dist.mode()).sample.float()
+        vae.decode(vae.encode(batch_to_model_range(chunk.to(device))).latent_dist.mode()).sample.float()
         for chunk in images.split(batch)
     ])
 
@@ -242,7 +234,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) ->
     """Posterior mean and standard deviation of every image (unscaled, fp32, on the VAE's device)."""
     means, stds = [], []
     for chunk in images.split(batch):
-        posterior = vae.encode(_to_model(chunk.to(vae.device))).latent_dist
+        posterior = vae.encode(batch_to_model_range(chunk.to(vae.device))).latent_dist
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
     return torch.cat(means), torch.cat(stds)
@@ -310,7 +302,7 @@ def sample_images(
         for t in scheduler.timesteps:
             cond, uncond = unet(torch.cat([latents, latents]), t, context).sample.float().chunk(2)
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-        images.append(_to_uint8(vae.decode(latents / vae.config.scaling_factor).sample))
+        images.append(to_uint8(vae.decode(latents / vae.config.scaling_factor).sample))
     return np.concatenate(images)
 
 
@@ -629,7 +621,7 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: 
         index = torch.randint(len(images), (opts.vae_batch,), generator=run.generator, device=run.device)
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         with run.autocast():
-            loss = vae_loss(vae, _to_model(images[index, :, y : y + crop, x : x + crop]), opts.kl_weight, run.generator)
+            loss = vae_loss(vae, batch_to_model_range(images[index, :, y : y + crop, x : x + crop]), opts.kl_weight, run.generator)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -733,9 +725,9 @@ def denoising_by_bucket(unet, text_encoder, vae, tokenizer, corpus: Corpus, seed
 def vae_figures(vae: AutoencoderKL, data: Data) -> tuple[dict, dict[str, np.ndarray]]:
     """VAE PSNR (dB) on the held-out images: all, per kind, flat mid-grey, the defect and the grey regions of
     part images, and the unseen category; with the reconstructions (uint8) for the sheet."""
-    recon = _to_uint8(reconstruct(vae, data.heldout.images))
-    unseen = _to_uint8(reconstruct(vae, data.unseen.images))
-    grey_recon = _to_uint8(reconstruct(vae, torch.full((1, *data.heldout.images.shape[1:]), 128, dtype=torch.uint8)))
+    recon = to_uint8(reconstruct(vae, data.heldout.images))
+    unseen = to_uint8(reconstruct(vae, data.unseen.images))
+    grey_recon = to_uint8(reconstruct(vae, torch.full((1, *data.heldout.images.shape[1:]), 128, dtype=torch.uint8)))
     originals = data.heldout.images.permute(0, 2, 3, 1).numpy()
     values = psnr(originals, recon)
     kinds = np.array(data.heldout.kinds)

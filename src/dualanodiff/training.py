@@ -38,12 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from PIL import Image
 
 from dualanodiff.config import Config
 from dualanodiff.data import Pair, few_shot_split, foreground_mask, load_image, load_mask, open_category
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import UserError
+from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
@@ -67,24 +67,6 @@ class TrainingSet:
     def sample(self, indices: torch.Tensor, generator: torch.Generator, scaling: float) -> torch.Tensor:
         noise = torch.randn(self.mean[indices].shape, generator=generator)
         return (self.mean[indices] + self.std[indices] * noise) * scaling
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-
-
-def to_model_range(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 3xHxW float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """3xHxW float in [-1, 1] -> HxWx3 uint8."""
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def training_targets(image: np.ndarray, mask: np.ndarray, foreground: np.ndarray) -> torch.Tensor:

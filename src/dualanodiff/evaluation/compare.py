@@ -18,6 +18,7 @@ import torch
 from dualanodiff.config import EvaluateConfig
 from dualanodiff.data import Category, few_shot_split, open_category
 from dualanodiff.errors import UserError
+from dualanodiff.images import batch_to_model_range
 from dualanodiff.evaluation.classification import evaluate_classification
 from dualanodiff.evaluation.generation_metrics import (
     INCEPTION_SIZE,
@@ -189,7 +190,7 @@ def _generation_scores(
 
 def _lpips_input(paths: list[Path], size: int) -> torch.Tensor:
     """Images as LPIPS takes them: (N, 3, size, size) float in [-1, 1]."""
-    return load_images(paths, size).float() / 127.5 - 1
+    return batch_to_model_range(load_images(paths, size))
 
 
 def _mean(values: list[float]) -> float:

@@ -1,0 +1,39 @@
+"""Pixel conversions and resizing: the one home for how images move between files, arrays and the model.
+
+Images on disk and in arrays are HxWx3 uint8 RGB; masks are HxW bool; the model sees float pixels in
+[-1, 1], channels first (3xHxW, or Nx3xHxW for a batch)::
+
+    pixels = to_model_range(load_image("0.png"))      # 3xHxW float in [-1, 1]
+    back = to_uint8(pixels)                            # HxWx3 uint8, equal to the input
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 to size x size, bicubic (the identity when the size already matches)."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """HxW bool to size x size by nearest neighbour: it stays a binary mask."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+
+
+def to_model_range(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float in [-1, 1]."""
+    return batch_to_model_range(torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1))
+
+
+def batch_to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """(N x) 3 x H x W uint8 tensor -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(N x) 3 x H x W float in [-1, 1] -> (N x) H x W x 3 uint8 (rounded, clipped)."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
