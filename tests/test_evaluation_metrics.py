@@ -1,4 +1,4 @@
-"""`localization_metrics`: the six numbers of Table 2, against scikit-learn and by hand."""
+"""`localization_metrics`: the six numbers of Table 2 and AUPRO, against scikit-learn, a threshold sweep and by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from dualanodiff.evaluation import metrics
-from dualanodiff.evaluation.metrics import METRIC_KEYS, f1_max, image_scores_from_maps, localization_metrics
+from dualanodiff.evaluation.metrics import METRIC_KEYS, aupro, f1_max, image_scores_from_maps, localization_metrics
 
 
 def _random_case(seed: int, n: int = 6, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -96,3 +96,64 @@ def test_shape_mismatch_is_an_error():
 
 def test_docstring_example_holds():
     assert doctest.testmod(metrics, raise_on_error=True).attempted >= 3
+
+
+# ---------------------------------------------------------------------------------------------- AUPRO
+
+
+def _aupro_by_threshold_sweep(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """Independent AUPRO: for every distinct score t, FPR and mean region overlap of 'map >= t' counted
+    directly (regions: scipy's 8-connected labels per image), then each segment's area clipped at
+    ``limit`` (the PRO at the limit linearly interpolated), over ``limit``."""
+    regions = []
+    for i, mask in enumerate(masks):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(i, labels == k) for k in range(1, count + 1)]
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        predicted = maps >= t
+        fpr = (predicted & ~masks).sum() / (~masks).sum()
+        pro = np.mean([(predicted[i] & region).sum() / region.sum() for i, region in regions])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1, x1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0), limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+@pytest.mark.parametrize("seed, levels", [(0, None), (1, None), (2, 10), (3, 4)])
+def test_aupro_matches_a_direct_threshold_sweep(seed, levels):
+    maps, masks = _random_case(seed)
+    masks[2, 3:6, 3:6] = masks[2, 6:8, 6:8] = True  # two blocks touching at a corner: one 8-connected region
+    if levels:  # coarse scores: many ties between normal and anomalous pixels
+        maps = np.round(maps * levels) / levels
+    assert aupro(maps, masks) == pytest.approx(_aupro_by_threshold_sweep(maps, masks), abs=1e-12)
+    assert localization_metrics(maps, masks)["pixel_aupro"] == aupro(maps, masks)
+
+
+def test_aupro_hand_computed_with_a_tie():
+    # one 1x14 image: region A = pixels 0-1, region B = 3-4, 10 normal pixels (each adds 0.1 to the FPR)
+    scores = np.array([[[0.9, 0.5, 0.7, 0.8, 0.3, 0.4, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]])
+    mask = np.zeros((1, 1, 14), bool)
+    mask[0, 0, [0, 1, 3, 4]] = True
+    # curve (FPR, PRO): (0, .25) (0, .5) (.1, .5) (.1, .75) (.2, .75), then at 0.3 B's second pixel and two
+    # normal ones together: (.4, 1). Area to 0.3: .1*.5 + .1*.75 + .1*(.75 + .875)/2 = .20625; / .3
+    assert aupro(scores, mask) == pytest.approx(0.6875, abs=1e-12)
+
+
+def test_aupro_regions_are_8_connected():
+    # one region of 3 pixels joined at a corner, its corner pixel found: PRO 1/3 (4-connected: 2 regions, 1/2)
+    mask = np.array([[[1, 0, 0], [0, 1, 1], [0, 0, 0]]], bool)
+    found = np.array([[[1.0, 0, 0], [0, 0, 0], [0, 0, 0]]])
+    # curve (0, 1/3) -> (1, 1); PRO at FPR .3 is 1/3 + .3 * 2/3, so the normalised area is its mean with 1/3
+    assert aupro(found, mask) == pytest.approx((1 / 3 + 1 / 3 + 0.3 * 2 / 3) / 2, abs=1e-12)
+
+
+def test_aupro_needs_a_region_and_a_normal_pixel():
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    assert math.isnan(aupro(maps, np.zeros((2, 4, 4), bool)))
+    assert math.isnan(aupro(maps, np.ones((2, 4, 4), bool)))

@@ -53,13 +53,14 @@ def test_values_are_percent_with_one_decimal_and_a_dash_when_missing():
 
 
 def test_report_files_and_no_overwrite_without_force(tmp_path):
-    results = _results(pixel_auroc=0.991, pixel_ap=0.5, alignment=2.345)
+    results = _results(pixel_auroc=0.991, pixel_ap=0.5, pixel_aupro=0.876, alignment=2.345)
     out = tmp_path / "report.md"
     written = write_report(results, out, json_path=tmp_path / "r.json", csv_path=tmp_path / "r.csv")
     assert written == [out, tmp_path / "report.png", tmp_path / "r.json", tmp_path / "r.csv"]
     text = out.read_text()
     assert "| generator | pairs | pixel AUROC |" in text and text.count("| alignment |") == 2  # table, per defect
-    assert "| ours | 3 | 99.1 | 50.0 | – |" in text and "| – | 2.35 |" in text
+    assert "| ours | 3 | 99.1 | 50.0 | – | 87.6 |" in text and "| – | 2.35 |" in text
+    assert "| pixel F1-max | pixel AUPRO | image AUROC |" in text
     assert "no test-set selection" in text and "![" in text and "- Alignment: mean alignment score" in text
     assert "- IS not computed" in text
     assert Image.open(tmp_path / "report.png").format == "PNG"
@@ -69,7 +70,7 @@ def test_report_files_and_no_overwrite_without_force(tmp_path):
     assert metrics["alignment"] == 2.345 and metrics["pairs"] == 3
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert rows[0]["generator"] == "ours" and rows[0]["pixel_ap"] == "50.0" and rows[0]["accuracy"] == ""
-    assert rows[0]["pairs"] == "3" and rows[0]["alignment"] == "2.35"
+    assert rows[0]["pairs"] == "3" and rows[0]["alignment"] == "2.35" and rows[0]["pixel_aupro"] == "87.6"
     with pytest.raises(UserError, match="report.md: already exists.*--force"):
         write_report(results, out)
     write_report(_results(pixel_auroc=0.5), out, force=True)

@@ -239,7 +239,7 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
 
 
 def metrics(pixel_auroc, image_f1max):
-    return {"pixel_auroc": pixel_auroc, "pixel_ap": 0.5, "pixel_f1max": 0.4,
+    return {"pixel_auroc": pixel_auroc, "pixel_ap": 0.5, "pixel_f1max": 0.4, "pixel_aupro": 0.3,
             "image_auroc": 1.0, "image_ap": 1.0, "image_f1max": image_f1max}
 
 
@@ -282,7 +282,8 @@ def test_summary_rows_and_averages(tmp_path):
     md, csv_path = write_summary(tmp_path, jobs, records)
     table = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert table[-2] == {"category": "average", "defect": "over 2 of 4 defect types", "pixel_auroc": "85.0",
-                         "pixel_ap": "50.0", "pixel_f1max": "40.0", "image_auroc": "100.0", "image_ap": "100.0",
+                         "pixel_ap": "50.0", "pixel_f1max": "40.0", "pixel_aupro": "30.0", "image_auroc": "100.0",
+                         "image_ap": "100.0",
                          "image_f1max": "60.0", "pairs": "2.0", "asked": "3.7", "dropped": "1.7", "seconds": "8.5",
                          "status": "3/4 finished", "note": ""}
     assert table[2]["pixel_auroc"] == "" and (table[0]["pairs"], table[0]["asked"]) == ("0", "4")

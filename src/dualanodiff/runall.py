@@ -282,7 +282,7 @@ def _finish(folder: Path, name: str, record: dict) -> None:
 
 
 def _localization(metrics: dict) -> dict:
-    """The six localization metrics, None where not computed (strict JSON)."""
+    """The localization metrics, None where not computed (strict JSON)."""
     return {key: None if math.isnan(metrics[key]) else float(metrics[key]) for key in METRIC_KEYS}
 
 

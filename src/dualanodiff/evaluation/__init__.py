@@ -2,7 +2,7 @@
 downstream U-Net localization and ResNet-34 classification protocols, IS and IC-LPIPS, and the
 comparison report (`dualanodiff evaluate`).
 
-Modules: `metrics` (the six localization metrics), `localization` (U-Net protocol), `classification`
+Modules: `metrics` (the localization metrics), `localization` (U-Net protocol), `classification`
 (ResNet-34 protocol), `generation_metrics` (IS, LPIPS, IC-LPIPS), `compare` (one run over several
 generators), `report` (Markdown / JSON / CSV / chart), `inputs` (what they read), `training`
 (device, batches, progress).

@@ -165,7 +165,7 @@ def evaluate_localization(
     then score it on the real test split of ``defects`` (default: all of the category's) plus all of
     ``test/good``, everything resized to ``cfg.resolution``.
 
-    Returns the six `localization_metrics` keys over the whole test split, ``"per_defect"`` (the six
+    Returns the `localization_metrics` keys over the whole test split, ``"per_defect"`` (the same
     metrics on each defect type's test part plus all of ``test/good``) and ``"num_test"``.
     """
     check_resolution(cfg.resolution)

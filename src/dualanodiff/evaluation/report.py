@@ -1,5 +1,5 @@
 """The evaluation report: one table per category, rows = generators, columns as the paper's Table 2
-(pixel and image AUROC / AP / F1-max) plus IS, IC-LPIPS, classification accuracy, and the number of
+(pixel and image AUROC / AP / F1-max) and pixel AUPRO (MVTec AD's metric), plus IS, IC-LPIPS, classification accuracy, and the number of
 pairs and their mean image-mask alignment score, written as Markdown (with a bar chart PNG beside it),
 JSON and CSV.
 
@@ -28,6 +28,7 @@ COLUMNS = (
     ("pixel_auroc", "pixel AUROC", True),
     ("pixel_ap", "pixel AP", True),
     ("pixel_f1max", "pixel F1-max", True),
+    ("pixel_aupro", "pixel AUPRO", True),
     ("image_auroc", "image AUROC", True),
     ("image_ap", "image AP", True),
     ("image_f1max", "image F1-max", True),
