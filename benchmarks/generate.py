@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dualanodiff.config import ModelConfig
 from dualanodiff.devices import resolve_device
-from dualanodiff.generation import DualAnoDiffPipeline
+from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
 from dualanodiff.model.dual import DualAnoDiffModel
 
 TARGET_PAIRS = 500  # DESIGN's target: 500 pairs at 512 px in <= 5 minutes on one H100
@@ -107,8 +107,10 @@ def measure_cells(args: argparse.Namespace, device: torch.device) -> dict:
         for scheduler, steps, batch in itertools.product(args.scheduler, args.steps, args.batch_size):
             seeds = list(range(batch))
 
-            def sample(steps=steps, scheduler=scheduler, seeds=seeds):
-                pipe(seeds, steps=steps, guidance=args.guidance, scheduler=scheduler)
+            pipe.scheduler = make_scheduler(scheduler, pipe.model.base.scheduler.config)
+
+            def sample(steps=steps, seeds=seeds):
+                pipe(seeds=seeds, num_inference_steps=steps, guidance_scale=args.guidance, output_type="np")
 
             sample(steps=2)  # warm-up
             with PeakMemory(device) as memory:

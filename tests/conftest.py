@@ -23,6 +23,21 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(synthetic_root, tmp_path_factory) -> Path:
+    """A 2-step training run of nut/hole on the random tiny base at 32 px (rank 4): for sampling tests."""
+    from dualanodiff.config import Config
+    from dualanodiff.training import train
+
+    cfg = Config()
+    cfg.data.data = str(synthetic_root / "nut")
+    cfg.data.defect = "hole"
+    cfg.model.base_model = "tiny-random"
+    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.device = 2, 2, 1e-3, "cpu"
+    return train(cfg, tmp_path_factory.mktemp("tiny-run") / "run")
+
+
+@pytest.fixture(scope="session")
 def hazelnut_photos() -> Path:
     """The real hazelnut photos beside the repository (skipped, with the reason, where absent)."""
     if not SHARED_PHOTOS.is_dir():

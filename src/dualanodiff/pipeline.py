@@ -1,0 +1,364 @@
+"""`DualAnoDiffPipeline`: joint sampling of both branches of a trained model, as a diffusers-style pipeline.
+
+Every denoising step is ONE UNet call over the rows ``[global | anomaly | background]``, each block
+holding ``2P`` rows for ``P`` pairs (the unconditional rows first, then the conditional ones, for
+classifier-free guidance). The background rows are BCM's input: the VAE latents of a background
+``(1 - M_f) * I`` noised to the step's timestep with fresh noise. Any diffusers scheduler runs the loop
+(``pipe.scheduler``, swapped as in diffusers); the official setting is SD-1.5's PNDM, 100 steps,
+guidance 2.5. Each call returns aligned images, masks (from the anomaly-part images, paper §3.3) and the
+part images::
+
+    pipe = DualAnoDiffPipeline.from_run("runs/nut-hole")          # or from_pretrained(BASE) + load_adapters(RUN)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    out = pipe(num_images=4, num_inference_steps=25, guidance_scale=2.5,
+               generator=[torch.Generator().manual_seed(s) for s in range(4)])
+    out.images[0].save("0.png"); out.masks[0].save("0_mask.png")
+
+Each pair draws everything random (initial noise, background noise, a stochastic scheduler's noise)
+from its own ``torch.Generator``, so a pair does not depend on the batch it was sampled in: the pair of
+``seeds=[s]`` (or ``generator=[torch.Generator().manual_seed(s)]``) is the same alone or in a batch, on
+the same device. The two rows of a pair start from one draw (``initial_noise="shared"``, ours: it
+couples where the two branches put the defect) or from independent ones (the paper and reference code).
+
+Inpainting (``normal_image`` + ``mask``): after every step the global branch's latents outside the mask
+(downsampled to latent cells by max-pooling, so it covers the mask) are replaced by the normal image's
+latents noised to the next step. The decoded image is taken from the VAE reconstruction of the normal
+image outside those latent cells, so it stays within VAE reconstruction error of the input there. The
+pair's mask is the part mask intersected with the user mask: a defect the anomaly branch did not draw
+inside the region is not labelled.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from dualanodiff.config import Config, GenerateConfig, ModelConfig
+from dualanodiff.data import foreground_mask, load_image, natural_key
+from dualanodiff.devices import resolve_device, resolve_dtype
+from dualanodiff.errors import UserError
+from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
+from dualanodiff.masks import attention_to_mask, part_to_mask, u2net_part_mask
+from dualanodiff.model.base import load_base_model
+from dualanodiff.model.dual import DualAnoDiffModel
+from dualanodiff.training import ADAPTERS
+
+SCHEDULER_ALIASES = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm-single": "DPMSolverSinglestepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "kdpm2": "KDPM2DiscreteScheduler",
+    "kdpm2-a": "KDPM2AncestralDiscreteScheduler",
+    "deis": "DEISMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+# Stable Diffusion 1.5's scheduler settings where the base's own config does not say (a DDPM config)
+SD_SCHEDULER_DEFAULTS = {"skip_prk_steps": True, "set_alpha_to_one": False}
+OUTPUT_TYPES = ("pil", "np")
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh diffusers scheduler by short name (pndm, ddim, dpm, ...) or class name, on the base's schedule."""
+    import diffusers
+
+    class_name = SCHEDULER_ALIASES.get(name.lower(), name)
+    if class_name not in KarrasDiffusionSchedulers.__members__:
+        choices = ", ".join(SCHEDULER_ALIASES)
+        raise UserError(f"--scheduler {name}: unknown scheduler; choose one of {choices} or a diffusers class name such as DDIMScheduler")
+    try:
+        return getattr(diffusers, class_name).from_config({**SD_SCHEDULER_DEFAULTS, **dict(base_config)})
+    except ImportError:  # e.g. DPMSolverSDEScheduler needs torchsde
+        raise UserError(f"--scheduler {name}: a package it needs is not installed; pick another scheduler") from None
+
+
+def load_run_config(run: Path) -> Config:
+    """A run folder's saved config, or a `UserError` saying it is not a run."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a training run (config.yaml missing); pass the --out folder of `dualanodiff train`")
+    return Config.from_yaml(run / "config.yaml")
+
+
+def prepared_background(image: np.ndarray, kind: str, u2net_weights: str | None = None) -> np.ndarray:
+    """A normal image as BCM's background, as in training: (1 - M_f) * I, mid-grey on the object."""
+    outside = torch.from_numpy(~foreground_mask(image, kind, u2net_weights)).float()
+    return to_uint8(to_model_range(image) * outside)
+
+
+@dataclass
+class DualAnoDiffPipelineOutput(BaseOutput):
+    """One entry per pair. ``output_type="pil"``: RGB images, "L" masks (0/255), RGB part images;
+    ``"np"``: HxWx3 uint8, HxW bool, HxWx3 uint8. ``seeds``: each pair's seed where it is known
+    (``None`` for pairs drawn from caller-made generators). ``attention``: with ``return_attention``,
+    (h, w) maps of the anomaly rows' cross-attention to the anomaly prompt's words."""
+
+    images: list
+    masks: list
+    parts: list
+    seeds: list[int | None]
+    attention: list[np.ndarray] | None = None
+
+
+class DualAnoDiffPipeline:
+    """Joint sampling of both branches of a trained DualAnoDiff model (see the module docstring).
+
+    ``config``: the sampling and mask-extraction defaults (a run's saved ``generate`` section), used for
+    every argument left ``None`` in a call; ``scheduler``: the diffusers scheduler the loop runs.
+    """
+
+    def __init__(
+        self, model: DualAnoDiffModel, backgrounds: list[np.ndarray], resolution: int, device: str = "auto",
+        dtype: str = "fp32", background_names: list[str] | None = None, config: GenerateConfig | None = None,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.resolution = resolution
+        self.config = config or GenerateConfig()
+        self.scheduler = make_scheduler(self.config.scheduler, model.base.scheduler.config)
+        self.u2net_weights = ""  # a TorchScript U²-Net file, for config.mask_method "u2net"
+        self.latent_size = resolution // model.base.vae_scale_factor
+        self.latent_channels = model.unet.config.in_channels
+        self.scaling = model.vae.config.scaling_factor
+        with torch.inference_mode():
+            self.text = {
+                "uncond": model.prompt_embeddings(1, unconditional=True),
+                "cond": model.prompt_embeddings(1),
+            }
+        tokens = model.base.tokenizer(model.cfg.anomaly_prompt, truncation=True).input_ids
+        self.prompt_tokens = list(range(1, len(tokens) - 1)) or [0]  # the anomaly prompt's words, no BOS/EOS
+        self.set_backgrounds(backgrounds, background_names)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: str | Path, model_config: ModelConfig | None = None, device: str = "auto",
+        dtype: str = "fp32", resolution: int = 0,
+    ) -> DualAnoDiffPipeline:
+        """A local base model ('tiny', a diffusers directory, a .safetensors file) with untrained adapters of
+        `model_config`'s shape; `load_adapters` then brings a run's trained ones."""
+        resolve_dtype(dtype, resolve_device(device))  # fail on bad options before loading the model
+        cfg = replace(model_config or ModelConfig(), base_model=str(base_model))
+        model = DualAnoDiffModel(load_base_model(cfg.base_model), cfg)
+        return cls(model, [], resolution or model.base.resolution, device, dtype)
+
+    @classmethod
+    def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32") -> DualAnoDiffPipeline:
+        """The run's base model with its trained adapters, few-shot backgrounds and generate settings."""
+        cfg = load_run_config(Path(run))
+        pipe = cls.from_pretrained(cfg.model.base_model, cfg.model, device, dtype, cfg.data.resolution)
+        return pipe.load_adapters(run)
+
+    @classmethod
+    def from_model(
+        cls, model: DualAnoDiffModel, backgrounds: list[np.ndarray], device: str = "auto", dtype: str = "fp32",
+        resolution: int = 0,
+    ) -> DualAnoDiffPipeline:
+        """A pipeline around an in-memory model; `resolution` 0 means the backgrounds' size, else the base's."""
+        resolution = resolution or (backgrounds[0].shape[0] if backgrounds else model.base.resolution)
+        return cls(model, backgrounds, resolution, device, dtype)
+
+    def load_adapters(self, run: Path | str) -> DualAnoDiffPipeline:
+        """Load a training run's adapters, its few-shot backgrounds (BCM) and its saved generate settings."""
+        run = Path(run)
+        cfg = load_run_config(run)
+        if cfg.model != replace(self.model.cfg, base_model=cfg.model.base_model):
+            raise UserError(f"{run}: its model settings differ from this pipeline's; load it with from_run({str(run)!r})")
+        self.model.load_trainable(run / ADAPTERS)
+        self.model.to(self.device, self.dtype)
+        self.config = cfg.generate
+        self.scheduler = make_scheduler(cfg.generate.scheduler, self.model.base.scheduler.config)
+        with torch.inference_mode():
+            self.text = {"uncond": self.model.prompt_embeddings(1, unconditional=True), "cond": self.model.prompt_embeddings(1)}
+        paths = sorted((run / "backgrounds").glob("*.png"), key=lambda p: natural_key(p.name))
+        self.set_backgrounds([load_image(p) for p in paths], [p.stem for p in paths])
+        return self
+
+    def set_backgrounds(self, backgrounds: list[np.ndarray], names: list[str] | None = None) -> None:
+        """The few-shot backgrounds BCM reads when a call gives none (pair k uses `background_index(seed)`)."""
+        self.backgrounds = [resize_image(b, self.resolution) for b in backgrounds]
+        self.background_names = names or [str(i) for i in range(len(backgrounds))]
+        with torch.inference_mode():
+            self.background_latents = self.encode(self.backgrounds) if self.backgrounds else None
+
+    def background_index(self, seed: int) -> int:
+        """Which few-shot background a pair uses: chosen by its seed, so regeneration picks the same one."""
+        return seed % len(self.backgrounds)
+
+    # --- the pieces of a step ----------------------------------------------------------------------
+
+    def encode(self, images: list[np.ndarray]) -> torch.Tensor:
+        """VAE latent means (scaled), float32, of HxWx3 uint8 images at the pipeline's resolution."""
+        pixels = torch.stack([to_model_range(resize_image(i, self.resolution)) for i in images])
+        latents = self.model.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
+        return latents.float() * self.scaling
+
+    def guided_noise(
+        self, x_global: torch.Tensor, x_anomaly: torch.Tensor, t: torch.Tensor, x_background: torch.Tensor | None,
+        guidance: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free-guided noise of both branches from ONE UNet call over [uncond; cond] rows of each block."""
+        pairs = x_global.shape[0]
+        text = {
+            branch: torch.cat([self.text["uncond"][branch], self.text["cond"][branch]]).repeat_interleave(pairs, 0)
+            for branch in ("global", "anomaly")
+        }
+        x_global, x_anomaly, x_background = (
+            None if x is None else torch.cat([x, x]).to(self.dtype) for x in (x_global, x_anomaly, x_background)
+        )
+        eps_global, eps_anomaly = self.model.predict_noise(x_global, x_anomaly, t.expand(2 * pairs), text, x_background)
+        guided = [u + guidance * (c - u) for u, c in (e.float().chunk(2) for e in (eps_global, eps_anomaly))]
+        return guided[0], guided[1]
+
+    def _attention(self, processors, pairs: int) -> torch.Tensor:
+        """(pairs, h, w): the conditional anomaly rows' attention to the prompt's tokens, averaged over layers."""
+        maps = []
+        for processor in processors:
+            for probabilities in processor.attention_maps:  # (2 * pairs, queries, tokens), uncond rows first
+                heat = probabilities[pairs:, :, self.prompt_tokens].sum(-1)
+                side = int(round(heat.shape[1] ** 0.5))
+                maps.append(F.interpolate(heat.view(pairs, 1, side, side), size=(self.latent_size,) * 2, mode="bilinear"))
+        return torch.cat(maps, 1).mean(1)
+
+    def part_mask(self, part: np.ndarray, attention: np.ndarray | None) -> np.ndarray:
+        """A pair's defect mask by ``config.mask_method``: threshold of the part image, attention or U²-Net."""
+        cfg = self.config
+        if cfg.mask_method == "attention":
+            return attention_to_mask(attention, part.shape[:2], cfg.min_component)
+        if cfg.mask_method == "u2net":
+            return u2net_part_mask(part, self.u2net_weights, min_component=cfg.min_component)
+        return part_to_mask(part, cfg.mask_floor, cfg.min_component)
+
+    def _generators(self, num_images: int | None, generator, seeds: list[int] | None):
+        """(generators, seeds) of a call: per-pair generators from `seeds`, the caller's list, one shared
+        generator (draws interleave: reproducible, but pairs then depend on the batch), or seeds drawn from
+        torch's global random state (``torch.manual_seed`` makes them repeatable)."""
+        if seeds is not None:
+            if generator is not None:
+                raise ValueError("give seeds or generator, not both")
+            seeds = [int(s) for s in seeds]
+            return [torch.Generator().manual_seed(s) for s in seeds], seeds
+        if isinstance(generator, (list, tuple)):
+            if num_images is not None and num_images != len(generator):
+                raise ValueError(f"num_images {num_images} but {len(generator)} generators")
+            return list(generator), [None] * len(generator)
+        count = 1 if num_images is None else num_images
+        if generator is not None:
+            return [generator] * count, [None] * count
+        drawn = torch.randint(0, 2**31 - 1, (count,)).tolist()
+        return [torch.Generator().manual_seed(s) for s in drawn], drawn
+
+    # --- sampling ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        num_images: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        background: np.ndarray | Image.Image | None = None,
+        normal_image: np.ndarray | Image.Image | None = None,
+        mask: np.ndarray | Image.Image | None = None,
+        output_type: str = "pil",
+        *,
+        seeds: list[int] | None = None,
+        initial_noise: str | None = None,
+        return_attention: bool = False,
+    ) -> DualAnoDiffPipelineOutput:
+        """Sample `num_images` aligned (image, mask, part) pairs; `background` replaces the few-shot ones for
+        BCM; `normal_image` + `mask` put the defect into a given normal image inside `mask` (inpainting).
+        Arguments left None come from ``self.config`` (steps, guidance, initial noise)."""
+        cfg = self.config
+        steps = cfg.steps if num_inference_steps is None else num_inference_steps
+        guidance = cfg.guidance if guidance_scale is None else guidance_scale
+        initial_noise = initial_noise or cfg.initial_noise
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+        if (normal_image is None) != (mask is None):
+            raise ValueError("normal_image and mask go together")
+        if steps < 1:
+            raise UserError(f"--steps {steps}: must be at least 1")
+        generators, pair_seeds = self._generators(num_images, generator, seeds)
+        sampler = copy.deepcopy(self.scheduler)  # set_timesteps and multistep solvers keep state per call
+        sampler.set_timesteps(steps, device=self.device)
+        timesteps = sampler.timesteps
+        pairs, shape = len(generators), (self.latent_channels, self.latent_size, self.latent_size)
+
+        def noise(rows_per_pair: int) -> torch.Tensor:  # each pair's draws come from its own generator
+            draws = [torch.randn((rows_per_pair, *shape), generator=g) for g in generators]
+            return torch.stack(draws, 1).flatten(0, 1).to(self.device)  # (rows_per_pair * pairs, ...) row-blocked
+
+        latents = (noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)) * sampler.init_noise_sigma
+        step_kwargs = {"generator": generators + generators} if "generator" in inspect.signature(sampler.step).parameters else {}
+
+        clean_background = None
+        if self.model.cfg.bcm:
+            if background is not None:
+                clean_background = self.encode([np.asarray(background)]).expand(pairs, -1, -1, -1)
+            elif self.background_latents is not None:  # by seed, else by position in the call
+                chosen = [self.background_index(k if s is None else s) for k, s in enumerate(pair_seeds)]
+                clean_background = self.background_latents[chosen]
+            else:
+                raise UserError("background: the model uses BCM but the run has no backgrounds/; pass --background IMAGE")
+
+        inpaint = user_mask = None
+        if normal_image is not None:
+            known = self.encode([np.asarray(normal_image)])
+            user_mask = resize_mask(np.asarray(mask) > 0, self.resolution)
+            free = F.adaptive_max_pool2d(torch.from_numpy(user_mask).float()[None, None], shape[1:]).to(self.device)
+            inpaint = (known, free)  # free: the latent cells touching the mask
+
+        capture = return_attention or cfg.mask_method == "attention"
+        attention = torch.zeros((pairs, *shape[1:]), device=self.device) if capture else None
+        late = len(timesteps) // 2
+        for i, t in enumerate(timesteps):
+            rows = [latents]
+            if clean_background is not None:
+                rows.append(sampler.add_noise(clean_background, noise(1), t.expand(pairs)))
+            model_input = sampler.scale_model_input(torch.cat(rows), t)
+            x_global, x_anomaly = model_input[:pairs], model_input[pairs : 2 * pairs]
+            x_background = model_input[2 * pairs :] if clean_background is not None else None
+            if attention is not None and i >= late:
+                with self.model.capturing_attention() as processors:
+                    eps = self.guided_noise(x_global, x_anomaly, t, x_background, guidance)
+                attention += self._attention(processors, pairs)
+            else:
+                eps = self.guided_noise(x_global, x_anomaly, t, x_background, guidance)
+            latents = sampler.step(torch.cat(eps), t, latents, **step_kwargs).prev_sample
+            if inpaint is not None:
+                known, free = inpaint
+                target = known.expand(pairs, -1, -1, -1)
+                if i + 1 < len(timesteps):
+                    target = sampler.add_noise(target, noise(1), timesteps[i + 1].expand(pairs))
+                latents = torch.cat([free * latents[:pairs] + (1 - free) * target, latents[pairs:]])
+
+        decode = [latents] if inpaint is None else [latents, inpaint[0]]
+        pixels = self.model.vae.decode((torch.cat(decode) / self.scaling).to(self.dtype)).sample.float()
+        images, parts = pixels[:pairs], pixels[pairs : 2 * pairs]
+        if inpaint is not None:
+            free_pixels = F.interpolate(inpaint[1], size=images.shape[-2:], mode="nearest").bool()
+            images = torch.where(free_pixels, images, pixels[2 * pairs :])
+        maps = None if attention is None else list((attention / (len(timesteps) - late)).cpu().numpy())
+        images, parts = list(to_uint8(images)), list(to_uint8(parts))
+        masks = [self.part_mask(part, None if maps is None else maps[k]) for k, part in enumerate(parts)]
+        if user_mask is not None:
+            masks = [m & user_mask for m in masks]
+        if output_type == "pil":
+            images, parts = [Image.fromarray(i) for i in images], [Image.fromarray(p) for p in parts]
+            masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
+        return DualAnoDiffPipelineOutput(images, masks, parts, pair_seeds, maps if return_attention else None)

@@ -1,0 +1,161 @@
+"""DualAnoDiffPipeline: joint guided sampling, generators and seeds, outputs, inpainting, loading and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from PIL import Image
+
+from dualanodiff.config import GenerateConfig, ModelConfig
+from dualanodiff.data import load_image, load_mask
+from dualanodiff.errors import UserError
+from dualanodiff.generation import generate
+from dualanodiff.images import resize_image, to_uint8
+from dualanodiff.masks import part_to_mask
+from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    return DualAnoDiffPipeline.from_run(tiny_run, device="cpu")
+
+
+def using(pipe: DualAnoDiffPipeline, scheduler: str) -> DualAnoDiffPipeline:
+    pipe.scheduler = make_scheduler(scheduler, pipe.model.base.scheduler.config)
+    return pipe
+
+
+def test_output_is_aligned_images_masks_and_parts_in_either_type(pipe):
+    out = using(pipe, "ddim")(seeds=[0, 1], num_inference_steps=3, output_type="np", return_attention=True)
+    assert out.seeds == [0, 1] and len(out.images) == len(out.masks) == len(out.parts) == 2
+    for image, mask, part, attention in zip(out.images, out.masks, out.parts, out.attention):
+        assert image.shape == part.shape == (32, 32, 3) and image.dtype == part.dtype == np.uint8
+        assert mask.dtype == bool and np.array_equal(mask, part_to_mask(part))  # the run's mask method
+        assert attention.shape == (16, 16) and 0 <= attention.min() and attention.max() <= 1
+    pil = pipe(seeds=[0, 1], num_inference_steps=3)
+    assert [i.mode for i in pil.images] == ["RGB", "RGB"] and [m.mode for m in pil.masks] == ["L", "L"]
+    assert pil.attention is None
+    for k in range(2):
+        assert np.array_equal(np.asarray(pil.images[k]), out.images[k])
+        assert np.array_equal(np.asarray(pil.masks[k]), out.masks[k].astype(np.uint8) * 255)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(seeds=[0], num_inference_steps=1, output_type="latent")
+
+
+def test_a_seed_regenerates_bit_exactly_and_independently_of_its_batch(pipe):
+    using(pipe, "ddpm")  # DDPM draws noise in every step too: each pair takes it from its own generator
+    batch = pipe(seeds=[4, 5, 6], num_inference_steps=3, output_type="np")
+    again = pipe(num_images=3, num_inference_steps=3, output_type="np",
+                 generator=[torch.Generator().manual_seed(s) for s in (4, 5, 6)])
+    alone = pipe(seeds=[5], num_inference_steps=3, output_type="np")
+    for name in ("images", "parts", "masks"):
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(batch, name), getattr(again, name)))
+        assert np.abs(getattr(alone, name)[0].astype(int) - getattr(batch, name)[1]).max() <= 1  # float rounding only
+    assert np.abs(batch.images[0].astype(int) - batch.images[1]).mean() > 5  # seeds matter
+    torch.manual_seed(7)
+    drawn = pipe(num_images=2, num_inference_steps=2, output_type="np")
+    torch.manual_seed(7)
+    assert pipe(num_images=2, num_inference_steps=2, output_type="np").seeds == drawn.seeds
+
+
+def test_the_scheduler_swaps_as_in_diffusers(pipe):
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    ddim = pipe(seeds=[3], num_inference_steps=3, output_type="np")
+    assert np.array_equal(ddim.images[0], using(pipe, "ddim")(seeds=[3], num_inference_steps=3, output_type="np").images[0])
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    assert not np.array_equal(ddim.images[0], pipe(seeds=[3], num_inference_steps=3, output_type="np").images[0])
+
+
+def test_guided_noise_of_one_batched_call_equals_two_separate_calls(tiny_run):
+    pipe = DualAnoDiffPipeline.from_run(tiny_run, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # make SAIM and BCM matter, so a wrong row pairing would show
+        for processor in pipe.model.processors:
+            processor.saim.to_out.weight.normal_(0, 0.2)
+            if processor.bcm is not None:
+                processor.bcm.gamma.fill_(0.5)
+    x_global, x_anomaly, x_background = torch.randn(3, 2, 4, 16, 16)
+    t, guidance = torch.tensor(500), 2.5
+    with torch.inference_mode():
+        eps_global, eps_anomaly = pipe.guided_noise(x_global, x_anomaly, t, x_background, guidance)
+        model = pipe.model
+        uncond = model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(2, unconditional=True), x_background)
+        cond = model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(2), x_background)
+    assert not torch.allclose(uncond[0], cond[0], atol=1e-3)
+    torch.testing.assert_close(eps_global, uncond[0] + guidance * (cond[0] - uncond[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_anomaly, uncond[1] + guidance * (cond[1] - uncond[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_inpainting_keeps_pixels_outside_the_mask_and_labels_only_inside(pipe, synthetic_root):
+    normal = resize_image(load_image(sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))[0]), 32)
+    mask = np.zeros((32, 32), bool)
+    mask[9:20, 11:22] = True  # not aligned with the 2-pixel latent cells
+    with torch.inference_mode():
+        reconstruction = to_uint8(pipe.model.vae.decode(pipe.encode([normal]) / pipe.scaling).sample[0])
+
+    def error_outside(image):
+        return np.abs(image.astype(float) - normal)[~mask].mean()
+
+    out = using(pipe, "pndm")(seeds=[0, 1], num_inference_steps=4, normal_image=normal, mask=mask, output_type="np")
+    for image, pair_mask, part in zip(out.images, out.masks, out.parts):
+        assert error_outside(image) <= error_outside(reconstruction) + 1.0
+        assert np.abs(image.astype(float) - reconstruction)[mask].mean() > 2  # a defect was drawn inside
+        assert np.array_equal(pair_mask, part_to_mask(part) & mask)
+    with pytest.raises(ValueError, match="go together"):
+        pipe(seeds=[0], num_inference_steps=1, normal_image=normal)
+
+
+def test_shared_initial_noise_starts_both_rows_from_one_draw():
+    """With one prompt, no SAIM/BCM and zero LoRA both rows are the same model: a shared draw gives
+    identical image and part, independent draws do not."""
+    from dualanodiff.model.base import tiny_random_base
+    from dualanodiff.model.dual import DualAnoDiffModel
+
+    cfg = ModelConfig(rank=4, text_rank=4, saim=False, bcm=False, global_prompt="sks", anomaly_prompt="sks")
+    pipe = using(DualAnoDiffPipeline.from_model(DualAnoDiffModel(tiny_random_base(), cfg), [], device="cpu"), "ddim")
+    shared = pipe(seeds=[3, 4], num_inference_steps=3, initial_noise="shared", output_type="np")
+    independent = pipe(seeds=[3, 4], num_inference_steps=3, initial_noise="independent", output_type="np")
+    assert all(np.array_equal(i, p) for i, p in zip(shared.images, shared.parts))
+    assert all(np.abs(i.astype(int) - p).mean() > 5 for i, p in zip(independent.images, independent.parts))
+    alone = pipe(seeds=[3], num_inference_steps=3, initial_noise="shared", output_type="np")
+    assert np.array_equal(shared.images[0], alone.images[0])
+
+
+def test_from_pretrained_then_load_adapters_is_from_run(tiny_run, pipe):
+    loaded = DualAnoDiffPipeline.from_pretrained(
+        "tiny-random", ModelConfig(rank=4, alpha=4.0, text_rank=4), device="cpu", resolution=32,
+    ).load_adapters(tiny_run)
+    assert loaded.config == pipe.config and loaded.background_names == pipe.background_names
+    for p in (loaded, pipe):
+        using(p, "ddim")
+    a, b = (p(seeds=[2], num_inference_steps=2, output_type="np") for p in (loaded, pipe))
+    assert np.array_equal(a.images[0], b.images[0]) and np.array_equal(a.parts[0], b.parts[0])
+    other = DualAnoDiffPipeline.from_pretrained("tiny-random", ModelConfig(rank=8), device="cpu")
+    with pytest.raises(UserError, match="model settings differ"):
+        other.load_adapters(tiny_run)
+
+
+def test_the_generate_command_writes_exactly_the_pipelines_pairs(tiny_run, pipe, tmp_path):
+    cfg = GenerateConfig(num=3, steps=2, scheduler="ddim", device="cpu", batch_size=2, filter=False, seed=10)
+    summary = generate(tiny_run, tmp_path, cfg)
+    out = using(pipe, "ddim")(seeds=[10, 11, 12], num_inference_steps=2, guidance_scale=cfg.guidance, output_type="np")
+    rows = [json.loads(line) for line in (summary.folder / "manifest.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [10, 11, 12]
+    for row, image, mask, part in zip(rows, out.images, out.masks, out.parts):
+        assert np.array_equal(load_image(summary.folder / row["image"]), image)
+        assert np.array_equal(load_mask(summary.folder / row["mask"]), mask)
+        assert np.array_equal(load_image(summary.folder / row["part"]), part)
+    assert Image.open(summary.folder / rows[0]["mask"]).mode == "L"
