@@ -318,3 +318,72 @@ def test_one_way_saim_leaves_the_global_rows_alone_and_feeds_the_anomaly_rows():
     assert torch.allclose(eps_global, plain.predict_noise(x_global, x_anomaly, t, text)[0], atol=1e-6)
     _, second = model.predict_noise(x_global + torch.randn_like(x_global), x_anomaly, t, text)
     assert (first - second).abs().max() > 1e-3  # the part reads the whole image
+
+
+def _background_grad_run(background_grad: bool, gamma_zero: bool = False, checkpointing: bool = False, **overrides):
+    """float64 outputs and gradients of one training forward + backward (random trainable set, fixed loss weights)."""
+    model, _ = build(bcm_background_grad=background_grad, **overrides)
+    model.double()
+    randomise_trainable(model)
+    if gamma_zero:
+        with torch.no_grad():
+            for processor in model.processors:
+                if processor.bcm is not None:
+                    processor.bcm.gamma.zero_()
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    latents, t = inputs(background=True)
+    outputs = model(*(x.double() for x in latents[:2]), t, latents[2].double())
+    generator = torch.Generator().manual_seed(5)
+    sum((out * torch.randn(out.shape, generator=generator, dtype=out.dtype)).sum() for out in outputs).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(grad is not None for grad in grads.values())
+    return [out.detach() for out in outputs], grads
+
+
+@pytest.mark.parametrize("variant, targets", [("paper", "attention"), ("official", "attention+ff+conv")])
+def test_background_without_autograd_changes_only_the_global_and_text_gradients(variant, targets):
+    """Same outputs; the anomaly LoRA, SAIM, BCM MLP and gamma gradients are unchanged; the global-branch LoRA
+    (background rows use the global adapter and prompt) and the text LoRA lose their path through the background."""
+    with_grad, grads = _background_grad_run(True, bcm_variant=variant, lora_targets=targets)
+    without, grads_without = _background_grad_run(False, bcm_variant=variant, lora_targets=targets)
+    for a, b in zip(with_grad, without):
+        assert (a - b).abs().max() <= 1e-12
+    changed = {name for name in grads if not torch.allclose(grads[name], grads_without[name], rtol=1e-9, atol=1e-15)}
+    assert changed and all(".global." in name or ".text." in name for name in changed)
+    assert any(".global." in name for name in changed) and any(".text." in name for name in changed)
+    assert not any(".anomaly." in name or ".saim." in name or ".bcm." in name for name in changed)
+
+
+def test_background_without_autograd_with_zero_gamma_leaves_every_gradient_unchanged():
+    """With gamma 0 the background path carries no gradient, so the two forms agree on every parameter."""
+    _, grads = _background_grad_run(True, gamma_zero=True)
+    _, grads_without = _background_grad_run(False, gamma_zero=True)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_without[name], rtol=1e-9, atol=1e-15), name
+
+
+def test_background_without_autograd_under_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointing re-runs the paired call in backward: it must still read the stored background states."""
+    outputs, grads = _background_grad_run(False)
+    outputs_ckpt, grads_ckpt = _background_grad_run(False, checkpointing=True)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_ckpt))
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ckpt[name], rtol=1e-9, atol=1e-15), name
+
+
+def test_background_without_autograd_keeps_forward_flops_and_cuts_backward_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(background_grad: bool) -> tuple[int, int]:
+        model, _ = build(bcm_background_grad=background_grad)
+        latents, t = inputs(background=True)
+        with FlopCounterMode(display=False) as forward:
+            outputs = model(*latents[:2], t, latents[2])
+        with FlopCounterMode(display=False) as backward:
+            sum(out.square().mean() for out in outputs).backward()
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    (forward_on, backward_on), (forward_off, backward_off) = flops(True), flops(False)
+    assert forward_on == forward_off  # the same projections and attention, split over two calls
+    assert backward_off < backward_on

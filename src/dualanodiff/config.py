@@ -12,11 +12,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from dualanodiff.errors import UserError
+
+
+PairSize = Union[int, Literal["model", "source"]]
+PAIR_SIZE_NAMES = ("model", "source")
+
+
+def parse_pair_size(value: Any, where: str = "--size") -> int | str:
+    """A pair size as a config or the command line gives it: "model", "source" or a side in pixels (> 0)."""
+    if value in PAIR_SIZE_NAMES:
+        return value
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise UserError(f"{where}: {value!r} is not a size; give model, source or a side in pixels such as 256")
+    return int(text)
 
 
 @dataclass
@@ -28,6 +42,7 @@ class DataConfig:
     flips: bool = True  # random horizontal + vertical flips (official; off for cable)
     foreground: Literal["auto", "object", "texture"] = "auto"
     u2net_weights: str = ""  # optional TorchScript U^2-Net for the foreground mask
+    allow_empty_masks: bool = False  # skip few-shot pairs whose mask is empty (else they are refused)
 
 
 @dataclass
@@ -51,6 +66,9 @@ class ModelConfig:
     saim_direction: Literal["both", "to_anomaly"] = "to_anomaly"
     bcm: bool = True
     bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
+    # false: BCM's background rows run without autograd in a separate UNet call before the pairs (the BCM MLP and
+    # gamma still train on their detached states; the LoRA no longer learns through them): fewer FLOPs per step
+    bcm_background_grad: bool = True
     gamma_init: float = 0.1
     bcm_hidden: int = 0  # MLP width; 0 means the layer's own width
 
@@ -93,6 +111,7 @@ class GenerateConfig:
     max_tries_factor: int = 4  # sample at most num * factor pairs before giving up
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels
 
 
 @dataclass
@@ -169,6 +188,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if hint == PairSize:
+        return parse_pair_size(value, where)
     origin = get_origin(hint)
     if origin is Literal:
         if value not in get_args(hint):

@@ -8,7 +8,10 @@ processor then, in one call:
   the q, k, v and out projections (peft cannot mix adapters in one training batch);
 - BCM (self-attention only, paper eq. 5): adds ``gamma * MLP(b)`` to the global rows' states from which
   K and V are computed (Q keeps the unmodified states); ``b`` is the background rows' self-attention
-  output at this layer (``paper``) or their input states with interpolation (``official``);
+  output at this layer (``paper``) or their input states with interpolation (``official``). Without
+  autograd through the background (``bcm_background_grad: false``), a no-grad call over the background
+  rows alone first keeps each BCM layer's ``b`` (``store_background``), and the paired call reads it
+  (``stored_background``) instead of carrying background rows;
 - SAIM (paper eq. 3): after the attention, every spatial position's global and anomaly tokens form a
   2-token sequence that attends over itself; the result is added back as a residual.
 """
@@ -30,6 +33,8 @@ class RowLayout:
     pairs: int = 0
     background: bool = False
     capture_attention: bool = False  # store anomaly rows' cross-attention probabilities (for masks)
+    store_background: bool = False  # this call holds background rows only: BCM layers keep their source states
+    stored_background: bool = False  # BCM layers read the states kept by the last storing call
 
 
 class DualLoRA(nn.Module):
@@ -188,6 +193,7 @@ class DualBranchAttnProcessor(nn.Module):
             else None
         )
         self.attention_maps: list[torch.Tensor] = []
+        self.background_source: torch.Tensor | None = None  # BCM's detached `b`, kept by a storing call
 
     def _project(self, attn: Attention, name: str, x: torch.Tensor, pairs: int) -> torch.Tensor:
         layer = attn.to_out[0] if name == "to_out" else getattr(attn, name)
@@ -221,11 +227,13 @@ class DualBranchAttnProcessor(nn.Module):
         else:
             context = encoder_hidden_states
 
-        if self.bcm is not None and layout.background and pairs:
-            out = self._attend_with_background(attn, hidden_states, attention_mask, pairs)
+        if self.bcm is not None and (layout.background or layout.stored_background) and pairs:
+            out = self._attend_with_background(attn, hidden_states, attention_mask, pairs, layout.stored_background)
         else:
             query = self._project(attn, "to_q", hidden_states, pairs)
             out = self._attend(attn, query, context, attention_mask, pairs, capture=self.is_cross and layout.capture_attention)
+            if self.bcm is not None and layout.store_background:
+                self.background_source = (hidden_states if self.bcm.variant == "official" else out).detach()
 
         out = self._project(attn, "to_out", out, pairs)
         out = attn.to_out[1](out)
@@ -238,20 +246,24 @@ class DualBranchAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
     def _attend_with_background(
-        self, attn: Attention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pairs: int
+        self, attn: Attention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pairs: int, stored: bool
     ) -> torch.Tensor:
         """Self-attention where the global rows' K/V input carries gamma * MLP(background states).
 
-        Q is projected once for all rows and K/V once per block, so no projection runs twice.
+        Q is projected once for all rows and K/V once per block, so no projection runs twice. `stored`: the
+        call holds the pairs only and the background states come from the storing call.
         """
         paired, background = hidden_states[: 2 * pairs], hidden_states[2 * pairs :]
         query = self._project(attn, "to_q", hidden_states, pairs)
         masks = (None, None) if attention_mask is None else (attention_mask[2 * pairs :], attention_mask[: 2 * pairs])
-        background_out = self._attend(attn, query[2 * pairs :], background, masks[0], pairs=0)  # global adapter
-        source = background if self.bcm.variant == "official" else background_out
+        if stored:
+            source, background_out = self.background_source, None
+        else:
+            background_out = self._attend(attn, query[2 * pairs :], background, masks[0], pairs=0)  # global adapter
+            source = background if self.bcm.variant == "official" else background_out
         context = torch.cat([self.bcm(paired[:pairs], source), paired[pairs:]])
         paired_out = self._attend(attn, query[: 2 * pairs], context, masks[1], pairs)
-        return torch.cat([paired_out, background_out])
+        return paired_out if background_out is None else torch.cat([paired_out, background_out])
 
     def _attend(
         self,

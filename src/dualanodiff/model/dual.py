@@ -168,19 +168,35 @@ class DualAnoDiffModel(nn.Module):
 
         Row i of each block belongs to pair i and shares its timestep ``timesteps[i]``. Background rows
         (BCM's noised background latents) use the global prompt and adapter; their output is discarded.
+        With ``bcm_background_grad: false`` and autograd on, they run first in a call of their own without
+        autograd (same outputs; the layout stays set, as gradient checkpointing re-runs the paired call).
         """
         pairs = global_latents.shape[0]
+        timesteps = timesteps.expand(pairs) if timesteps.ndim == 0 else timesteps
         blocks = [global_latents, anomaly_latents]
         states = [text["global"], text["anomaly"]]
-        if background_latents is not None:
+        stored = background_latents is not None and not self.cfg.bcm_background_grad and torch.is_grad_enabled()
+        if stored:
+            self._store_background(background_latents, timesteps, text["global"])
+        elif background_latents is not None:
             blocks.append(background_latents)
             states.append(text["global"])
         sample = torch.cat(blocks)
         self.layout.pairs = pairs
-        self.layout.background = background_latents is not None
-        timesteps = timesteps.expand(pairs) if timesteps.ndim == 0 else timesteps
+        self.layout.background = len(blocks) == 3
+        self.layout.stored_background = stored
         out = self.unet(sample, timesteps.repeat(len(blocks)), encoder_hidden_states=torch.cat(states).to(sample.dtype)).sample
         return out[:pairs], out[pairs : 2 * pairs]
+
+    @torch.no_grad()
+    def _store_background(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> None:
+        """A UNet call over the background rows alone (global adapter) in which BCM layers keep their source."""
+        self.layout.pairs, self.layout.background, self.layout.stored_background = 0, False, False
+        self.layout.store_background = True
+        try:
+            self.unet(latents, timesteps, encoder_hidden_states=text.to(latents.dtype))
+        finally:
+            self.layout.store_background = False
 
     def forward(
         self,
