@@ -4,8 +4,10 @@ accuracy on the real test split.
 
 The network is torchvision's ResNet-34 architecture written out here, with the same state-dict key
 names (``conv1``, ``bn1``, ``layer1``..``layer4`` of BasicBlocks with ``downsample.0/1``, ``fc``), so
-a torchvision checkpoint loads from a local file. With such weights the backbone starts from them and
-``fc`` is new whenever the class count differs; without, it starts from torchvision's random init.
+torchvision's ImageNet file (``resnet34-b627a593.pth`` in torch hub's cache, or the older
+``resnet34-333f7ec4.pth``) loads as is from a local path (``--resnet-weights``). With it the backbone
+starts from ImageNet and ``fc`` is new whenever the class count differs; without, it starts from
+torchvision's random init.
 Inputs are scaled to [0, 1] and normalised with the ImageNet mean and std that torchvision's weights
 expect. Training: Adam, ``evaluate.lr``, ``evaluate.steps`` optimizer steps on batches cycling through
 the generated images (the same number for every set), no augmentation, no test-set selection; then
@@ -31,6 +33,7 @@ from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_n
 RESNET34_BLOCKS = (3, 4, 6, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET34_FILE = "torchvision's resnet34 state dict (resnet34-*.pth)"
 
 
 class BasicBlock(nn.Module):
@@ -88,7 +91,7 @@ def load_resnet_weights(model: ResNet34, path: Path) -> None:
     state = load_state_dict(path, "--resnet-weights")
     if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:
         state = {**state, "fc.weight": model.fc.weight.detach(), "fc.bias": model.fc.bias.detach()}
-    check_state_dict(state, model, path, "--resnet-weights")
+    check_state_dict(state, model, path, "--resnet-weights", RESNET34_FILE)
     model.load_state_dict(state)
 
 

@@ -213,7 +213,7 @@ def load_lpips(path: Path) -> LPIPS:
         key = re.sub(r"^net\.slice\d\.", "features.", key)  # lpips.LPIPS().state_dict() layout
         if not key.startswith(("classifier.", "scaling_layer.")):
             state[key] = value
-    check_state_dict(state, model, path, "--lpips-weights")
+    check_state_dict(state, model, path, "--lpips-weights", "AlexNet features.* and lpips' lin0..4 heads")
     model.load_state_dict(state)
     return model.eval()
 

@@ -136,13 +136,17 @@ def load_state_dict(path: Path, option: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path, option: str) -> None:
-    """`UserError` unless ``state`` has exactly the keys and shapes of ``model.state_dict()``."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+def check_state_dict(
+    state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path, option: str, expected: str
+) -> None:
+    """`UserError` naming the ``expected`` file unless ``state`` has exactly the keys and shapes of
+    ``model.state_dict()``. Batch-norm ``num_batches_tracked`` may be absent: files saved before
+    PyTorch 0.4.1 (early torchvision weights) lack it and ``load_state_dict`` fills it in."""
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in wanted]
+    wrong = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong)):
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            raise UserError(f"{option} {path}: {what} key(s) {shown}; pass weights with the documented key layout")
+            raise UserError(f"{option} {path}: {what} key(s) {shown}; expected {expected}")
