@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.generation_metrics import (
@@ -182,12 +183,80 @@ def test_lpips_weights_layout_and_loading(tmp_path, lpips):
         for k, v in state.items()
     }
     package["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)
+    package.update({f"lins.{k}.model.1.weight": state[f"lin{k}.model.1.weight"] for k in range(5)})  # lpips 0.1.4
     torch.save(package, tmp_path / "package.pth")
     torch.testing.assert_close(load_lpips(tmp_path / "package.pth")(x, y), lpips(x, y))
     del state["lin4.model.1.weight"]
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(UserError, match="--lpips-weights .*missing key.*lin4.model.1.weight"):
         load_lpips(tmp_path / "partial.pth")
+
+
+def torchvision_alexnet_file(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the keys and shapes of torchvision's ``alexnet-owt-7be5be79.pth`` (from
+    torchvision's AlexNet: five convs in ``features``, three linears in ``classifier``). The
+    classifier, which LPIPS never uses, is a broadcast zero: the right shape in a few bytes on disk."""
+    g = torch.Generator().manual_seed(seed)
+    convs = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}
+    state = {}
+    for index, (out_channels, in_channels, k) in convs.items():
+        state[f"features.{index}.weight"] = torch.randn(out_channels, in_channels, k, k, generator=g) / (in_channels * k * k) ** 0.5
+        state[f"features.{index}.bias"] = torch.randn(out_channels, generator=g) * 0.1
+    for index, (out_features, in_features) in {1: (4096, 9216), 4: (4096, 4096), 6: (1000, 4096)}.items():
+        state[f"classifier.{index}.weight"] = torch.zeros(()).expand(out_features, in_features)
+        state[f"classifier.{index}.bias"] = torch.zeros(()).expand(out_features)
+    return state
+
+
+def lpips_heads_file(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The keys and shapes of the lpips package's ``weights/v0.1/alex.pth`` (non-negative, as trained)."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) / c for k, c in enumerate((64, 192, 384, 256, 256))}
+
+
+def _lpips_reference(alexnet: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 from the two files with functional ops, as lpips computes it: ScalingLayer (shift
+    (-.030, -.088, -.188), scale (.458, .448, .450)), AlexNet's ReLU outputs relu1..relu5, unit
+    length over channels (eps 1e-10), lin heads, spatial mean, sum over layers."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def conv(h, index, **kwargs):
+        return F.relu(F.conv2d(h, alexnet[f"features.{index}.weight"], alexnet[f"features.{index}.bias"], **kwargs))
+
+    def relus(images):
+        relu1 = conv((images - shift) / scale, 0, stride=4, padding=2)
+        relu2 = conv(F.max_pool2d(relu1, 3, 2), 3, padding=2)
+        relu3 = conv(F.max_pool2d(relu2, 3, 2), 6, padding=1)
+        relu4 = conv(relu3, 8, padding=1)
+        return [relu1, relu2, relu3, relu4, conv(relu4, 10, padding=1)]
+
+    total = torch.zeros(len(x))
+    for k, (a, b) in enumerate(zip(relus(x), relus(y))):
+        a, b = (t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for t in (a, b))
+        total += (heads[f"lin{k}.model.1.weight"] * (a - b) ** 2).sum(1).mean(dim=(1, 2))
+    return total
+
+
+def test_lpips_loads_torchvision_alexnet_and_the_lpips_heads_as_two_files(tmp_path):
+    alexnet, heads = torchvision_alexnet_file(), lpips_heads_file()
+    torch.save(alexnet, tmp_path / "alexnet-owt-7be5be79.pth")
+    torch.save(heads, tmp_path / "alex.pth")
+    assert (tmp_path / "alexnet-owt-7be5be79.pth").stat().st_size < 20_000_000  # the classifier is broadcast
+    model = load_lpips([tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "alex.pth"])
+    x, y = _images(3, 9), _images(3, 10)
+    torch.testing.assert_close(model(x, y), _lpips_reference(alexnet, heads, x, y), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.pairwise(x, y).diagonal().float(), model(x, y), rtol=1e-4, atol=1e-6)
+
+
+def test_lpips_without_the_heads_file_names_both_files(tmp_path):
+    torch.save(torchvision_alexnet_file(), tmp_path / "alexnet.pth")
+    with pytest.raises(UserError) as error:
+        load_lpips([tmp_path / "alexnet.pth"])
+    message = str(error.value)
+    assert "alexnet.pth: missing key(s) lin0.model.1.weight, lin1.model.1.weight, lin2.model.1.weight and 2 more" in message
+    assert "expected torchvision's AlexNet state dict (alexnet-*.pth) plus the lpips package's linear heads" in message
+    assert "\n" not in message
 
 
 # ------------------------------------------------------------------------------------------------ IC-LPIPS

@@ -177,7 +177,7 @@ def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, synth
         "--no-classification", "--json", tmp_path / "r.json",
     )  # fmt: skip
     assert code == 0, err
-    assert "--inception-weights FILE" in err and "--lpips-weights FILE" in err
+    assert "--inception-weights FILE" in err and "--lpips-weights alexnet-*.pth --lpips-weights" in err
     row = json.loads((tmp_path / "r.json").read_text())["generators"][0]
     assert row["metrics"]["is"] is None and row["metrics"]["ic_lpips"] is None and row["metrics"]["accuracy"] is None
     assert all(0.0 <= row["metrics"][key] <= 1.0 for key in METRIC_KEYS)

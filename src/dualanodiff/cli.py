@@ -366,7 +366,10 @@ def evaluate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings."),
     split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="TorchScript Inception-v3 for IS."),
-    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="AlexNet + lpips lin state dict for IC-LPIPS."),
+    lpips_weights: Optional[list[Path]] = typer.Option(
+        None, "--lpips-weights", help="For IC-LPIPS: torchvision's alexnet-*.pth and lpips' weights/v0.1/alex.pth "
+        "(the option once for each), or one file holding both.",
+    ),
     resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="torchvision ResNet-34 state dict."),
     no_classification: bool = typer.Option(False, "--no-classification", help="Skip the ResNet-34 classification."),
     device: str = typer.Option("auto", "--device", help="auto (GPU if any), cpu or cuda."),

@@ -45,7 +45,7 @@ def evaluate_generators(
     defects: list[str] | None = None,
     rounding: str = "floor",
     inception_weights: Path | None = None,
-    lpips_weights: Path | None = None,
+    lpips_weights: list[Path] | None = None,
     resnet_weights: Path | None = None,
     classification: bool = True,
     device: str = "auto",
@@ -63,9 +63,9 @@ def evaluate_generators(
     category = open_category(category_dir)
     check_resolution(cfg.resolution)
     if resnet_weights is not None and not Path(resnet_weights).is_file():
-        raise UserError(f"--resnet-weights {resnet_weights}: file not found; pass a local ResNet-34 state dict")
+        raise UserError(f"--resnet-weights {resnet_weights}: file not found; pass torchvision's resnet34-*.pth")
     inception = load_inception(inception_weights) if inception_weights is not None else None
-    lpips = load_lpips(lpips_weights) if lpips_weights is not None else None
+    lpips = load_lpips(lpips_weights) if lpips_weights else None
     roots = {
         name: [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
         for name, root in generated.items()
@@ -76,7 +76,7 @@ def evaluate_generators(
     if inception is None:
         notes.append("IS not computed: needs --inception-weights FILE (a TorchScript Inception-v3 returning logits)")
     if lpips is None:
-        notes.append("IC-LPIPS not computed: needs --lpips-weights FILE (AlexNet features + lpips lin heads)")
+        notes.append("IC-LPIPS not computed: needs --lpips-weights alexnet-*.pth --lpips-weights lpips' alex.pth")
     classify = classification and len(defects) >= 2
     if classification and not classify:
         notes.append("classification not computed: it needs at least 2 defect types")

@@ -30,17 +30,16 @@ averaged over the clusters with at least two members. LPIPS (v0.1, AlexNet, as t
 package computes it) is written out in `LPIPS`: inputs in [-1, 1] are shifted and scaled by lpips'
 constants, AlexNet's five ReLU outputs are normalised to unit length over channels, the squared
 differences are weighted per channel by the 1x1 ``lin`` heads, averaged over space and summed over the
-layers. ``--lpips-weights`` is one state dict with
+layers. ``--lpips-weights`` takes the two standard files as they lie in the caches (the option twice)::
 
-* ``features.{0,3,6,8,10}.{weight,bias}``: torchvision's ``alexnet`` feature convolutions
-  (a full torchvision AlexNet state dict also works: ``classifier.*`` is ignored), and
-* ``lin{0..4}.model.1.weight`` (shapes (1, C, 1, 1), C = 64, 192, 384, 256, 256): lpips' heads, as in
-  its ``weights/v0.1/alex.pth``.
+    --lpips-weights ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth \\
+    --lpips-weights .../site-packages/lpips/weights/v0.1/alex.pth
 
-``lpips.LPIPS(net="alex").state_dict()`` saved as is (``net.slice{k}.{i}.*`` keys) is accepted too. One
-way to build the file: ``sd = {k: v for k, v in torch.load("alexnet-owt-7be5be79.pth").items() if
-k.startswith("features.")}; sd.update(torch.load("lpips/weights/v0.1/alex.pth")); torch.save(sd,
-"lpips_alex.pth")``.
+that is torchvision's AlexNet state dict (``features.{0,3,6,8,10}.{weight,bias}`` are used,
+``classifier.*`` ignored) and the lpips package's linear heads (``lin{0..4}.model.1.weight``, shapes
+(1, C, 1, 1), C = 64, 192, 384, 256, 256). One file holding both works too, as does
+``lpips.LPIPS(net="alex").state_dict()`` saved as is (``net.slice{k}.{i}.*``, ``lins.*`` and
+``scaling_layer.*`` keys; the scaling constants are lpips' and fixed here).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -205,15 +204,24 @@ class LPIPS(nn.Module):
         return layers
 
 
-def load_lpips(path: Path) -> LPIPS:
-    """`LPIPS` with the weights of ``--lpips-weights`` (key layout in the module docstring)."""
+LPIPS_FILES = (
+    "torchvision's AlexNet state dict (alexnet-*.pth) plus the lpips package's linear heads "
+    "(lpips/weights/v0.1/alex.pth): give --lpips-weights once for each"
+)
+
+
+def load_lpips(paths: Path | Sequence[Path]) -> LPIPS:
+    """`LPIPS` with the weights of ``--lpips-weights``: the union of the state dicts of ``paths``
+    (key layouts in the module docstring)."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     model = LPIPS()
     state = {}
-    for key, value in load_state_dict(path, "--lpips-weights").items():
-        key = re.sub(r"^net\.slice\d\.", "features.", key)  # lpips.LPIPS().state_dict() layout
-        if not key.startswith(("classifier.", "scaling_layer.")):
-            state[key] = value
-    check_state_dict(state, model, path, "--lpips-weights", "AlexNet features.* and lpips' lin0..4 heads")
+    for path in paths:
+        for key, value in load_state_dict(path, "--lpips-weights").items():
+            key = re.sub(r"^net\.slice\d\.", "features.", key)  # lpips.LPIPS().state_dict() layout
+            if not key.startswith(("classifier.", "scaling_layer.", "lins.")):  # lins.k: lin{k} again
+                state[key] = value
+    check_state_dict(state, model, " + ".join(map(str, paths)), "--lpips-weights", LPIPS_FILES)
     model.load_state_dict(state)
     return model.eval()
 

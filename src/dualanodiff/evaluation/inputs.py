@@ -137,7 +137,7 @@ def load_state_dict(path: Path, option: str) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(
-    state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path, option: str, expected: str
+    state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path | str, option: str, expected: str
 ) -> None:
     """`UserError` naming the ``expected`` file unless ``state`` has exactly the keys and shapes of
     ``model.state_dict()``. Batch-norm ``num_batches_tracked`` may be absent: files saved before
