@@ -140,3 +140,28 @@ def test_a_folder_with_other_settings_is_refused_unless_forced(run, tmp_path):
     assert summary.kept == 1 and [(r["index"], r["steps"]) for r in rows] == [(0, 3)]
     resumed = generate(run, tmp_path, GenerateConfig(num=2, steps=3, scheduler="ddim", device="cpu", filter=False))
     assert resumed.kept == 2 and resumed.attempts == 2  # same settings: the first pair is kept, one more made
+
+
+def test_generate_writes_pairs_at_the_asked_size_and_exports_them_for_anomalib(run, synthetic_root, tmp_path, run_cli):
+    from dualanodiff.errors import OtherSettings
+
+    summary = generate(run, tmp_path / "sized", fast(num=2, filter=False, size=48))
+    rows = manifest(summary.folder)
+    assert [r["size"] for r in rows] == [48, 48]
+    for row in rows:
+        assert load_image(summary.folder / row["image"]).shape == load_image(summary.folder / row["part"]).shape == (48, 48, 3)
+        assert set(np.unique(np.asarray(Image.open(summary.folder / row["mask"])))) <= {0, 255}
+    with pytest.raises(OtherSettings, match="size 48 -> None"):  # pairs of two sizes never share a folder
+        generate(run, tmp_path / "sized", fast(num=3, filter=False))
+    out = tmp_path / "mvtec"
+    code, _, err = run_cli(
+        "generate", run, "--out", out, "--num", "2", "--device", "cpu", "--steps", "2", "--scheduler", "ddim",
+        "--no-filter", "--size", "source", "--layout", "mvtec",
+    )
+    assert code == 0, err
+    native = out / "native" / "nut" / "hole"
+    category = open_category(out / "nut")
+    assert category.image_size() == open_category(synthetic_root / "nut").image_size() == (64, 64)
+    exported = category.defects["hole"]
+    assert [p.stem for p in exported] == ["000", "001"]
+    assert all(np.array_equal(load_image(p.image), load_image(native / r["image"])) for p, r in zip(exported, manifest(native)))

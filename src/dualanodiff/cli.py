@@ -293,27 +293,61 @@ def generate(
     normal: Optional[Path] = typer.Option(None, "--normal", help="Normal image to inpaint a defect into (with --mask)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Where the defect may go in the --normal image."),
     initial_noise: Optional[str] = typer.Option(None, "--initial-noise", help="shared (one x_T for both rows of a pair) or independent (paper)."),
+    size: Optional[str] = typer.Option(None, "--size", help="Pairs' size: model (as sampled), source (the dataset's images') or N px."),
+    layout: str = typer.Option("native", "--layout", help="native (OUT/<category>/<defect>/), or mvtec / folder: "
+                               "native pairs in OUT/native/, exported to OUT for anomalib (see `export`)."),
     force: bool = typer.Option(False, "--force", help="Replace pairs made here with other settings (else refused)."),
 ) -> None:
     """Generate aligned anomaly image-mask pairs with a trained run (SAIM + BCM, guided, filtered)."""
+    from dualanodiff.exports import LAYOUTS, NATIVE, export_pairs
     from dualanodiff.generation import generate as generate_pairs
     from dualanodiff.generation import generate_config
 
+    if layout not in ("native", *LAYOUTS):
+        raise UserError(f"--layout {layout}: unknown; choose native, {' or '.join(LAYOUTS)}")
     cfg = generate_config(
         run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-        mask_method=mask_method, filter=use_filter, device=device, dtype=dtype, initial_noise=initial_noise,
+        mask_method=mask_method, filter=use_filter, device=device, dtype=dtype, initial_noise=initial_noise, size=size,
     )
     check_writable(out)
+    native = out if layout == "native" else out / NATIVE
     with progress_bars() as bars:
         bar = bars("generating", cfg.num)
         summary = generate_pairs(
-            run, out, cfg, background=background, normal=normal, mask=mask, u2net_weights=str(u2net_weights or ""),
+            run, native, cfg, background=background, normal=normal, mask=mask, u2net_weights=str(u2net_weights or ""),
             progress=lambda kept, total: bar(kept, total), log=_log, force=force,
         )
     console.print(f"{summary.kept} pairs in {summary.folder} ({summary.seconds:.1f} s)")
+    if layout != "native" and summary.kept:
+        export_pairs(native, out, layout, force=True)
+        console.print(f"exported every category of {native} to {out} in the {layout} layout")
     if summary.kept < cfg.num:
         console.print(f"short of --num: {summary.kept} of {cfg.num} pairs kept (exit code {EXIT_PARTIAL})")
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def export(
+    generated: Path = typer.Argument(..., help="Output root of generate or baseline (GEN/<category>/<defect>/)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the export, one subfolder per category."),
+    layout: str = typer.Option(..., "--layout", help="mvtec (test/ + ground_truth/: anomalib MVTecAD) or folder "
+                               "(<defect>/images + masks: anomalib Folder)."),
+    size: str = typer.Option("model", "--size", help="model (as written), source (the dataset's image size) or N px."),
+    normal_from: Optional[Path] = typer.Option(
+        None, "--normal-from", help="Dataset root or category folder: its train/good (and test/good) images join the export."
+    ),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT, replacing the categories exported."),
+) -> None:
+    """Export generated pairs (kept ones only) into a layout anomalib reads, optionally resized."""
+    from dualanodiff.config import parse_pair_size
+    from dualanodiff.exports import export_pairs
+
+    size_spec = parse_pair_size(size)
+    check_writable(out)
+    with progress_bars() as bars:
+        summary = export_pairs(generated, out, layout, size_spec, normal_from, force, progress=bars("exporting"))
+    normals = f" and {sum(summary.normals.values())} normal images" if summary.normals else ""
+    console.print(f"exported {sum(summary.pairs.values())} pairs of {len(summary.pairs)} defect types{normals} to {out} ({layout})")
 
 # --- baselines and evaluation: baseline, evaluate -------------------------------------------------
 

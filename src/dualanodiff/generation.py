@@ -27,7 +27,7 @@ from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, pair_consistency
-from dualanodiff.pairs import PairWriter
+from dualanodiff.pairs import PairWriter, pair_size
 from dualanodiff.pipeline import DualAnoDiffPipeline, load_run_config, make_scheduler, prepared_background
 
 @dataclass
@@ -120,8 +120,10 @@ def generate(
         "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
         "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
         "normal": None if normal is None else str(normal), "filter": cfg.filter,
+        "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
     }
-    with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect) as writer:
+    size = pair_size(cfg.size, run_cfg.data.data)
+    with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer:
         if force:
             writer.clear()
         writer.check_settings(settings)

@@ -14,14 +14,23 @@ import torch
 from PIL import Image
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 to size x size, bicubic (the identity when the size already matches)."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+Size = int | tuple[int, int]  # a square side, or (width, height) as PIL counts them
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """HxW bool to size x size by nearest neighbour: it stays a binary mask."""
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+def resize_image(image: np.ndarray, size: Size, resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """HxWx3 uint8 to ``size`` (the identity when it already matches): bicubic for the model's inputs,
+    ``Image.Resampling.LANCZOS`` for pairs written at a dataset's resolution (sharper)."""
+    return np.asarray(Image.fromarray(image).resize(_width_height(size), resample))
+
+
+def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
+    """HxW bool to ``size`` by nearest neighbour: it stays binary and aligned with its resized image
+    (a 2x upscale maps pixels 2y and 2y+1 to source pixel y)."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(_width_height(size), Image.NEAREST)) > 127
+
+
+def _width_height(size: Size) -> tuple[int, int]:
+    return (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
 
 
 def to_model_range(image: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dualanodiff.errors import UserError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's 0600 would hide outputs from other users
+DIR_MODE = 0o777 & ~_UMASK  # what mkdir() would give; mkdtemp's 0700 would hide them too
 MIN_FREE_BYTES = 16 * 2**20  # below this an output folder is refused before any work starts
 
 

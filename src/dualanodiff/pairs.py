@@ -16,7 +16,8 @@ naming the holder. A pair's PNGs are written first, then its manifest row, every
 (temporary name, then rename); a write that fails (a full disk) removes the pair's PNGs again. A killed
 run can leave PNGs without a row: the next writer removes them when it opens the folder, so the folder
 never holds an image without its mask and row. Pairs already listed are never touched again, so
-re-running with a larger ``--num`` keeps them byte-identical.
+re-running with a larger ``--num`` keeps them byte-identical. A writer given a ``size`` resizes every
+pair it writes (Lanczos for the images, nearest for the mask: it stays binary and aligned).
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from dualanodiff.data import IMAGE_EXTENSIONS, load_image, load_mask, natural_key
+from PIL import Image
+
+from dualanodiff.data import IMAGE_EXTENSIONS, load_image, load_mask, natural_key, open_category
 from dualanodiff.errors import OtherSettings, UserError
+from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.io import atomic_write_text, save_png
 from dualanodiff.masks import mask_overlay
 
@@ -70,8 +74,9 @@ class PairWriter:
             ...
     """
 
-    def __init__(self, root: Path, category: str, defect: str):
+    def __init__(self, root: Path, category: str, defect: str, size: tuple[int, int] | None = None):
         self.dir = Path(root) / category / defect
+        self.size = size  # (width, height) every pair is written at; None: as given (see `pair_size`)
         self._lock = _take_lock(self.dir)
         self._remove_orphans()
 
@@ -133,6 +138,9 @@ class PairWriter:
         taken = {row["index"] for row in self.kept()}
         index = next(i for i in range(len(taken) + 1) if i not in taken)
         name = f"{index:04d}.png"
+        if self.size is not None:
+            image, mask = resize_image(image, self.size, Image.Resampling.LANCZOS), resize_mask(mask, self.size)
+            part = None if part is None else resize_image(part, self.size, Image.Resampling.LANCZOS)
         files = {"image": image, "mask": mask.astype(np.uint8) * 255, "part": part}
         try:
             for folder, array in files.items():
@@ -212,6 +220,25 @@ def contact_sheet(
             top, left = margin + r * step, margin + c * step
             sheet[top : top + tile, left : left + tile] = picture
     return sheet
+
+
+def pair_size(size: int | str, dataset: str | Path) -> tuple[int, int] | None:
+    """The (width, height) pairs are written at for a `GenerateConfig.size`: None for "model" (as
+    sampled), the size of the ``dataset`` category's images for "source", N x N for N::
+
+        pair_size(256, "")                    # (256, 256)
+        pair_size("source", "mvtec/hazelnut") # (1024, 1024)
+    """
+    if size == "model":
+        return None
+    if size != "source":
+        return (int(size), int(size))
+    if not (dataset and Path(dataset).is_dir()):
+        raise UserError(
+            f"--size source: the pairs' dataset {str(dataset) or '(none recorded)'} is not a folder, so its image "
+            "size is unknown; pass --size N, or the dataset where the command takes one"
+        )
+    return open_category(dataset).image_size()
 
 
 def read_pairs(defect_dir: Path) -> list[tuple[Path, Path]]:
