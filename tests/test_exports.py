@@ -17,7 +17,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.exports import export_pairs
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.io import save_png
-from dualanodiff.pairs import PairWriter, pair_size
+from dualanodiff.pairs import PairWriter, pair_size, read_pairs
 
 SIDE = 16
 
@@ -274,6 +274,10 @@ def test_an_out_that_would_replace_the_pairs_it_reads_is_refused(generated, tmp_
     write_generated(tmp_path / "y" / "native", "nut", "hole", 1)  # generate --layout: OUT/native beside the export
     export_pairs(tmp_path / "y" / "native", tmp_path / "y", "mvtec", force=True)
     assert sorted(os.listdir(tmp_path / "y")) == ["native", "nut"]
+    write_generated(tmp_path / "z", "nut", "crack", 1)  # native pairs of an earlier `generate --out z`
+    with pytest.raises(UserError, match=r"z/nut holds generated pairs \(the native layout\)"):
+        export_pairs(root, tmp_path / "z", "mvtec", force=True)
+    assert len(read_pairs(tmp_path / "z" / "nut" / "crack")) == 1
 
 
 def test_a_folder_without_kept_pairs_and_an_unknown_layout_are_refused(tmp_path):

@@ -10,6 +10,7 @@ bars on a terminal and as plain lines elsewhere (`progress_bars`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -43,7 +44,6 @@ stdout = Console(markup=False, emoji=False, highlight=False)
 _state = {"debug": False}
 PLAIN_PERCENT = 10  # outside a terminal, one progress line per this share of the work ...
 PLAIN_SECONDS = 15.0  # ... or per this many seconds, whichever comes first
-TABLE_WIDTH_OUTSIDE_TERMINAL = 240
 
 
 def _show_version(value: bool) -> None:
@@ -136,9 +136,35 @@ def _log(message: str) -> None:
 
 
 def print_table(table) -> None:
-    """A table on stdout; in a file or pipe as wide as it needs (rich would squeeze it into 80 columns)."""
-    wide = stdout if stdout.is_terminal else Console(markup=False, emoji=False, width=TABLE_WIDTH_OUTSIDE_TERMINAL)
-    wide.print(table)
+    """A rich `Table` on stdout: drawn by rich on a terminal; elsewhere (a log, a pipe, a file) as
+    `plain_table` text, every cell whole however wide (rich would cut it to the width it guesses)."""
+    if stdout.is_terminal:
+        stdout.print(table)
+    else:
+        stdout.print(plain_table(table), soft_wrap=True)
+
+
+def plain_table(table) -> str:
+    """A rich `Table` as aligned plain text: title, header, a rule, the rows, caption; columns two
+    spaces apart, right-justified where the column is."""
+    header = [_plain(column.header) for column in table.columns]
+    columns = [[_plain(cell) for cell in column.cells] for column in table.columns]
+    widths = [max(map(len, [title, *cells])) for title, cells in zip(header, columns)]
+
+    def line(cells) -> str:
+        justified = [
+            cell.rjust(width) if column.justify == "right" else cell.ljust(width)
+            for cell, width, column in zip(cells, widths, table.columns)
+        ]
+        return "  ".join(justified).rstrip()
+
+    rows = [line(header), line(["-" * width for width in widths]), *(line(row) for row in zip(*columns))]
+    return "\n".join([_plain(table.title)] * bool(table.title) + rows + [_plain(table.caption)] * bool(table.caption))
+
+
+def _plain(cell) -> str:
+    """A table cell (str or rich `Text`) as one line of text."""
+    return " ".join((cell.plain if isinstance(cell, Text) else str(cell)).splitlines())
 
 
 # --- data: synth, info ---------------------------------------------------------------------------
@@ -218,27 +244,45 @@ def load_config(config: Optional[Path]) -> Config:
     return Config.from_yaml(config) if config else Config()
 
 
+@functools.cache
+def _config_defaults() -> Config:
+    from dualanodiff.config import Config
+
+    return Config()
+
+
+def config_default(key: str, of_run: bool = False) -> str:
+    """What ``--help`` shows for an option left None so that the config decides (typer prints
+    ``[default: (train.steps: 5000)]``); ``of_run``: generate, which starts from the run's saved config."""
+    section, name = key.split(".")
+    value = getattr(getattr(_config_defaults(), section), name)
+    shown = ("on" if value else "off") if isinstance(value, bool) else value
+    return f"the run's {key}, normally {shown}" if of_run else f"{key}: {shown}"
+
+
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, "--data", help="Category folder (MVTec layout) or images/ + masks/ folder."),
-    defect: Optional[str] = typer.Option(None, "--defect", help="Defect type to learn (its few-shot training split)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Category folder (MVTec layout) or images/ + masks/ folder; "
+                                        "required for a new run (or data.data in --config)."),
+    defect: Optional[str] = typer.Option(None, "--defect", help="Defect type to learn (its few-shot training split); "
+                                         "required for a new run (or data.defect in --config)."),
     out: Path = typer.Option(..., "--out", help="Run folder (config.yaml, adapters, loss curve, checkpoints)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps (official: 5000)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file.", show_default=config_default("model.base_model")),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps (official: 5000).", show_default=config_default("train.steps")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; flags given here override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step (official: 4)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, constant (official: 2e-5)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="UNet LoRA rank (official: 32)."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size in px (0: the base's native size)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw."),
-    saim: Optional[bool] = typer.Option(None, "--saim/--no-saim", help="Self-attention interaction module."),
-    bcm: Optional[bool] = typer.Option(None, "--bcm/--no-bcm", help="Background compensation module."),
-    bcm_variant: Optional[str] = typer.Option(None, "--bcm-variant", help="paper (h + g*MLP(b)) or official (interpolating)."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (GPU)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any) or cpu."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step (official: 4).", show_default=config_default("train.batch_size")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, constant (official: 2e-5).", show_default=config_default("train.lr")),
+    rank: Optional[int] = typer.Option(None, "--rank", help="UNet LoRA rank (official: 32).", show_default=config_default("model.rank")),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size in px (0: the base's native size).", show_default=config_default("data.resolution")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw.", show_default=config_default("train.seed")),
+    saim: Optional[bool] = typer.Option(None, "--saim/--no-saim", help="Self-attention interaction module.", show_default=config_default("model.saim")),
+    bcm: Optional[bool] = typer.Option(None, "--bcm/--no-bcm", help="Background compensation module.", show_default=config_default("model.bcm")),
+    bcm_variant: Optional[str] = typer.Option(None, "--bcm-variant", help="paper (h + g*MLP(b)) or official (interpolating).", show_default=config_default("model.bcm_variant")),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (GPU).", show_default=config_default("train.mixed_precision")),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.", show_default=config_default("train.gradient_checkpointing")),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any) or cpu.", show_default=config_default("train.device")),
 ) -> None:
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
     from dualanodiff.training import train as train_run
@@ -277,23 +321,23 @@ def train(
 def generate(
     run: Path = typer.Argument(..., help="Run folder written by `dualanodiff train`."),
     out: Path = typer.Option(..., "--out", help="Output root; pairs go to OUT/<category>/<defect>/."),
-    num: Optional[int] = typer.Option(None, "--num", help="Kept pairs wanted; a re-run with a larger number adds pairs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs sampled together."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; attempt a uses seed + a."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (official: 100)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (official: 2.5)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="pndm (official), ddim, dpm, ddpm, euler, euler-a, heun, lms, unipc, ..."),
-    mask_method: Optional[str] = typer.Option(None, "--mask-method", help="threshold (part image), attention or u2net."),
+    num: Optional[int] = typer.Option(None, "--num", help="Kept pairs wanted; a re-run with a larger number adds pairs.", show_default=config_default("generate.num", of_run=True)),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs sampled together.", show_default=config_default("generate.batch_size", of_run=True)),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; attempt a uses seed + a.", show_default=config_default("generate.seed", of_run=True)),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (official: 100).", show_default=config_default("generate.steps", of_run=True)),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (official: 2.5).", show_default=config_default("generate.guidance", of_run=True)),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="pndm (official), ddim, dpm, ddpm, euler, euler-a, heun, lms, unipc, ...", show_default=config_default("generate.scheduler", of_run=True)),
+    mask_method: Optional[str] = typer.Option(None, "--mask-method", help="threshold (part image), attention or u2net.", show_default=config_default("generate.mask_method", of_run=True)),
     u2net_weights: Optional[Path] = typer.Option(None, "--u2net-weights", help="TorchScript U^2-Net for --mask-method u2net."),
     background: Optional[Path] = typer.Option(None, "--background", help="Normal image for BCM instead of the run's few-shot backgrounds."),
-    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any), cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 (GPU) or bf16."),
+    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks.", show_default=config_default("generate.filter", of_run=True)),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any), cpu or cuda.", show_default=config_default("generate.device", of_run=True)),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 (GPU) or bf16.", show_default=config_default("generate.dtype", of_run=True)),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its generate section overrides the run's."),
     normal: Optional[Path] = typer.Option(None, "--normal", help="Normal image to inpaint a defect into (with --mask)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Where the defect may go in the --normal image."),
-    initial_noise: Optional[str] = typer.Option(None, "--initial-noise", help="shared (one x_T for both rows of a pair) or independent (paper)."),
-    size: Optional[str] = typer.Option(None, "--size", help="Pairs' size: model (as sampled), source (the dataset's images') or N px."),
+    initial_noise: Optional[str] = typer.Option(None, "--initial-noise", help="shared (one x_T for both rows of a pair) or independent (paper).", show_default=config_default("generate.initial_noise", of_run=True)),
+    size: Optional[str] = typer.Option(None, "--size", help="Pairs' size: model (as sampled), source (the dataset's images') or N px.", show_default=config_default("generate.size", of_run=True)),
     layout: str = typer.Option("native", "--layout", help="native (OUT/<category>/<defect>/), or mvtec / folder: "
                                "native pairs in OUT/native/, exported to OUT for anomalib (see `export`)."),
     force: bool = typer.Option(False, "--force", help="Replace pairs made here with other settings (else refused)."),
@@ -393,11 +437,12 @@ def evaluate(
     defect: Optional[list[str]] = typer.Option(None, "--defect", help="Only these defect types (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its `evaluate` section is used."),
     steps: Optional[int] = typer.Option(
-        None, "--steps", help="Optimizer steps of each training, the same for every row (no test-set selection)."
+        None, "--steps", help="Optimizer steps of each training, the same for every row (no test-set selection).",
+        show_default=config_default("evaluate.steps"),
     ),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing."),
-    base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing.", show_default=config_default("evaluate.resolution")),
+    base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64).", show_default=config_default("evaluate.base_width")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings.", show_default=config_default("evaluate.seed")),
     split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="TorchScript Inception-v3 for IS."),
     lpips_weights: Optional[list[Path]] = typer.Option(
@@ -538,9 +583,9 @@ def run_all_command(
     categories: Optional[list[str]] = typer.Option(None, "--categories", "--category", help="Only these categories (repeatable or comma-separated)."),
     defects: Optional[list[str]] = typer.Option(None, "--defects", "--defect", help="Only these defect types (repeatable or comma-separated)."),
     max_defects: Optional[int] = typer.Option(None, "--max-defects", help="At most K defect types per category (first by name)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per defect type (official: 5000)."),
-    num: Optional[int] = typer.Option(None, "--num", help="Generated pairs per defect type (official: 500)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file.", show_default=config_default("model.base_model")),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per defect type (official: 5000).", show_default=config_default("train.steps")),
+    num: Optional[int] = typer.Option(None, "--num", help="Generated pairs per defect type (official: 500).", show_default=config_default("generate.num")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config for every stage; flags given here override it."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to use: auto or ray://HOST:10001 (default: a local Ray)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Local Ray: CPUs it may use (default: all); one per job."),

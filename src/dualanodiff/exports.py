@@ -118,7 +118,7 @@ def _pairs_by_category(generated: Path) -> Sources:
 
 def _check_out(out: Path, generated: Path, categories: list[str], force: bool) -> None:
     """Refuse an OUT that is a file, that is not empty (without ``force``), or whose replaced categories
-    would delete the pairs being exported."""
+    would delete the pairs being exported or other generated pairs."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; pick a folder")
     source, target = generated.resolve(), out.resolve()
@@ -130,6 +130,12 @@ def _check_out(out: Path, generated: Path, categories: list[str], force: bool) -
         )
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: folder is not empty; pick another --out or pass --force to replace its categories")
+    held = sorted({category for category, _ in discover_generated(out)} & set(categories)) if out.is_dir() else []
+    if held:
+        raise UserError(
+            f"--out {out}: {out / held[0]} holds generated pairs (the native layout) that the export would replace; "
+            "pick another --out"
+        )
 
 
 def _normal_category(data: Path, category: str) -> Category:
