@@ -12,12 +12,12 @@ commit b7233686, version 2.6.1.dev0: ``make_mvtec_ad_dataset`` and ``make_folder
 Only a folder's kept pairs are exported (its manifest rows; `pairs.read_pairs`), never an orphan PNG.
 anomalib pairs masks with images by sorted path, so every file name of an export has the same number
 of digits (three, more past 999 pairs): ``1000.png`` would sort before ``101.png`` but ``1000_mask.png``
-after ``100_mask.png``. Both loaders read PNG only (MVTec AD: ``.png``/``.PNG``), so every file is a PNG;
+after ``100_mask.png``. anomalib's MVTec AD loader reads ``.png``/``.PNG`` only, so every file is a PNG;
 masks are 0/255. Normal images are hard links to the dataset's files where they can be (same file
 system, PNG, no resize), else converted copies.
 
 Each category is built in a temporary folder beside OUT and then renamed into place, so a killed export
-leaves each category whole or absent. A non-empty OUT is refused unless ``force``, which replaces the
+leaves each category whole or absent (and its hidden ``.OUT.<category>.*.tmp`` folder, safe to delete). A non-empty OUT is refused unless ``force``, which replaces the
 categories the export writes and leaves anything else in OUT alone.
 """
 
