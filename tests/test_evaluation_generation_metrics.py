@@ -1,7 +1,9 @@
-"""IS (torch-fidelity's formula and splits), LPIPS (lpips v0.1, AlexNet) and IC-LPIPS, by hand.
+"""IS (torch-fidelity's formula, splits, resize and network file), LPIPS (lpips v0.1, AlexNet) and
+IC-LPIPS, by hand.
 
 The torch-fidelity and lpips packages import torchvision, which cannot be installed here, so the
-formulas are checked against hand-computed values and exact properties instead.
+formulas are checked against hand-computed values, exact properties and independent functional
+references, and the standard weight files are built from the packages' public definitions.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 import torch.nn.functional as F
 
 from dualanodiff.errors import UserError
@@ -22,6 +25,7 @@ from dualanodiff.evaluation.generation_metrics import (
     inception_score,
     load_inception,
     load_lpips,
+    resize_bilinear_tf1,
 )
 
 
@@ -102,10 +106,114 @@ def test_bad_inception_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--inception-weights .*file not found"):
         load_inception(tmp_path / "missing.pt")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "state.pt")
-    with pytest.raises(UserError, match="not a TorchScript file"):
+    with pytest.raises(UserError) as error:
         load_inception(tmp_path / "state.pt")
+    assert str(error.value) == (  # 94 BasicConv2d x (conv.weight + 4 bn tensors) + fc (2) = 472 keys, 3 named
+        f"--inception-weights {tmp_path / 'state.pt'}: missing key(s) Conv2d_1a_3x3.conv.weight, "
+        "Conv2d_1a_3x3.bn.weight, Conv2d_1a_3x3.bn.bias and 469 more; expected torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth or a TorchScript Inception-v3"
+    )
     with pytest.raises(UserError, match=r"must return \(N, classes\) logits"):
         inception_logits(lambda x: torch.zeros(len(x), 2, 2), torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def torch_fidelity_inception_file(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the keys and shapes of torch-fidelity's
+    ``weights-inception-2015-12-05-6726825d.pth``, written from its FeatureExtractorInceptionV3
+    (BasicConv2d = conv without bias + bn; blocks A-E; fc 1008 x 2048), independently of our module."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+
+    def conv(name, out_channels, in_channels, kh, kw=None):
+        kw = kh if kw is None else kw
+        fan_in = in_channels * kh * kw
+        state[f"{name}.conv.weight"] = torch.randn(out_channels, in_channels, kh, kw, generator=g) * (2 / fan_in) ** 0.5
+        state[f"{name}.bn.weight"] = torch.ones(out_channels)
+        state[f"{name}.bn.bias"] = torch.randn(out_channels, generator=g) * 0.1
+        state[f"{name}.bn.running_mean"] = torch.zeros(out_channels)
+        state[f"{name}.bn.running_var"] = torch.ones(out_channels)
+        state[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
+
+    for name, shape in {"Conv2d_1a_3x3": (32, 3, 3), "Conv2d_2a_3x3": (32, 32, 3), "Conv2d_2b_3x3": (64, 32, 3),
+                        "Conv2d_3b_1x1": (80, 64, 1), "Conv2d_4a_3x3": (192, 80, 3)}.items():
+        conv(name, *shape)
+    for name, c_in, pool in (("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)):  # InceptionA
+        conv(f"{name}.branch1x1", 64, c_in, 1)
+        conv(f"{name}.branch5x5_1", 48, c_in, 1)
+        conv(f"{name}.branch5x5_2", 64, 48, 5)
+        conv(f"{name}.branch3x3dbl_1", 64, c_in, 1)
+        conv(f"{name}.branch3x3dbl_2", 96, 64, 3)
+        conv(f"{name}.branch3x3dbl_3", 96, 96, 3)
+        conv(f"{name}.branch_pool", pool, c_in, 1)
+    conv("Mixed_6a.branch3x3", 384, 288, 3)  # InceptionB
+    conv("Mixed_6a.branch3x3dbl_1", 64, 288, 1)
+    conv("Mixed_6a.branch3x3dbl_2", 96, 64, 3)
+    conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+    for name, c in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):  # InceptionC
+        conv(f"{name}.branch1x1", 192, 768, 1)
+        conv(f"{name}.branch7x7_1", c, 768, 1)
+        conv(f"{name}.branch7x7_2", c, c, 1, 7)
+        conv(f"{name}.branch7x7_3", 192, c, 7, 1)
+        conv(f"{name}.branch7x7dbl_1", c, 768, 1)
+        conv(f"{name}.branch7x7dbl_2", c, c, 7, 1)
+        conv(f"{name}.branch7x7dbl_3", c, c, 1, 7)
+        conv(f"{name}.branch7x7dbl_4", c, c, 7, 1)
+        conv(f"{name}.branch7x7dbl_5", 192, c, 1, 7)
+        conv(f"{name}.branch_pool", 192, 768, 1)
+    conv("Mixed_7a.branch3x3_1", 192, 768, 1)  # InceptionD
+    conv("Mixed_7a.branch3x3_2", 320, 192, 3)
+    conv("Mixed_7a.branch7x7x3_1", 192, 768, 1)
+    conv("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7)
+    conv("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1)
+    conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+    for name, c_in in (("Mixed_7b", 1280), ("Mixed_7c", 2048)):  # InceptionE_1, InceptionE_2
+        conv(f"{name}.branch1x1", 320, c_in, 1)
+        conv(f"{name}.branch3x3_1", 384, c_in, 1)
+        conv(f"{name}.branch3x3_2a", 384, 384, 1, 3)
+        conv(f"{name}.branch3x3_2b", 384, 384, 3, 1)
+        conv(f"{name}.branch3x3dbl_1", 448, c_in, 1)
+        conv(f"{name}.branch3x3dbl_2", 384, 448, 3)
+        conv(f"{name}.branch3x3dbl_3a", 384, 384, 1, 3)
+        conv(f"{name}.branch3x3dbl_3b", 384, 384, 3, 1)
+        conv(f"{name}.branch_pool", 192, c_in, 1)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=g) * 0.02
+    state["fc.bias"] = torch.full((1008,), 100.0)  # logits_unbiased leave it out
+    return state
+
+
+def test_torch_fidelity_inception_file_loads_and_gives_unbiased_logits(tmp_path):
+    state = torch_fidelity_inception_file()
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    network = load_inception(path)
+    shapes = {}
+    for name in ("Mixed_5d", "Mixed_6e", "Mixed_7c"):  # the sizes torch-fidelity's forward notes
+        getattr(network, name).register_forward_hook(lambda m, i, out, name=name: shapes.update({name: out.shape[1:]}))
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 64, 80), generator=g, dtype=torch.uint8),
+              torch.randint(0, 256, (3, 299, 299), generator=g, dtype=torch.uint8)]
+    logits = inception_logits(network, images)
+    assert logits.shape == (2, 1008) and torch.isfinite(logits).all()
+    assert shapes == {"Mixed_5d": (288, 35, 35), "Mixed_6e": (768, 17, 17), "Mixed_7c": (2048, 8, 8)}
+    with torch.no_grad():
+        features = network.features(images[1][None].float())
+    unbiased = features.double() @ state["fc.weight"].double().T  # the file's fc.bias (100) is left out
+    torch.testing.assert_close(logits[1], unbiased[0], rtol=1e-4, atol=1e-4)
+
+
+def test_tf1_bilinear_resize_samples_without_half_pixel_offset():
+    row = torch.tensor([[[[0.0, 10.0]]]])  # (1, 1, 1, 2)
+    assert resize_bilinear_tf1(row, 4)[0, 0, 0].tolist() == [0.0, 5.0, 10.0, 10.0]
+    image = torch.rand(2, 3, 11, 7, generator=torch.Generator().manual_seed(0))
+    for size in (4, 16):
+        # output (i, j) samples input (i * H / size, j * W / size), linear, clamped at the last row/column
+        rows = np.arange(size) * np.float32(11 / size)
+        cols = np.arange(size) * np.float32(7 / size)
+        grid = np.meshgrid(rows, cols, indexing="ij")
+        expected = np.stack([[ndimage.map_coordinates(channel.numpy(), grid, order=1, mode="nearest")
+                              for channel in picture] for picture in image])
+        np.testing.assert_allclose(resize_bilinear_tf1(image, size).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(resize_bilinear_tf1(image[..., :7, :], 7), image[..., :7, :])  # same size: unchanged
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS

@@ -3,9 +3,9 @@ downstream U-Net localization and ResNet-34 classification protocols, IS and IC-
 comparison report (`dualanodiff evaluate`).
 
 Modules: `metrics` (the localization metrics), `localization` (U-Net protocol), `classification`
-(ResNet-34 protocol), `generation_metrics` (IS, LPIPS, IC-LPIPS), `compare` (one run over several
-generators), `report` (Markdown / JSON / CSV / chart), `inputs` (what they read), `training`
-(device, batches, progress).
+(ResNet-34 protocol), `generation_metrics` (IS, LPIPS, IC-LPIPS), `inception` (torch-fidelity's
+Inception-v3 for IS), `compare` (one run over several generators), `report` (Markdown / JSON / CSV /
+chart), `inputs` (what they read), `training` (device, batches, progress).
 """
 
 from dualanodiff.evaluation.classification import ResNet34, evaluate_classification, load_resnet_weights

@@ -16,12 +16,11 @@ from typing import Callable
 import torch
 
 from dualanodiff.config import EvaluateConfig
-from dualanodiff.data import Category, few_shot_split, open_category
+from dualanodiff.data import Category, few_shot_split, load_image, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.images import batch_to_model_range
 from dualanodiff.evaluation.classification import evaluate_classification
 from dualanodiff.evaluation.generation_metrics import (
-    INCEPTION_SIZE,
     LPIPS,
     ic_lpips,
     inception_logits,
@@ -74,7 +73,7 @@ def evaluate_generators(
     for defect in defects:
         few_shot_split(category.defects[defect], rounding)  # a too small defect type fails before training
     if inception is None:
-        notes.append("IS not computed: needs --inception-weights FILE (a TorchScript Inception-v3 returning logits)")
+        notes.append("IS not computed: needs --inception-weights FILE (torch-fidelity's weights-inception-2015-12-05-*.pth)")
     if lpips is None:
         notes.append("IC-LPIPS not computed: needs --lpips-weights alexnet-*.pth --lpips-weights lpips' alex.pth")
     classify = classification and len(defects) >= 2
@@ -180,7 +179,8 @@ def _generation_scores(
     images = [image for image, _ in pairs]
     scores = {"is": math.nan, "is_std": math.nan, "ic_lpips": math.nan}
     if inception is not None:
-        logits = inception_logits(inception, load_images(images, INCEPTION_SIZE))
+        originals = [torch.tensor(load_image(path)).permute(2, 0, 1) for path in images]  # resized as IS does
+        logits = inception_logits(inception, originals)
         scores["is"], scores["is_std"] = inception_score(logits, splits=min(IS_SPLITS, len(images)))
     if lpips is not None:
         train = [pair.image for pair in few_shot_split(category.defects[defect], rounding)[0]]

@@ -7,22 +7,13 @@ are shuffled with ``np.random.RandomState(2020).permutation(N)``, softmaxed in f
 ``splits`` consecutive parts ``[i*N//splits, (i+1)*N//splits)``; per part ``exp(mean_x KL(p(y|x) ||
 p(y)))`` with p(y) the part's mean prediction; the score is the mean and (population) std over parts.
 
-``--inception-weights`` is a TorchScript file (``torch.jit.load``) taking a float batch
-(N, 3, 299, 299) of RGB values in [0, 255] and returning logits (N, classes); images are resized to
-299x299 bilinearly before it. torch-fidelity's network (``inception-v3-compat``, feature
-``logits_unbiased``) exports to that contract on a machine that has torch-fidelity::
-
-    import torch
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class InceptionLogits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"])
-        def forward(self, x):                    # float (N, 3, 299, 299) in [0, 255]
-            return self.net(x.round().clamp(0, 255).to(torch.uint8))[0]
-
-    torch.jit.trace(InceptionLogits().eval(), torch.zeros(2, 3, 299, 299)).save("inception_is.pt")
+``--inception-weights`` is torch-fidelity's own weight file, as it lies in torch hub's cache
+(``weights-inception-2015-12-05-6726825d.pth``, the state dict of its ``FeatureExtractorInceptionV3``),
+which loads into `FidelityInceptionV3`; its IS feature ``logits_unbiased`` is what the score takes. Each
+image is resized to 299x299 from its own size with TensorFlow 1's bilinear rule, as torch-fidelity
+resizes (`resize_bilinear_tf1`). A TorchScript file taking that float batch (N, 3, 299, 299) of RGB
+values in [0, 255] and returning logits (N, classes) is accepted too (``torch.jit.load``), e.g. an
+export of another Inception.
 
 **IC-LPIPS** (Ojha et al. 2021, as AnomalyDiffusion uses it): every generated image joins the cluster
 of its nearest few-shot training image by LPIPS; the mean LPIPS over all pairs inside a cluster,
@@ -47,15 +38,16 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualanodiff.errors import UserError
+from dualanodiff.evaluation.inception import FidelityInceptionV3
 from dualanodiff.evaluation.inputs import check_state_dict, load_state_dict
 
 INCEPTION_SIZE = 299
@@ -96,30 +88,64 @@ def inception_score(
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def load_inception(path: Path) -> torch.jit.ScriptModule:
-    """The TorchScript network of ``--inception-weights`` (see the module docstring for the contract)."""
+INCEPTION_FILE = "torch-fidelity's weights-inception-2015-12-05-6726825d.pth or a TorchScript Inception-v3"
+
+
+def load_inception(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network of ``--inception-weights``: `FidelityInceptionV3` with torch-fidelity's state dict,
+    or a TorchScript file (see the module docstring for both)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--inception-weights {path}: file not found; pass a TorchScript Inception-v3 file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript loading
-            return torch.jit.load(str(path), map_location="cpu").eval()
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(
-            f"--inception-weights {path}: not a TorchScript file ({str(exc).splitlines()[0][:80]}); "
-            "export one with torch.jit.trace as documented in dualanodiff.evaluation.generation_metrics"
-        ) from None
+        raise UserError(f"--inception-weights {path}: file not found; pass {INCEPTION_FILE}")
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript loading
+                return torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"--inception-weights {path}: damaged TorchScript file ({str(exc).splitlines()[0][:80]}); "
+                f"pass {INCEPTION_FILE}"
+            ) from None
+    model = FidelityInceptionV3()
+    state = load_state_dict(path, "--inception-weights")
+    check_state_dict(state, model, path, "--inception-weights", INCEPTION_FILE)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds its code (``*/code/``); a ``torch.save`` archive does not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def resize_bilinear_tf1(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (N, C, H, W) -> (N, C, size, size) by TensorFlow 1's bilinear rule (no half-pixel
+    offset: output pixel i samples input position i * H / size), the resize of torch-fidelity's
+    Inception: for H = 2 to size 4, ``[a, b]`` -> ``[a, (a + b) / 2, b, b]``."""
+
+    def taps(length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        position = torch.arange(size, dtype=torch.float32) * torch.tensor(length / size, dtype=torch.float32)
+        low = position.long()
+        return low, (low + 1).clamp_max(length - 1), (position - low).to(images.dtype)
+
+    (y0, y1, dy), (x0, x1, dx) = taps(images.shape[2]), taps(images.shape[3])
+    rows = images[:, :, y0] + (images[:, :, y1] - images[:, :, y0]) * dy[:, None]
+    return rows[..., x0] + (rows[..., x1] - rows[..., x0]) * dx
 
 
 @torch.no_grad()
-def inception_logits(network: Callable, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """(N, classes) logits of uint8 images (N, 3, H, W), resized to 299x299, as float in [0, 255]."""
+def inception_logits(network: Callable, images: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """(N, classes) logits of uint8 images (3, H, W) of any sizes, each resized to 299x299 by
+    `resize_bilinear_tf1` and given to ``network`` as float in [0, 255]."""
     outputs = []
-    for chunk in images.split(max(1, batch_size)):
-        side = (INCEPTION_SIZE, INCEPTION_SIZE)
-        resized = F.interpolate(chunk.float(), size=side, mode="bilinear", align_corners=False)
-        logits = network(resized.clamp(0, 255))
+    for start in range(0, len(images), max(1, batch_size)):
+        chunk = images[start : start + max(1, batch_size)]
+        batch = torch.cat([resize_bilinear_tf1(image[None].float(), INCEPTION_SIZE) for image in chunk])
+        logits = network(batch)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(chunk):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise UserError(f"--inception-weights: the network returned {shape}; it must return (N, classes) logits")
