@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from dualanodiff.alignment import alignment_score
-from dualanodiff.data import Category, few_shot_split, foreground_mask, load_image, load_mask
+from dualanodiff.data import Category, few_shot_split, foreground_mask, load_image, load_mask, with_marked_masks
 from dualanodiff.errors import UserError
 from dualanodiff.pairs import PairWriter
 
@@ -80,16 +80,17 @@ class BaselinePair:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def training_defects(category: Category, defect: str, rounding: str = "floor") -> list[Defect]:
-    """The few-shot training pairs of `defect` (never its test images), loaded."""
+def training_defects(
+    category: Category, defect: str, rounding: str = "floor", allow_empty: bool = False,
+    warn: Callable[[str], None] = lambda message: None,
+) -> list[Defect]:
+    """The few-shot training pairs of `defect` (never its test images), loaded; a pair whose mask is
+    empty is refused, or skipped with ``allow_empty``, as `train` does (`with_marked_masks`)."""
     train, _ = few_shot_split(_defect_pairs(category, defect), rounding)
     defects = []
-    for pair in train:
+    for pair in with_marked_masks(train, allow_empty, warn):
         image = load_image(pair.image)
-        mask = load_mask(pair.mask, shape=image.shape[:2])
-        if not mask.any():
-            raise UserError(f"{pair.mask}: training mask is empty; crop-paste needs a marked defect")
-        defects.append(Defect(pair.stem, image, mask))
+        defects.append(Defect(pair.stem, image, load_mask(pair.mask, shape=image.shape[:2])))
     return defects
 
 
@@ -394,9 +395,12 @@ def crop_paste(
     *,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    allow_empty_masks: bool = False,
+    log: Callable[[str], None] = lambda message: None,
 ) -> Path:
-    """Write `num` crop-paste pairs of `defect` under ``out/<category>/<defect>``; returns that folder."""
-    defects = training_defects(category, defect, rounding)
+    """Write `num` crop-paste pairs of `defect` under ``out/<category>/<defect>``; returns that folder.
+    Few-shot pairs with an empty mask are refused, or skipped with ``allow_empty_masks`` (see `train`)."""
+    defects = training_defects(category, defect, rounding, allow_empty_masks, log)
     normals = NormalPool(category)
     settings = {"generator": "crop-paste", "split_rounding": rounding}
     return _run(category, defect, num, Path(out), seed, settings, force, progress,

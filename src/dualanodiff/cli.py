@@ -5,7 +5,10 @@ usage mistake (unknown command or option, bad value, missing option) or a `UserE
 `OSError` (a read-only or full folder) exits 1, a run short of what was asked exits 3 (`--debug` shows
 the traceback instead). Messages are printed verbatim: no rich markup or emoji codes are interpreted,
 so paths such as ``runs/[v2]`` and keys such as ``:train:`` appear as they are. Progress shows as
-bars on a terminal and as plain lines elsewhere (`progress_bars`).
+bars on a terminal and as plain lines elsewhere (`progress_bars`); ``--log-file`` appends the plain lines
+and every message to a file as well. A command stopped by SIGINT or SIGTERM after saving its work
+(`dualanodiff.signals.Stopped`) prints one line saying how to go on, then exits 130 (SIGINT) or ends by
+SIGTERM; a reader that goes away (``| head -1``) ends the command quietly with exit code 141.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,11 +27,13 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+from rich.control import Control
 from rich.text import Text
 
 from dualanodiff import __version__
-from dualanodiff.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UserError
+from dualanodiff.errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UserError
 from dualanodiff.io import check_writable
+from dualanodiff.signals import Stopped, deferred_signals
 
 if TYPE_CHECKING:
     from dualanodiff.config import Config
@@ -38,12 +44,50 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Few-shot anomaly image-mask pair generation (DualAnoDiff).",
 )
-# verbatim output: markup and emoji codes in paths, keys and messages are not interpreted
-console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
-stdout = Console(markup=False, emoji=False, highlight=False)
+
+
+class _Console(Console):
+    """A console of the command line: verbatim (markup and emoji codes in paths, keys and messages are not
+    interpreted). With ``--log-file`` every message printed is also appended to that file,
+    plain and timestamped, flushed line by line (bars are not messages: `progress_bars` logs plain lines)."""
+
+    log_file: Console | None = None  # a plain console on the open log file
+
+    def __init__(self, **options):
+        super().__init__(markup=False, emoji=False, highlight=False, **options)
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*objects, **kwargs)
+        if objects and not isinstance(objects[0], Control):  # Control: rich moving its bars
+            self.log_line(*objects, **kwargs)
+
+    def log_line(self, *objects, **kwargs) -> None:
+        if self.log_file is not None:
+            self.log_file.print(time.strftime("%Y-%m-%d %H:%M:%S"), *objects, **kwargs)
+
+    def open_log(self, path: Path) -> None:
+        check_writable(path.parent)
+        try:
+            handle = path.open("a", buffering=1)  # line-buffered: each line reaches the file at once
+        except OSError as exc:
+            raise UserError(f"--log-file {path}: {exc.strerror}; pass a file path in a writable folder") from None
+        self.log_file = Console(
+            file=handle, markup=False, emoji=False, highlight=False, color_system=None, soft_wrap=True,
+            width=TABLE_WIDTH_OUTSIDE_TERMINAL,
+        )
+
+    def close_log(self) -> None:
+        if self.log_file is not None:
+            self.log_file.file.close()
+            self.log_file = None
+
+
+console = _Console(stderr=True, soft_wrap=True)
+stdout = _Console()
 _state = {"debug": False}
 PLAIN_PERCENT = 10  # outside a terminal, one progress line per this share of the work ...
 PLAIN_SECONDS = 15.0  # ... or per this many seconds, whichever comes first
+TABLE_WIDTH_OUTSIDE_TERMINAL = 240
 
 
 def _show_version(value: bool) -> None:
@@ -56,8 +100,14 @@ def _show_version(value: bool) -> None:
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    log_file: Optional[Path] = typer.Option(
+        None, "--log-file", help="Also append progress lines and messages to this file (before the command: "
+        "dualanodiff --log-file run.log train ...).",
+    ),
 ) -> None:
     _state["debug"] = debug
+    if log_file is not None:
+        console.open_log(log_file)
 
 
 # --- progress: bars on a terminal, plain lines elsewhere -------------------------------------------
@@ -126,7 +176,13 @@ def progress_bars(enabled: bool = True, transient: bool = True) -> Iterator[Call
 
         def bars(label: str, total: int | None = None) -> Bar:
             task = progress.add_task(label, total=total, note="")
-            return lambda done, total=None, note="": progress.update(task, completed=done, total=total, note=note)
+            logged = PlainProgress(label, total, console.log_line)  # --log-file gets plain lines
+
+            def bar(done: int, total: int | None = None, note: str = "") -> None:
+                progress.update(task, completed=done, total=total, note=note)
+                logged.update(done, total, note)
+
+            return bar
 
         yield bars
 
@@ -207,15 +263,22 @@ def info(
 
     from rich.table import Table
 
-    from dualanodiff.data import few_shot_split, open_category
+    from dualanodiff.data import empty_masks, few_shot_split, open_category
 
     cat = open_category(category_dir)
     splits = {name: few_shot_split(pairs, split_rounding) for name, pairs in cat.defects.items()}
+    empty = {name: empty_masks(train) for name, (train, _) in splits.items()}
+    for name, pairs in empty.items():
+        if pairs:
+            console.print(
+                f"warning: {cat.name}/{name}: empty few-shot training mask(s), all zero: "
+                f"{', '.join(str(p.mask) for p in pairs)}; train and crop-paste refuse them (--allow-empty-masks skips them)"
+            )
     if as_json:
         record = {
             "category": cat.name,
             "defects": {
-                name: {"train": [p.stem for p in train], "test": [p.stem for p in test]}
+                name: {"train": [p.stem for p in train], "test": [p.stem for p in test], "empty_masks": [p.stem for p in empty[name]]}
                 for name, (train, test) in splits.items()
             },
             "good_train": len(cat.train_good),
@@ -283,6 +346,10 @@ def train(
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (GPU).", show_default=config_default("train.mixed_precision")),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.", show_default=config_default("train.gradient_checkpointing")),
     device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any) or cpu.", show_default=config_default("train.device")),
+    allow_empty_masks: Optional[bool] = typer.Option(
+        None, "--allow-empty-masks", help="Skip few-shot pairs whose mask is empty, with a warning (else refused).",
+        show_default=config_default("data.allow_empty_masks"),
+    ),
 ) -> None:
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
     from dualanodiff.training import train as train_run
@@ -297,9 +364,8 @@ def train(
         ("model", "bcm_variant"): bcm_variant, ("train", "steps"): steps, ("train", "batch_size"): batch_size,
         ("train", "lr"): lr, ("train", "seed"): seed, ("train", "mixed_precision"): mixed_precision,
         ("train", "gradient_checkpointing"): gradient_checkpointing, ("train", "device"): device,
+        ("data", "allow_empty_masks"): allow_empty_masks,
     })
-    if rank is not None:
-        cfg.model.alpha = float(rank)  # the official scripts keep alpha = rank
     if not resume and not (cfg.data.data and cfg.data.defect):
         raise UserError("--data and --defect are required for a new run (or set data.data/data.defect in --config)")
     check_writable(out)
@@ -406,6 +472,9 @@ def baseline(
     seed: int = typer.Option(0, "--seed", help="Base seed; pair attempt a uses seed + a."),
     split_rounding: str = typer.Option("floor", "--split-rounding", help="crop-paste: floor (disjoint) or ceil."),
     force: bool = typer.Option(False, "--force", help="Replace pairs already in OUT/<category>/<defect>/."),
+    allow_empty_masks: bool = typer.Option(
+        False, "--allow-empty-masks", help="crop-paste: skip few-shot pairs whose mask is empty (else refused).",
+    ),
 ) -> None:
     """Write baseline image-mask pairs in the same layout as `generate` (crop-paste or Perlin)."""
     from dualanodiff import baselines
@@ -418,7 +487,8 @@ def baseline(
     with progress_bars() as bars:
         report = bars(f"{method} {category.name}/{defect}", num)
         if method == "crop-paste":
-            folder = baselines.crop_paste(category, defect, num, out, seed, split_rounding, force=force, progress=report)
+            folder = baselines.crop_paste(category, defect, num, out, seed, split_rounding, force=force, progress=report,
+                                          allow_empty_masks=allow_empty_masks, log=_log)
         else:
             folder = baselines.perlin(category, defect, num, out, seed, force=force, progress=report)
     console.print(f"{method}: {num} pairs in {folder}")
@@ -444,12 +514,17 @@ def evaluate(
     base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64).", show_default=config_default("evaluate.base_width")),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings.", show_default=config_default("evaluate.seed")),
     split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="TorchScript Inception-v3 for IS."),
+    inception_weights: Optional[Path] = typer.Option(
+        None, "--inception-weights", help="For IS: torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+        "(or a TorchScript Inception-v3 returning logits).",
+    ),
     lpips_weights: Optional[list[Path]] = typer.Option(
         None, "--lpips-weights", help="For IC-LPIPS: torchvision's alexnet-*.pth and lpips' weights/v0.1/alex.pth "
         "(the option once for each), or one file holding both.",
     ),
-    resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="torchvision ResNet-34 state dict."),
+    resnet_weights: Optional[Path] = typer.Option(
+        None, "--resnet-weights", help="torchvision's ImageNet resnet34-*.pth for the classifier (else random init).",
+    ),
     no_classification: bool = typer.Option(False, "--no-classification", help="Skip the ResNet-34 classification."),
     device: str = typer.Option("auto", "--device", help="auto (GPU if any), cpu or cuda."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results (raw fractions) as JSON."),
@@ -474,20 +549,14 @@ def evaluate(
     check_outputs([report, report and chart_path(report), json_path, csv_path], force)
     for path in {Path(p).parent for p in (report, json_path, csv_path) if p is not None}:
         check_writable(path)  # before the U-Net trains
-    results = evaluate_generators(
-        data,
-        roots,
-        cfg,
-        defects=defect or None,
-        rounding=split_rounding,
-        inception_weights=inception_weights,
-        lpips_weights=lpips_weights,
-        resnet_weights=resnet_weights,
-        classification=not no_classification,
-        device=device,
-        log=_log,
-    )
-    written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
+    with deferred_signals() as stop:  # a stop while training writes nothing; the files are written whole
+        with stop.at_once("before anything was written; run the same command again to evaluate"):
+            results = evaluate_generators(
+                data, roots, cfg, defects=defect or None, rounding=split_rounding,
+                inception_weights=inception_weights, lpips_weights=lpips_weights, resnet_weights=resnet_weights,
+                classification=not no_classification, device=device, log=_log,
+            )
+        written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
     table = Table(title=f"{results['category']} ({results['protocol']['selection']})")
     for title in ["generator"] + [title for _, title, _ in COLUMNS]:
         table.add_column(title)
@@ -658,30 +727,58 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app; every failure a user can cause becomes one line on stderr and the exit
     code of `dualanodiff.errors` (``--debug``: the traceback instead)."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
     try:
-        code = app(args=args, prog_name="dualanodiff", standalone_mode=False)  # Exit codes and Ctrl-C are returned
+        code = _run(args)
+    finally:
+        console.close_log()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _run(args: list[str]) -> int:
+    """The app's exit code; what typer's own `main` would catch (Ctrl-C, a broken pipe) is handled here,
+    so that a `Stopped` keeps its message and signal."""
+    import typer.main
+
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("dualanodiff", list(args)) as ctx:
+            command.invoke(ctx)
+        sys.stdout.flush()  # here, not at exit, so that a reader gone away is noticed below
+        return 0
     except UserError as exc:
         if debug:
             raise
         _error(str(exc))
-        sys.exit(EXIT_USAGE)
+        return EXIT_USAGE
     except _click_types("ClickException") as exc:  # usage mistakes
         if type(exc).__name__ == "NoArgsIsHelpError":
             stdout.print(exc.format_message())
         else:
             _error(_usage_message(exc))
-        sys.exit(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
+        return getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE
+    except BrokenPipeError:  # `dualanodiff ... | head -1`: the reader has gone; end quietly, as `yes | head -1`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):  # what is still buffered goes nowhere, without a complaint
+            os.dup2(devnull, stream.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if debug:
             raise
         _error(_os_error_message(exc))
-        sys.exit(EXIT_FAILED)
+        return EXIT_FAILED
+    except Stopped as exc:  # the work saved what it had; the message says how to go on
+        console.print(exc.message)
+        if exc.number == signal.SIGTERM:  # end by the signal, so that the parent sees what stopped us
+            sys.stdout.flush()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return EXIT_INTERRUPTED
     except (KeyboardInterrupt, typer.Abort, *_click_types("Abort")):
-        code = EXIT_INTERRUPTED
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-    if code == EXIT_INTERRUPTED:
         console.print("interrupted; finished work is kept and a re-run resumes from it")
-    if isinstance(code, int) and code:
-        sys.exit(code)
+        return EXIT_INTERRUPTED
+    except (typer.Exit, SystemExit) as exc:
+        if isinstance(exc.__context__, BrokenPipeError):  # rich's way to end a broken pipe: SystemExit(1)
+            return EXIT_BROKEN_PIPE
+        return getattr(exc, "exit_code", getattr(exc, "code", 0))

@@ -22,6 +22,7 @@ import functools
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -255,6 +256,30 @@ def few_shot_split(pairs: list[Pair], rounding: str = "floor") -> tuple[list[Pai
         need = "3 (floor rounding) or 1 (--split-rounding ceil)"
         raise UserError(f"{where}: {n} image-mask pair(s) leave none for training; need at least {need}")
     return ordered[:k], ordered[k:]
+
+
+def empty_masks(pairs: list[Pair]) -> list[Pair]:
+    """The pairs whose mask marks no pixel: a few-shot pair without its defect marked teaches the
+    anomaly branch a blank part image (and crop-paste has nothing to cut)."""
+    return [pair for pair in pairs if not load_mask(pair.mask).any()]
+
+
+def with_marked_masks(pairs: list[Pair], allow_empty: bool, warn: Callable[[str], None]) -> list[Pair]:
+    """``pairs`` without those whose mask is empty: refused (a `UserError` naming the files), or with
+    ``allow_empty`` (``--allow-empty-masks``) skipped after a warning; at least one must remain."""
+    empty = empty_masks(pairs)
+    if not empty:
+        return pairs
+    files = ", ".join(str(pair.mask) for pair in empty)
+    if not allow_empty:
+        raise UserError(
+            f"{files}: mask is empty (all zero); a few-shot training pair needs its defect marked: fix the mask, "
+            "remove the pair, or pass --allow-empty-masks to skip it"
+        )
+    if len(empty) == len(pairs):
+        raise UserError(f"{files}: every few-shot training mask is empty; mark the defects in the masks")
+    warn(f"warning: skipping {len(empty)} of {len(pairs)} few-shot training pairs, their mask is empty: {files}")
+    return [pair for pair in pairs if pair not in empty]
 
 
 # ---------------------------------------------------------------------------------------------- foreground

@@ -9,6 +9,8 @@ code   meaning
 3      partial: finished, but short of what was asked (`generate` kept fewer than ``--num`` pairs;
        `run-all` left defect types unscored because their generation kept none, or fell short)
 130    interrupted (Ctrl-C); finished work is kept and a re-run resumes from it
+141    the reader of the output went away (``dualanodiff info X | head -1``); nothing more is printed
+143    SIGTERM: the process ends by the signal itself, after saving as on Ctrl-C
 =====  ===========================================================================================
 """
 
@@ -16,6 +18,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `yes | head -1` ends
 
 
 class UserError(Exception):

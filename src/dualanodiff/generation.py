@@ -29,6 +29,7 @@ from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, pair_consistency
 from dualanodiff.pairs import PairWriter, pair_size
 from dualanodiff.pipeline import DualAnoDiffPipeline, load_run_config, make_scheduler, prepared_background
+from dualanodiff.signals import Stopped, deferred_signals
 
 @dataclass
 class GenerationSummary:
@@ -107,7 +108,8 @@ def generate(
 
     Attempt ``a`` uses seed ``cfg.seed + a``; at most ``num * max_tries_factor`` attempts are made in all.
     A folder holding pairs made from another run or with other sampling settings is refused (its pairs
-    would mix with the new ones) unless ``force``, which replaces them.
+    would mix with the new ones) unless ``force``, which replaces them. SIGINT or SIGTERM drops the batch
+    being sampled (its attempts are made again by a re-run), keeps every pair written and raises `Stopped`.
     """
     start = time.monotonic()
     run_cfg = load_run_config(run)
@@ -123,7 +125,7 @@ def generate(
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
-    with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer:
+    with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
             writer.clear()
         writer.check_settings(settings)
@@ -140,7 +142,8 @@ def generate(
             inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
-                out = pipe(seeds=[cfg.seed + a for a in range(attempt, attempt + count)], output_type="np", **inputs)
+                with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
+                    out = pipe(seeds=[cfg.seed + a for a in range(attempt, attempt + count)], output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
                     region = object_region(image, kind, fg_weights)
                     verdict = filter_verdict(pair_mask, region, cfg.max_area, cfg.min_on_object)
@@ -164,9 +167,15 @@ def generate(
                 if progress is not None:
                     progress(kept, cfg.num)
         writer.write_contact_sheet()
+        if stop():
+            raise Stopped(stop(), _resume_note(kept, cfg.num, writer.dir))
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
     return summary
+
+
+def _resume_note(kept: int, num: int, folder: Path) -> str:
+    return f"with {kept} of {num} pairs in {folder}; run the same command again to continue"
 
 
 def _inputs(

@@ -72,6 +72,7 @@ from dualanodiff.model.base import (
     load_base_model,
     sd_scheduler,
 )
+from dualanodiff.signals import Stopped, deferred_signals
 from dualanodiff.synthetic import FAMILIES, HELD_OUT, PRETRAIN_FAMILIES, WORLD_KINDS, WORLD_MIX, thing_name, world_item, world_words
 
 __all__ = ["Architecture", "PretrainOptions", "Preset", "PRESETS", "pretrain_base", "measure_base"]
@@ -383,6 +384,7 @@ class _Run:
     steps: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
     plans: dict = field(default_factory=dict)  # stage -> planned steps under a time budget
     stopped: dict = field(default_factory=dict)  # stage -> why it stopped before its step count
+    stop: Callable[[], int] = lambda: 0  # a SIGINT/SIGTERM received (`deferred_signals`): stop at the next step
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mixed else nullcontext()
@@ -531,6 +533,9 @@ class _Stage:
         so that it has something to save)."""
         if self.step >= self.total():
             return False
+        if self.run.stop():  # the caller saves where it stopped, then `pretrain_base` raises `Stopped`
+            self.run.stopped[self.key] = "signal"
+            return False
         if self.deadline is not None and self.step > 0 and _now() >= self.deadline:
             self.run.stopped[self.key] = f"time budget, after {self.step} of {self.total()} planned steps"
             return False
@@ -573,6 +578,13 @@ class _Stage:
             fit = step + int(max(self.deadline - _now(), 0) / seconds)
             self.run.plans[self.key] = min(self.max_steps, fit)
             self.run.log(f"{self.label}: {seconds * 1000:.1f} ms/step, planning {self.run.plans[self.key]} steps")
+
+
+def _raise_if_stopped(run: _Run) -> None:
+    """`Stopped` once a training stage has saved at the step where a signal stopped it."""
+    if run.stop():
+        raise Stopped(run.stop(), f"at VAE step {run.steps['vae']}, UNet step {run.steps['unet']}; checkpoint saved, "
+                                  "continue with the same command and --resume")
 
 
 def _mean_loss(window: list[torch.Tensor], stage: str, step: int) -> float:
@@ -930,8 +942,9 @@ def pretrain_base(
     """Train the VAE, then the UNet + text encoder; write the diffusers directory `out`; return training.json.
 
     A re-run with `resume` continues from ``out/checkpoint/state.pt`` (written every
-    `options.checkpoint_every` steps and at each stage's end) and gives the same weights as an uninterrupted
-    run; with more steps than before it trains on, with as many or fewer it only (re)exports.
+    `options.checkpoint_every` steps, at each stage's end, and at the step where SIGINT or SIGTERM stopped a
+    stage, which then raises `Stopped`) and gives the same weights as an uninterrupted run; with more steps
+    than before it trains on, with as many or fewer it only (re)exports.
     `time_budget` (seconds from this call): no training step starts later; measuring and export follow.
     `workers`: processes rendering the data. `preset`: the name recorded in training.json.
     """
@@ -941,10 +954,12 @@ def pretrain_base(
     run = _start_run(out, resolution, seed, options, resume, force, device, time_budget, log)
     data = _render_data(run, resolution, seed, workers)
     models = _build_models(run, resolution, seed)
-    with _progress(show_progress) as progress:
+    with _progress(show_progress) as progress, deferred_signals() as run.stop:
         _train_vae(run, models, data, steps_vae, progress)
+        _raise_if_stopped(run)
         latents = _encode_corpus(run, models, data)
         ema = _train_unet(run, models, data, latents, steps_unet, progress)
+        _raise_if_stopped(run)
     ema.copy_to(models.trainable())  # the EMA weights are the model
     models.unet.eval()
     models.text_encoder.eval()

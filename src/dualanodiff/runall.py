@@ -19,8 +19,11 @@ checkpoint. A job that raises is tried once more (`run_job`), a job whose worker
 Ray; then it is reported failed and the other jobs go on. A category's evaluation waits for its
 generation jobs, scores every defect type that has pairs and lists the others with the reason
 (`evaluation_job`); it fails only when no defect type has pairs. `run_outcome` gives the exit code:
-failed jobs, a partial run (some generation short of ``--num``) or all done. On a cluster, the output and
-dataset folders must be on a file system every node sees under the same path.
+failed jobs, a partial run (some generation short of ``--num``) or all done. SIGINT or SIGTERM stops the
+run: the driver forwards it to the running jobs as Ray's cancel (a KeyboardInterrupt there: a training
+checkpoints at its step boundary, a generation keeps its written pairs), waits up to `CANCEL_GRACE_S`,
+writes the summary and raises `dualanodiff.signals.Stopped`; a re-run continues. On a cluster, the output
+and dataset folders must be on a file system every node sees under the same path.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.report import COLUMNS, NOT_COMPUTED, format_value
 from dualanodiff.io import atomic_write_text
 from dualanodiff.pairs import rejected_rows
+from dualanodiff.signals import Stopped, deferred_signals
 
 GENERATED = "generated"
 GENERATOR = "dualanodiff"  # the row name in the evaluation reports
@@ -259,6 +263,9 @@ def run_job(job: Job, out: Path, config: dict, work: Callable | None = None) -> 
             error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
             status.log(f"attempt {attempt} failed:\n{trace}")
             continue
+        except KeyboardInterrupt as exc:  # run-all was stopped (Ray's cancel); a re-run continues from here
+            status.log(f"stopped: {exc}")
+            raise
         short = "asked" in result and result.get("kept", 0) < result["asked"]
         record = _record(job, cfg, "short" if short else "done", started, attempts=attempt, **result)
         _finish(folder, DONE, record)
@@ -378,27 +385,27 @@ def run_all(
                 submit(job)
         submit_evaluations()
         # transient, then printed once: a file or pipe gets the final table only, ending with a newline
-        with Live(job_table(jobs, records, pending.values(), out), console=console, transient=True) as live:
-            try:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
-                    for ref in ready:
-                        job = pending.pop(ref)
-                        try:
-                            record_of(job, ray.get(ref))
-                        except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
-                            record_of(job, _failure(out, job, cfg, f"{type(exc).__name__}: {exc}"))
-                    submit_evaluations()
-                    live.update(job_table(jobs, records, pending.values(), out))
-                    if plain and pending and time.monotonic() - last_line >= PLAIN_INTERVAL_S:
-                        console.print(f"{len(records)}/{len(jobs)} jobs finished; {running_line(pending.values(), out)}")
-                        last_line = time.monotonic()
-            except KeyboardInterrupt:
+        live = Live(job_table(jobs, records, pending.values(), out), console=console, transient=True)
+        with live, deferred_signals() as stop:
+            while pending and not stop():
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        record_of(job, ray.get(ref))
+                    except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
+                        record_of(job, _failure(out, job, cfg, f"{type(exc).__name__}: {exc}"))
+                submit_evaluations()
+                live.update(job_table(jobs, records, pending.values(), out))
+                if plain and pending and time.monotonic() - last_line >= PLAIN_INTERVAL_S:
+                    console.print(f"{len(records)}/{len(jobs)} jobs finished; {running_line(pending.values(), out)}")
+                    last_line = time.monotonic()
+            if stop():  # forwarded as Ray's cancel (a KeyboardInterrupt in each running job, which saves its work)
                 for ref in pending:
-                    ray.cancel(ref)  # a running training saves a checkpoint before it stops
+                    ray.cancel(ref)
                 ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
                 write_summary(out, jobs, records)
-                raise
+                raise Stopped(stop(), "after its running jobs saved their work; run the same command again to continue")
         console.print(job_table(jobs, records, [], out))
     finally:
         if started_ray:

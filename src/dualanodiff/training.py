@@ -27,10 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +37,16 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from dualanodiff.config import Config
-from dualanodiff.data import Pair, few_shot_split, foreground_mask, load_image, load_mask, open_category
+from dualanodiff.data import (
+    Pair, few_shot_split, foreground_mask, load_image, load_mask, open_category, with_marked_masks,
+)
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
+from dualanodiff.signals import Stopped, deferred_signals
 
 ADAPTERS = "adapters.safetensors"
 LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly", "loss_anomaly_defect")
@@ -92,11 +92,6 @@ def encode_training_set(
     for pair in pairs:
         image = load_image(pair.image)
         mask = load_mask(pair.mask, image.shape[:2])
-        if not mask.any():
-            raise UserError(
-                f"{pair.mask}: mask is empty (all zero); a few-shot training pair needs its defect marked: "
-                "fix the mask or remove the pair"
-            )
         fg = foreground_mask(image, kind, u2net or None)
         image, mask, fg = resize_image(image, resolution), resize_mask(mask, resolution), resize_mask(fg, resolution)
         targets = training_targets(image, mask, fg)
@@ -229,24 +224,6 @@ def _on_main_process(accelerator, work: Callable[[], Config]) -> Config:
     return outcome[0]
 
 
-@contextmanager
-def deferred_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[Callable[[], int]]:
-    """While the block runs, SIGINT and SIGTERM (what Ctrl-C, Ray, SLURM, Kubernetes and docker send) only
-    record themselves; the training loop asks ``received()`` between steps, so it can checkpoint at a
-    step boundary and then re-raise the signal. Outside the main thread signals cannot be caught:
-    ``received()`` is always 0 there."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: 0
-        return
-    caught: list[int] = []
-    previous = {number: signal.signal(number, lambda number, frame: caught.append(number)) for number in signals}
-    try:
-        yield lambda: caught[0] if caught else 0
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def make_accelerator(mixed_precision: str, device: str):
     """A fresh Accelerator for each run: accelerate keeps process-wide state, yet one process may train
     several runs with different precisions (demo ablations, tests). A launched process group is kept."""
@@ -284,6 +261,7 @@ def train(
             f"--defect {cfg.data.defect!r}: not a defect type of {category.root}; choose one of {sorted(category.defects)}"
         )
     train_pairs, test_pairs = few_shot_split(category.defects[cfg.data.defect], cfg.data.split_rounding)
+    train_pairs = with_marked_masks(train_pairs, cfg.data.allow_empty_masks, log)
     kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
     for option in ("global_prompt", "anomaly_prompt", "learned_words"):
         setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
@@ -349,10 +327,10 @@ def train(
 
     model.train()
     stopped = 0
-    with deferred_signals() as received:
+    with deferred_signals() as stop:
         try:
             while step < cfg.train.steps:
-                stopped = received()
+                stopped = stop()
                 if processes > 1:  # every process stops at the same step, or the checkpoint's gather hangs
                     stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
                 if stopped:
@@ -401,14 +379,12 @@ def train(
                 checkpoint_now()
                 log(f"interrupted at step {step}; checkpoint saved, continue with --resume")
             raise
-    checkpoint_now()
-    if stopped:  # saved at a step boundary; now let the signal do what it means (SIGINT: KeyboardInterrupt)
-        log(f"stopped by signal {stopped} at step {step}; checkpoint saved, continue with --resume")
-        signal.raise_signal(stopped)
-        raise KeyboardInterrupt  # the process ignores the signal: stop training all the same
-    if main:
-        model.save_trainable(out / ADAPTERS)
-    accelerator.wait_for_everyone()
+        checkpoint_now()
+        if stopped:  # saved at a step boundary
+            raise Stopped(stopped, f"at step {step} of {cfg.train.steps}; checkpoint saved, continue with --resume")
+        if main:
+            model.save_trainable(out / ADAPTERS)
+        accelerator.wait_for_everyone()
     return out
 
 
