@@ -252,7 +252,7 @@ def test_cli_train_writes_a_run_and_rejects_bad_options(synthetic_root, tmp_path
             "--steps", "2", "--rank", "4", "--batch-size", "1", "--no-saim", "--device", "cpu"]
     main(args + ["--out", str(tmp_path / "run")])
     saved = Config.from_yaml(tmp_path / "run" / "config.yaml")
-    assert (saved.model.rank, saved.model.alpha, saved.model.saim, saved.train.batch_size) == (4, 4.0, False, 1)
+    assert (saved.model.rank, saved.model.lora_alpha, saved.model.saim, saved.train.batch_size) == (4, 4.0, False, 1)
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2
@@ -260,7 +260,7 @@ def test_cli_train_writes_a_run_and_rejects_bad_options(synthetic_root, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--out", str(tmp_path / "other"), "--bcm-variant", "foo"])
     assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
-    assert "bcm_variant" in capsys.readouterr().err
+    assert "--bcm-variant" in capsys.readouterr().err
 
 
 @pytest.mark.slow

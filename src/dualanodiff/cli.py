@@ -540,8 +540,6 @@ def evaluate(
 
     options = {"steps": steps, "resolution": resolution, "seed": seed, "base_width": base_width}
     cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
-    if cfg.steps < 1:
-        raise UserError(f"--steps {cfg.steps}: must be at least 1")
     roots = dict(parse_generated(spec) for spec in generated)
     if len(roots) != len(generated):
         raise UserError("--generated: two folders share a row name; label them as NAME=DIR")
@@ -668,9 +666,6 @@ def run_all_command(
     cfg = load_config(config).with_overrides(
         {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}
     )
-    for option, value in (("--steps", cfg.train.steps), ("--num", cfg.generate.num)):
-        if value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
     check_writable(out)
     jobs, records = run_all(
         data, out, cfg, categories=split_names(categories), defects=split_names(defects), max_defects=max_defects,

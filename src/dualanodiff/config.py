@@ -12,13 +12,35 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from dualanodiff.errors import UserError
 
 
+@dataclass(frozen=True)
+class Range:
+    """An option's valid values: ``low <= value`` (``<`` when `open_low`) and ``value <= high``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def check(self, value: float, where: str) -> None:
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        if not (low_ok and (self.high is None or value <= self.high)):
+            bounds = [f"{'above' if self.open_low else 'at least'} {self.low:g}"] if self.low is not None else []
+            bounds += [f"at most {self.high:g}"] if self.high is not None else []
+            given = f"{where} {value!r}" if where.startswith("--") else f"{where} = {value!r}"  # a flag or a key
+            raise UserError(f"{given}: out of range; it must be {' and '.join(bounds)}")
+
+
+Count = Annotated[int, Range(1)]
+Size = Annotated[int, Range(0)]  # 0 has a meaning where it is allowed (see the option's comment)
+Positive = Annotated[float, Range(0, open_low=True)]
+NonNegative = Annotated[float, Range(0)]
+Share = Annotated[float, Range(0, 1)]
 PairSize = Union[int, Literal["model", "source"]]
 PAIR_SIZE_NAMES = ("model", "source")
 
@@ -38,7 +60,7 @@ class DataConfig:
     data: str = ""  # category directory (MVTec layout) or custom folder (images/ + masks/)
     defect: str = ""  # defect type to learn
     split_rounding: Literal["floor", "ceil"] = "floor"  # floor: disjoint sets (ours); ceil: official rule
-    resolution: int = 0  # training size in pixels; 0: the base model's native size (512 for SD 1.5, official)
+    resolution: Size = 0  # training size in pixels; 0: the base model's native size (512 for SD 1.5, official)
     flips: bool = True  # random horizontal + vertical flips (official; off for cable)
     foreground: Literal["auto", "object", "texture"] = "auto"
     u2net_weights: str = ""  # optional TorchScript U^2-Net for the foreground mask
@@ -48,16 +70,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base_model: str = "tiny"  # local diffusers dir, single .safetensors, "tiny" (embedded) or "tiny-random"
-    rank: int = 32  # UNet LoRA rank (official)
-    alpha: float = 32.0
-    text_rank: int = 32  # text-encoder LoRA rank (official); 0 disables text LoRA
+    rank: Count = 32  # UNet LoRA rank (official)
+    alpha: NonNegative = 0.0  # LoRA scale alpha / rank; 0: alpha = rank, as the official scripts keep it
+    text_rank: Size = 32  # text-encoder LoRA rank (official); 0 disables text LoRA
     # prompts may name the category and defect: "a {object} with {defect}" / "{defect}" (filled in by training)
     global_prompt: str = "a vfx with sks"
     anomaly_prompt: str = "sks"
     learned_words: str = ""  # words whose input token embeddings train (textual inversion), e.g. "vfx sks"
     lora_targets: Literal["attention", "attention+ff", "attention+ff+conv"] = "attention"  # UNet layers with LoRA
     saim: bool = True
-    saim_rank: int = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
+    saim_rank: Size = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
     # zero: SAIM's output starts at 0 (ours); official: nn.Linear's default init, as the reference code (measured
     # to turn the global branch's objects into texture within 300 few-shot steps: experiments/ABLATION.md)
     saim_init: Literal["official", "zero"] = "zero"
@@ -70,45 +92,50 @@ class ModelConfig:
     # gamma still train on their detached states; the LoRA no longer learns through them): fewer FLOPs per step
     bcm_background_grad: bool = True
     gamma_init: float = 0.1
-    bcm_hidden: int = 0  # MLP width; 0 means the layer's own width
+    bcm_hidden: Size = 0  # MLP width; 0 means the layer's own width
+
+    @property
+    def lora_alpha(self) -> float:
+        """The LoRA scale's numerator: `alpha`, or the rank where alpha is 0 (the official scripts' rule)."""
+        return self.alpha or float(self.rank)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 5000
-    batch_size: int = 4
-    lr: float = 2e-5
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    added_lr_scale: float = 1.0  # learning-rate multiplier for the modules the paper adds (SAIM, BCM, gamma)
+    steps: Count = 5000
+    batch_size: Count = 4
+    lr: Positive = 2e-5
+    weight_decay: NonNegative = 1e-2
+    max_grad_norm: Positive = 1.0
+    added_lr_scale: Positive = 1.0  # learning-rate multiplier for the modules the paper adds (SAIM, BCM, gamma)
     noise: Literal["independent", "shared"] = "independent"  # one noise draw for both rows of a pair, or two
-    defect_loss_weight: float = 0.0  # anomaly branch: extra loss weight on the defect's latent cells (ours)
+    defect_loss_weight: NonNegative = 0.0  # anomaly branch: extra loss weight on the defect's latent cells (ours)
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: Size = 500
+    keep_checkpoints: Count = 2
     device: str = "auto"  # auto (GPU if any), cpu or cuda
 
 
 @dataclass
 class GenerateConfig:
-    num: int = 500
-    steps: int = 100  # official: SD-1.5 PNDM, 100 steps, guidance 2.5
-    guidance: float = 2.5
+    num: Count = 500
+    steps: Count = 100  # official: SD-1.5 PNDM, 100 steps, guidance 2.5
+    guidance: NonNegative = 2.5
     scheduler: str = "pndm"
-    batch_size: int = 4
+    batch_size: Count = 4
     seed: int = 0
     # x_T of a pair's two rows: shared (one draw, ours: puts the part's defect where the image's is) or
     # independent (paper and reference code)
     initial_noise: Literal["independent", "shared"] = "shared"
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
-    mask_floor: float = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
-    min_component: int = 16  # pixels; smaller connected components are dropped
+    mask_floor: Share = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
+    min_component: Size = 16  # pixels; smaller connected components are dropped
     filter: bool = True
-    max_area: float = 0.5  # drop masks covering more than this share of the image
-    min_on_object: float = 0.5  # objects: share of the mask that must lie on the foreground
-    max_tries_factor: int = 4  # sample at most num * factor pairs before giving up
+    max_area: Share = 0.5  # drop masks covering more than this share of the image
+    min_on_object: Share = 0.5  # objects: share of the mask that must lie on the foreground
+    max_tries_factor: Count = 4  # sample at most num * factor pairs before giving up
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels
@@ -118,11 +145,11 @@ class GenerateConfig:
 class EvaluateConfig:
     # optimizer steps of the localizer and of the classifier, the same for every set of pairs; 3000 is
     # about the former 50 epochs over 500 images at batch 8 (the localizer's batches hold 4 pairs)
-    steps: int = 3000
-    batch_size: int = 8
-    lr: float = 1e-3
-    resolution: int = 256
-    base_width: int = 16  # localization U-Net width (DRAEM uses 64; 16 keeps CPU runs short)
+    steps: Count = 3000
+    batch_size: Count = 8
+    lr: Positive = 1e-3
+    resolution: Count = 256
+    base_width: Count = 16  # localization U-Net width (DRAEM uses 64; 16 keeps CPU runs short)
     seed: int = 0
 
 
@@ -158,9 +185,10 @@ class Config:
     def with_overrides(self, values: dict[tuple[str, str], Any], source: str = "command line") -> Config:
         """A validated copy with ``(section, option) -> value`` set where the value is not None (CLI flags)."""
         raw = self.to_dict()
+        hints = {section: get_type_hints(type(getattr(self, section)), include_extras=True) for section, _ in values}
         for (section, name), value in values.items():
-            if value is not None:
-                raw[section][name] = value
+            if value is not None:  # checked under the flag's own name first
+                raw[section][name] = _coerce(hints[section][name], value, f"--{name.replace('_', '-')}")
         return Config.from_dict(raw, source)
 
     def to_yaml(self, path: str | Path) -> None:
@@ -169,8 +197,13 @@ class Config:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def validated(section: Any, where: str) -> Any:
+    """A config object (or one section) checked as if read from a file: types, choices and ranges."""
+    return _build(type(section), dataclasses.asdict(section), where)
+
+
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
     if unknown:
@@ -188,6 +221,12 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if get_origin(hint) is Annotated:
+        base, *rules = get_args(hint)
+        value = _coerce(base, value, where)
+        for rule in rules:
+            rule.check(value, where)
+        return value
     if hint == PairSize:
         return parse_pair_size(value, where)
     origin = get_origin(hint)

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from dualanodiff.alignment import alignment_score
-from dualanodiff.config import Config, GenerateConfig
+from dualanodiff.config import Config, GenerateConfig, validated
 from dualanodiff.data import foreground_mask, load_image, load_mask, open_category
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
@@ -69,10 +69,8 @@ def object_region(image: np.ndarray, kind: str, u2net_weights: str = "") -> np.n
 
 
 def check_config(cfg: GenerateConfig) -> GenerateConfig:
-    """`UserError` for counts below 1 and unknown scheduler, device or dtype, before any model is loaded."""
-    for name in ("num", "steps", "batch_size", "max_tries_factor"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    """`UserError` for options out of range and unknown scheduler, device or dtype, before any model is loaded."""
+    cfg = validated(cfg, "generate")
     make_scheduler(cfg.scheduler, {})
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     return cfg

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from dualanodiff.config import Config
+from dualanodiff.config import Config, validated
 from dualanodiff.data import (
     Pair, few_shot_split, foreground_mask, load_image, load_mask, open_category, with_marked_masks,
 )
@@ -246,6 +246,7 @@ def train(
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
     """Train on the few-shot split of `cfg.data.defect`; returns the run folder. See the module docstring."""
+    cfg = validated(cfg, "config")
     out = Path(out)
     saved = out / "config.yaml"
     settings = Config.from_yaml(saved).train if resume and saved.is_file() else cfg.train  # a resumed run keeps its own
@@ -253,8 +254,6 @@ def train(
     main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
     log = log if main else (lambda message: None)
     cfg = _on_main_process(accelerator, lambda: prepare_run(cfg, out, resume, force))
-    if cfg.train.steps < 1:
-        raise UserError(f"--steps {cfg.train.steps}: must be at least 1")
     category = open_category(cfg.data.data)
     if cfg.data.defect not in category.defects:
         raise UserError(

@@ -87,13 +87,13 @@ class DualAnoDiffModel(nn.Module):
         for name, module in self.unet.named_modules():
             if isinstance(module, Attention):
                 processors[f"{name}.processor"] = DualBranchAttnProcessor(
-                    module, self.layout, cfg.rank, cfg.alpha, cfg.saim, cfg.saim_rank, cfg.bcm,
+                    module, self.layout, cfg.rank, cfg.lora_alpha, cfg.saim, cfg.saim_rank, cfg.bcm,
                     cfg.bcm_variant, cfg.gamma_init, cfg.bcm_hidden, cfg.saim_init, cfg.saim_direction,
                 )
         self.processors = list(processors.values())
         self.unet.set_attn_processor(processors)  # pops the entries of `processors`
         for parent, child, layer in _extra_lora_layers(self.unet, cfg.lora_targets):
-            setattr(parent, child, BranchLoRALayer(layer, self.layout, cfg.rank, cfg.alpha))
+            setattr(parent, child, BranchLoRALayer(layer, self.layout, cfg.rank, cfg.lora_alpha))
         if cfg.text_rank > 0:
             lora = LoraConfig(r=cfg.text_rank, lora_alpha=cfg.text_rank, target_modules=TEXT_TARGETS, init_lora_weights=True)
             inject_adapter_in_model(lora, self.text_encoder, adapter_name=TEXT_ADAPTER)
