@@ -2,7 +2,8 @@
 
 `--config tiny` is the embedded base (128 px, 32x32 latents) that runs on a CPU; `--config sd15` is Stable
 Diffusion 1.5's UNet / VAE / CLIP text encoder architecture with random weights, for GPU runs (speed and
-memory do not depend on the weights, and no weights can be downloaded here).
+memory do not depend on the weights, and no weights can be downloaded here); `test` is the random test-size
+base (32 px), for checking a benchmark's whole path in seconds.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dualanodiff.devices import cast_frozen
 from dualanodiff.io import atomic_write_text
-from dualanodiff.model.base import BaseModel, build_tokenizer, load_base_model, sd_scheduler
+from dualanodiff.model.base import BaseModel, build_tokenizer, load_base_model, sd_scheduler, tiny_random_base
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-CONFIGS = ("tiny", "sd15")
+CONFIGS = ("tiny", "sd15", "test")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 SD15_UNET = dict(
@@ -54,8 +55,8 @@ def build_base(config: str, seed: int = 0, meta: bool = False) -> BaseModel:
 
     `meta`: weights on the meta device (shapes only, nothing allocated), for counting FLOPs.
     """
-    if config == "tiny":
-        base = load_base_model("tiny")
+    if config in ("tiny", "test"):
+        base = load_base_model("tiny") if config == "tiny" else tiny_random_base()
         for part in (base.unet, base.vae, base.text_encoder):
             part.to("meta" if meta else "cpu")
         return base
@@ -117,12 +118,15 @@ def _resident_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _release_freed_memory() -> None:
+def release_memory(device: torch.device) -> None:
+    """Hand freed memory back (glibc's heap pages, CUDA's cached blocks), so that the next peak starts clean."""
     gc.collect()
     try:  # glibc keeps freed heap pages; hand them back so the next resident-set baseline is honest
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class PeakMemory:
@@ -138,10 +142,9 @@ class PeakMemory:
         self.mib = float("nan")
 
     def __enter__(self) -> PeakMemory:
-        _release_freed_memory()
+        release_memory(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._start = self._peak = _resident_bytes()
@@ -180,14 +183,31 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
-def append_row(section: str, cells: list[str]) -> None:
-    """Add a row to the table under `## <section>` in RESULTS.md (after that table's last row)."""
-    lines = RESULTS.read_text().splitlines()
+def _table(lines: list[str], section: str) -> tuple[int, int]:
+    """Indices of the first (header) and last line of the table under `## <section>`."""
     heading = lines.index(f"## {section}")
     first = next(i for i in range(heading, len(lines)) if lines[i].startswith("|"))
     last = first
     while last + 1 < len(lines) and lines[last + 1].startswith("|"):
         last += 1
-    lines.insert(last + 1, "| " + " | ".join(cells) + " |")
+    return first, last
+
+
+def table_header(section: str) -> list[str]:
+    """The header and separator lines of RESULTS.md's table under `## <section>`."""
+    lines = RESULTS.read_text().splitlines()
+    first, _ = _table(lines, section)
+    return lines[first : first + 2]
+
+
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def append_row(section: str, cells: list[str]) -> None:
+    """Add a row to the table under `## <section>` in RESULTS.md (after that table's last row)."""
+    lines = RESULTS.read_text().splitlines()
+    _, last = _table(lines, section)
+    lines.insert(last + 1, markdown_row(cells))
     atomic_write_text(RESULTS, "\n".join(lines) + "\n")
 

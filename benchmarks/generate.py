@@ -1,8 +1,8 @@
 """Generation throughput (pairs per second) and peak memory of `DualAnoDiffPipeline`, over a grid of settings.
 
 Each grid cell (scheduler x steps x dtype x batch) samples `batch` pairs per call with classifier-free
-guidance (2.5) and BCM backgrounds, including the VAE decode; mask extraction and file writing are not
-timed. The model's trainable weights are the untrained initial ones (speed does not depend on them). One
+guidance (2.5) and BCM backgrounds, including the VAE decode and the pipeline's threshold masks; file
+writing is not timed. The model's trainable weights are the untrained initial ones (speed does not depend on them). One
 short warm-up call per cell, then `--repeats` timed calls; the figure is the median. Prints JSON and appends
 one row per cell to RESULTS.md::
 
@@ -33,6 +33,7 @@ TARGET_PAIRS = 500  # DESIGN's target: 500 pairs at 512 px in <= 5 minutes on on
 DEFAULTS = {  # per config: scheduler, steps, dtype, batch size, repeats
     "tiny": ("dpm,pndm", "10", "fp32", "4", 2),
     "sd15": ("pndm", "100", "fp16", "8", 3),  # the official sampling setting
+    "test": ("dpm,pndm", "3", "fp32", "2", 1),
 }
 
 
@@ -97,44 +98,56 @@ def measure_flops(args: argparse.Namespace) -> dict:
     }
 
 
+def pipeline(base, device: torch.device, dtype: str) -> DualAnoDiffPipeline:
+    """A pipeline around a fresh copy of `base` with untrained adapters (speed does not depend on them)."""
+    return DualAnoDiffPipeline.from_model(
+        DualAnoDiffModel(copy.deepcopy(base), ModelConfig()), backgrounds(base.resolution), str(device), dtype
+    )
+
+
+def measure_cell(
+    pipe: DualAnoDiffPipeline, scheduler: str, steps: int, batch: int, guidance: float, repeats: int, device: torch.device
+) -> dict:
+    """Pairs per second and peak memory of `batch` pairs per call (after a 2-step warm-up call)."""
+    pipe.scheduler = make_scheduler(scheduler, pipe.model.base.scheduler.config)
+    seeds = list(range(batch))
+
+    def sample(steps: int = steps) -> None:
+        pipe(seeds=seeds, num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+
+    sample(steps=2)
+    with PeakMemory(device) as memory:
+        times = [timed(sample, device)]
+    times += [timed(sample, device) for _ in range(repeats - 1)]
+    pairs_per_second = batch / statistics.median(times)
+    return {
+        "scheduler": scheduler, "steps": steps, "batch_size": batch, "repeats": repeats,
+        "seconds_per_call": statistics.median(times), "pairs_per_second": pairs_per_second,
+        "minutes_for_500_pairs": TARGET_PAIRS / pairs_per_second / 60, "peak_memory_mib": memory.mib,
+    }
+
+
 def measure_cells(args: argparse.Namespace, device: torch.device) -> dict:
     """Pairs per second and peak memory of every (dtype, scheduler, steps, batch) cell."""
     base = build_base(args.config)
-    images = backgrounds(base.resolution)
     cells = []
     for dtype in args.dtype:  # the pipeline casts its model to the dtype: one model per dtype
-        pipe = DualAnoDiffPipeline.from_model(DualAnoDiffModel(copy.deepcopy(base), ModelConfig()), images, str(device), dtype)
+        pipe = pipeline(base, device, dtype)
         for scheduler, steps, batch in itertools.product(args.scheduler, args.steps, args.batch_size):
-            seeds = list(range(batch))
-
-            pipe.scheduler = make_scheduler(scheduler, pipe.model.base.scheduler.config)
-
-            def sample(steps=steps, seeds=seeds):
-                pipe(seeds=seeds, num_inference_steps=steps, guidance_scale=args.guidance, output_type="np")
-
-            sample(steps=2)  # warm-up
-            with PeakMemory(device) as memory:
-                times = [timed(sample, device)]
-            times += [timed(sample, device) for _ in range(args.repeats - 1)]
-            pairs_per_second = batch / statistics.median(times)
-            cells.append({
-                "scheduler": scheduler, "steps": steps, "dtype": dtype, "batch_size": batch,
-                "seconds_per_call": statistics.median(times), "pairs_per_second": pairs_per_second,
-                "minutes_for_500_pairs": TARGET_PAIRS / pairs_per_second / 60, "peak_memory_mib": memory.mib,
-            })
+            cells.append({"dtype": dtype} | measure_cell(pipe, scheduler, steps, batch, args.guidance, args.repeats, device))
         del pipe
     return {**environment(device), "config": args.config, "resolution": base.resolution, "guidance": args.guidance,
-            "repeats": args.repeats, "cells": cells}
+            "cells": cells}
 
 
-def record_cells(result: dict) -> None:
-    for cell in result["cells"]:
-        append_row("Generation", [
-            result["date"], result["device"], result["torch"], f"{result['config']} {result['resolution']}px",
-            cell["scheduler"], str(cell["steps"]), cell["dtype"], str(cell["batch_size"]),
-            f"{cell['pairs_per_second']:.3f}", f"{cell['minutes_for_500_pairs']:.1f}",
-            f"{cell['peak_memory_mib']:.0f}", str(result["repeats"]),
-        ])
+def cell_row(result: dict, cell: dict) -> list[str]:
+    """The "Generation" table's row of one cell of a `measure_cells` result."""
+    return [
+        result["date"], result["device"], result["torch"], f"{result['config']} {result['resolution']}px",
+        cell["scheduler"], str(cell["steps"]), cell["dtype"], str(cell["batch_size"]),
+        f"{cell['pairs_per_second']:.3f}", f"{cell['minutes_for_500_pairs']:.1f}",
+        f"{cell['peak_memory_mib']:.0f}", str(cell["repeats"]),
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = measure_flops(args) if args.flops else measure_cells(args, device)
     print(json.dumps(result, indent=2))
     if not args.no_record and not args.flops:
-        record_cells(result)
+        for cell in result["cells"]:
+            append_row("Generation", cell_row(result, cell))
     return result
 
 

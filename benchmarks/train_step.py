@@ -13,12 +13,17 @@ noised (as `dualanodiff.training` does after its one-off VAE encoding). Four ste
   layer runs the global and anomaly rows in separate calls in a Python loop and SAIM loops as well. It
   shares the dual model's parameters and is checked to compute the same noise predictions.
 
+``--cuts`` instead compares the dual step with its FLOP-cut variants (issue 17): ``dual_bg_nograd``
+(``model.bcm_background_grad: false``) and ``dual_saim<N>`` (``model.saim_rank: N``), in time and FLOPs.
+
 Times are measured in one process, interleaved (one step of each variant per round, rotating the order),
 after warm-up; the ratios are medians of per-round ratios. Peak memory is measured per variant in
 isolation (built, stepped, then freed). Prints JSON and appends a row to RESULTS.md::
 
     python benchmarks/train_step.py --config tiny
     python benchmarks/train_step.py --config sd15 --device cuda --dtype bf16 --gradient-checkpointing
+    python benchmarks/train_step.py --config tiny --cuts dual_bg_nograd,dual_saim16,dual_saim32
+    python benchmarks/train_step.py --config sd15 --cuts --flops
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from _common import CONFIGS, DTYPES, PeakMemory, append_row, autocast, build_base, environment, parameter_counts
-from _common import limit_threads, place, timed
+from _common import limit_threads, place, release_memory, timed
 from diffusers.models.attention_processor import Attention
 from peft import LoraConfig
 from torch import nn
@@ -47,6 +54,7 @@ from dualanodiff.model.base import BaseModel
 from dualanodiff.model.dual import DualAnoDiffModel
 
 VARIANTS = ("dual", "dual_no_bcm", "plain", "official")
+CUTS = ("dual_bg_nograd", "dual_saim64", "dual_saim128")  # the dual step with one FLOP cut; dual_saim<N>: any rank
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -82,14 +90,17 @@ class LoopedBranchProcessor(nn.Module):
         return out.transpose(1, 2).reshape(rows, -1, out.shape[1] * out.shape[-1])
 
     def _interact(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """SAIM with one projection call per branch and the 2-token softmax written out per branch."""
+        """SAIM with one projection call per branch and the 2-token softmax written out per reading branch
+        (both, or only the anomaly branch for ``saim_direction: to_anomaly``)."""
         saim = self.dual.saim
         tokens = [saim.proj_in(saim.norm(o)) for o in outs]
-        query, key, value = ([proj(t) for t in tokens] for proj in (saim.to_q, saim.to_k, saim.to_v))
-        scale = query[0].shape[-1] ** -0.5
-        mixed = []
-        for i in range(len(outs)):
-            weights = torch.stack([(query[i] * key[j]).sum(-1) * scale for j in range(len(outs))], -1).softmax(-1)
+        key, value = ([proj(t) for t in tokens] for proj in (saim.to_k, saim.to_v))
+        scale = key[0].shape[-1] ** -0.5
+        readers = range(1, len(outs)) if saim.direction == "to_anomaly" else range(len(outs))
+        mixed = [outs[0]] if saim.direction == "to_anomaly" else []
+        for i in readers:
+            query = saim.to_q(tokens[i])
+            weights = torch.stack([(query * key[j]).sum(-1) * scale for j in range(len(outs))], -1).softmax(-1)
             blend = sum(weights[..., j : j + 1] * value[j] for j in range(len(outs)))
             mixed.append(outs[i] + saim.to_out(blend))
         return mixed
@@ -151,6 +162,20 @@ def official_style(model: DualAnoDiffModel) -> Callable:
 # --- the variants -----------------------------------------------------------------------------------------
 
 
+def variant_config(name: str) -> ModelConfig:
+    """The model options of a dual-model variant: the defaults (``dual``, ``official``), ``dual_no_bcm``,
+    ``dual_bg_nograd`` or ``dual_saim<rank>``."""
+    if name == "dual_no_bcm":
+        return ModelConfig(bcm=False)
+    if name == "dual_bg_nograd":
+        return ModelConfig(bcm_background_grad=False)
+    if name.startswith("dual_saim"):
+        return ModelConfig(saim_rank=int(name.removeprefix("dual_saim")))
+    if name in ("dual", "official"):
+        return ModelConfig()
+    raise ValueError(f"unknown variant {name!r}")
+
+
 @dataclasses.dataclass
 class Variant:
     step: Callable[[], torch.Tensor]  # one training step; returns the (detached) loss
@@ -162,7 +187,7 @@ def build_variant(name: str, base: BaseModel, inputs: dict, device, dtype: str, 
     if name == "plain":
         module, forward = _plain(base)
     else:
-        model = DualAnoDiffModel(base, dataclasses.replace(ModelConfig(), bcm=name != "dual_no_bcm"))
+        model = DualAnoDiffModel(base, variant_config(name))
         module, forward = model, official_style(model) if name == "official" else model
     place(module, device, dtype)
     if checkpointing:
@@ -233,12 +258,12 @@ def official_matches_dual(base: BaseModel, inputs: dict, device) -> float:
     return max((a - b).abs().max().item() for a, b in zip(dual.to(device)(*args), forward(*args)))
 
 
-def step_flops(base: BaseModel, batch: int) -> dict[str, int]:
+def step_flops(base: BaseModel, batch: int, names: tuple[str, ...] = VARIANTS) -> dict[str, int]:
     """Forward + backward FLOPs of one step per variant, counted on the meta device (nothing is computed)."""
     meta = torch.device("meta")
     inputs = make_inputs(base, batch, meta)
     flops = {}
-    for name in VARIANTS:
+    for name in names:
         variant = build_variant(name, base, inputs, meta, "fp32", checkpointing=False)
         with FlopCounterMode(display=False) as counter:
             variant.step()
@@ -256,11 +281,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or bf16/fp16 autocast")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step (official: 4)")
-    parser.add_argument("--repeats", type=int, default=0, help="timed rounds (0: 10 for tiny, 20 for sd15)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed rounds (0: 20 for sd15, else 10)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: 1 on a CPU, torch's default on a GPU)")
     parser.add_argument("--check", action="store_true", help="only build the models and print their sizes")
     parser.add_argument("--flops", action="store_true", help="count each step's FLOPs on the meta device instead of timing")
+    parser.add_argument("--cuts", nargs="?", const=",".join(CUTS), default="",
+                        help=f"compare the dual step with these FLOP-cut variants instead (default: {','.join(CUTS)})")
     parser.add_argument("--no-record", action="store_true", help="do not append the row to RESULTS.md")
     return parser.parse_args(argv)
 
@@ -273,56 +300,96 @@ def model_sizes(config: str) -> dict:
             "trainable_parameters": parts}
 
 
-def measure_steps(args: argparse.Namespace, device: torch.device) -> dict:
-    """Peak memory of each variant alone, then interleaved step times of all of them."""
-    repeats = args.repeats or (10 if args.config == "tiny" else 20)
-    base = build_base(args.config)
-    inputs = make_inputs(base, args.batch_size, device)
-    max_diff = official_matches_dual(base, inputs, device)
-    peak = {}
-    for name in VARIANTS:
+def peak_memory(name: str, base: BaseModel, inputs: dict, device, dtype: str, checkpointing: bool) -> float:
+    """MiB of one variant alone: built, two steps, freed; nan where it runs out of GPU memory."""
+    try:
         with PeakMemory(device) as memory:
-            variant = build_variant(name, base, inputs, device, args.dtype, args.gradient_checkpointing)
+            variant = build_variant(name, base, inputs, device, dtype, checkpointing)
             for _ in range(2):
                 variant.step()
-        del variant
-        peak[name] = memory.mib
+            del variant
+        return memory.mib
+    except torch.OutOfMemoryError:
+        return math.nan
+    finally:
+        release_memory(device)
 
-    variants = {name: build_variant(name, base, inputs, device, args.dtype, args.gradient_checkpointing) for name in VARIANTS}
-    for variant in variants.values():
-        for _ in range(args.warmup):
-            variant.step()
-    times = {name: [] for name in VARIANTS}
-    for round_ in range(repeats):  # one step of each per round, order rotated every round
-        order = VARIANTS[round_ % len(VARIANTS) :] + VARIANTS[: round_ % len(VARIANTS)]
-        for name in order:
+
+def interleaved_times(
+    variants: dict[str, Variant], repeats: int, device, warmup: int = 1, deadline: float = math.inf
+) -> dict[str, list[float]]:
+    """Seconds of each step, one step of each variant per round with the order rotated every round, after
+    `warmup` untimed steps each. A variant that runs out of GPU memory in warm-up is left out; rounds stop
+    once `time.monotonic()` passes `deadline` (a GPU run's time cap)."""
+    for name in list(variants):
+        try:
+            for _ in range(warmup):
+                variants[name].step()
+        except torch.OutOfMemoryError:
+            del variants[name]
+            release_memory(device)
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        if time.monotonic() > deadline:
+            break
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             times[name].append(timed(variants[name].step, device))
+    return times
 
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
+def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median of the per-round ratios a/b (nan when either was not measured)."""
+    pairs = list(zip(times.get(a, []), times.get(b, [])))
+    return statistics.median(x / y for x, y in pairs) if pairs else math.nan
+
+
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def measure_steps(
+    args: argparse.Namespace, device: torch.device, base: BaseModel | None = None, deadline: float = math.inf
+) -> dict:
+    """Peak memory of each of the four variants alone, then interleaved step times of all of them."""
+    repeats = args.repeats or (20 if args.config == "sd15" else 10)
+    base = base or build_base(args.config)
+    inputs = make_inputs(base, args.batch_size, device)
+    max_diff = official_matches_dual(base, inputs, device)
+    release_memory(device)
+    peak = {name: peak_memory(name, base, inputs, device, args.dtype, args.gradient_checkpointing) for name in VARIANTS}
+    variants = {name: build_variant(name, base, inputs, device, args.dtype, args.gradient_checkpointing)
+                for name in VARIANTS if math.isfinite(peak[name])}
+    times = interleaved_times(variants, repeats, device, args.warmup, deadline)
+    del variants
+    release_memory(device)
     return {
         **environment(device),
         "config": args.config, "batch_size": args.batch_size, "dtype": args.dtype,
-        "gradient_checkpointing": args.gradient_checkpointing, "repeats": repeats,
+        "gradient_checkpointing": args.gradient_checkpointing, "repeats": min(map(len, times.values()), default=0),
         "rows": {"dual": 3 * args.batch_size, "dual_no_bcm": 2 * args.batch_size, "plain": 2 * args.batch_size,
                  "official": f"{args.batch_size} + {2 * args.batch_size} (two UNet calls)"},
-        "seconds_per_step": {name: statistics.median(t) for name, t in times.items()},
+        "seconds_per_step": {name: median_or_nan(times.get(name, [])) for name in VARIANTS},
         "peak_memory_mib": peak,
-        "ratios": {"dual/plain": ratio("dual", "plain"), "dual_no_bcm/plain": ratio("dual_no_bcm", "plain"),
-                   "official/dual": ratio("official", "dual")},
+        "ratios": {"dual/plain": median_ratio(times, "dual", "plain"),
+                   "dual_no_bcm/plain": median_ratio(times, "dual_no_bcm", "plain"),
+                   "official/dual": median_ratio(times, "official", "dual")},
         "official_vs_dual_max_abs_diff": max_diff,
     }
 
 
-def record_steps(result: dict) -> None:
+def _setting(result: dict) -> str:
+    return f"{result['config']} b{result['batch_size']} {result['dtype']}{' ckpt' if result['gradient_checkpointing'] else ''}"
+
+
+def steps_row(result: dict) -> list[str]:
+    """The "Training step" table's row of a `measure_steps` result."""
     s, r, m = result["seconds_per_step"], result["ratios"], result["peak_memory_mib"]
-    setting = f"{result['config']} b{result['batch_size']} {result['dtype']}{' ckpt' if result['gradient_checkpointing'] else ''}"
-    append_row("Training step", [
-        result["date"], result["device"], result["torch"], setting,
+    return [
+        result["date"], result["device"], result["torch"], _setting(result),
         *(f"{s[n]:.3f}" for n in VARIANTS), *(f"{v:.2f}" for v in r.values()),
         *(f"{m[n]:.0f}" for n in VARIANTS), str(result["repeats"]),
-    ])
+    ]
 
 
 def measure_flops(args: argparse.Namespace) -> dict:
@@ -335,11 +402,62 @@ def measure_flops(args: argparse.Namespace) -> dict:
     }
 
 
-def record_flops(result: dict) -> None:
-    append_row("Training FLOPs", [
+def flops_row(result: dict) -> list[str]:
+    return [
         result["date"], f"{result['config']} b{result['batch_size']}",
         *(f"{result['tflop_per_step'][n]:.3g}" for n in VARIANTS), *(f"{v:.2f}" for v in result["ratios"].values()),
-    ])
+    ]
+
+
+def measure_cuts(
+    args: argparse.Namespace, device: torch.device, base: BaseModel | None = None, deadline: float = math.inf,
+    flops: bool = True,
+) -> dict:
+    """The dual step against each FLOP cut: FLOPs (meta device) unless `flops` is false, and, unless
+    ``args.flops``, peak memory alone and interleaved step times on `device`."""
+    cuts = tuple(args.cuts.split(","))
+    names = ("dual", *cuts)
+    for name in cuts:
+        variant_config(name)  # an unknown name fails before anything is built
+    result = {"date": environment(device)["date"], "config": args.config, "batch_size": args.batch_size, "cuts": cuts}
+    if flops:
+        counted = step_flops(build_base(args.config, meta=True), args.batch_size, names)
+        result["tflop_per_step"] = {name: value / 1e12 for name, value in counted.items()}
+    if args.flops:
+        return result
+    repeats = args.repeats or (20 if args.config == "sd15" else 10)
+    base = base or build_base(args.config)
+    inputs = make_inputs(base, args.batch_size, device)
+    peak = {name: peak_memory(name, base, inputs, device, args.dtype, args.gradient_checkpointing) for name in names}
+    variants = {name: build_variant(name, base, inputs, device, args.dtype, args.gradient_checkpointing)
+                for name in names if math.isfinite(peak[name])}
+    times = interleaved_times(variants, repeats, device, args.warmup, deadline)
+    del variants
+    release_memory(device)
+    return result | environment(device) | {
+        "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
+        "repeats": min(map(len, times.values()), default=0),
+        "seconds_per_step": {name: median_or_nan(times.get(name, [])) for name in names},
+        "time_ratios": {name: median_ratio(times, name, "dual") for name in cuts},
+        "peak_memory_mib": peak,
+    }
+
+
+def cut_rows(result: dict) -> list[list[str]]:
+    """The "FLOP cuts" table's rows of a `measure_cuts` result, one per cut ("–" for what was not measured)."""
+    timed_ = "seconds_per_step" in result
+    flops = result.get("tflop_per_step")
+    rows = []
+    for cut in result["cuts"]:
+        if timed_:
+            s, m = result["seconds_per_step"], result["peak_memory_mib"]
+            measured = [result["device"], result["torch"], _setting(result), cut, f"{s['dual']:.3f}", f"{s[cut]:.3f}",
+                        f"{result['time_ratios'][cut]:.2f}", f"{m['dual']:.0f}", f"{m[cut]:.0f}"]
+        else:
+            measured = ["– (FLOPs only)", "–", f"{result['config']} b{result['batch_size']}", cut, "–", "–", "–", "–", "–"]
+        counted = [f"{flops['dual']:.3g}", f"{flops[cut]:.3g}", f"{flops[cut] / flops['dual']:.2f}"] if flops else ["–"] * 3
+        rows.append([result["date"], *measured, *counted, str(result.get("repeats", "–"))])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -348,13 +466,20 @@ def main(argv: list[str] | None = None) -> dict:
     limit_threads(device, args.threads)
     if args.check:
         result = model_sizes(args.config)
+    elif args.cuts:
+        result = measure_cuts(args, device)
     elif args.flops:
         result = measure_flops(args)
     else:
         result = measure_steps(args, device)
     print(json.dumps(result, indent=2))
-    if not args.no_record and not args.check:
-        (record_flops if args.flops else record_steps)(result)
+    if args.no_record or args.check:
+        return result
+    if args.cuts:
+        for row in cut_rows(result):
+            append_row("FLOP cuts", row)
+    else:
+        append_row(*(("Training FLOPs", flops_row(result)) if args.flops else ("Training step", steps_row(result))))
     return result
 
 
