@@ -585,8 +585,11 @@ def demo(
         cfg.data.data, cfg.data.defect = cfg.data.data or category, cfg.data.defect or defect
     check_writable(out)
     start = time.perf_counter()
-    with progress_bars(transient=False) as bars:
-        report = run_demo(out, cfg, ablation=ablation, force=force, hooks=DemoHooks(log=_log, bar=bars))
+    try:
+        with progress_bars(transient=False) as bars:
+            report = run_demo(out, cfg, ablation=ablation, force=force, hooks=DemoHooks(log=_log, bar=bars))
+    except Stopped as exc:  # a stage's own advice (train's --resume) is, for the demo, a re-run
+        raise Stopped(exc.number, "with its finished work kept; run the same command again to continue") from None
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s: {report} and {report.with_suffix('.html')}")
 
 

@@ -32,9 +32,12 @@ class Stopped(KeyboardInterrupt):
     A `KeyboardInterrupt`, so that code which cleans up on Ctrl-C does so here too."""
 
     def __init__(self, number: int, detail: str = ""):
+        super().__init__(number, detail)  # the arguments, so that it pickles (Ray sends errors between processes)
         self.number = number
         self.message = f"stopped by {signal.Signals(number).name}" + (f" {detail}" if detail else "")
-        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class StopRequest:
