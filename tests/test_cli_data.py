@@ -43,16 +43,16 @@ def test_info_json_is_one_object_with_the_split(nut, run_cli):
     assert record == {
         "category": "nut",
         "defects": {
-            "crack": {"train": ["000", "001"], "test": ["002", "003", "004", "005"]},
-            "hole": {"train": ["000", "001"], "test": ["002", "003", "004", "005"]},
-            "scratch": {"train": ["000"], "test": ["001", "002", "003"]},
-            "stain": {"train": ["000", "001"], "test": ["002", "003", "004", "005"]},
+            "crack": {"train": ["000", "001"], "test": ["002", "003", "004", "005"], "empty_masks": []},
+            "hole": {"train": ["000", "001"], "test": ["002", "003", "004", "005"], "empty_masks": []},
+            "scratch": {"train": ["000"], "test": ["001", "002", "003"], "empty_masks": []},
+            "stain": {"train": ["000", "001"], "test": ["002", "003", "004", "005"], "empty_masks": []},
         },
         "good_train": 6,
         "good_test": 6,
     }
     code, out, _ = run_cli("info", nut, "--json", "--split-rounding", "ceil")
-    assert json.loads(out)["defects"]["scratch"] == {"train": ["000", "001"], "test": ["002", "003"]}
+    assert json.loads(out)["defects"]["scratch"] == {"train": ["000", "001"], "test": ["002", "003"], "empty_masks": []}
 
 
 def test_info_table(synthetic_root, run_cli):
