@@ -46,6 +46,7 @@ from dualanodiff.errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, 
 from dualanodiff.evaluation import compare
 from dualanodiff.evaluation import report as report_files
 from dualanodiff.pairs import LOCK, PairWriter, kept_rows
+from dualanodiff.runs import RunFolder
 
 CLI = str(Path(sys.executable).parent / "dualanodiff")
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}  # bit-exact runs need the same reductions as the reference
@@ -93,11 +94,6 @@ def consistent_pairs(folder: Path) -> list[dict]:
     assert [row["index"] for row in rows] == list(range(len(rows)))
     assert len({row["attempt"] for row in rows}) == len(rows)
     return rows
-
-
-def last_checkpoint_step(run: Path) -> int:
-    """The step of the newest ``checkpoints/step-NNNNNN`` folder of a training run."""
-    return max(int(folder.name.removeprefix("step-")) for folder in (run / "checkpoints").glob("step-*"))
 
 
 def same_pairs(first: Path, second: Path) -> bool:
@@ -185,7 +181,7 @@ def test_sigterm_during_train_checkpoints_at_a_step_and_resumes_bit_exactly(synt
     time.sleep(random.uniform(0.0, 0.5))
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == -signal.SIGTERM
-    stopped_at = last_checkpoint_step(tmp_path / "run")
+    stopped_at = int(RunFolder(tmp_path / "run").latest_checkpoint().name.split("-")[1])
     assert 1 <= stopped_at < 40
     line = last_line(process.stderr.read())
     assert line == f"stopped by SIGTERM at step {stopped_at} of 40; checkpoint saved, continue with --resume"
@@ -346,7 +342,7 @@ def test_sigint_to_run_all_stops_its_training_job_at_a_step_and_a_rerun_resumes(
         done.set()
     assert code == EXIT_INTERRUPTED
     assert last_line(err) == "stopped by SIGINT after its running jobs saved their work; run the same command again to continue"
-    stopped_at = last_checkpoint_step(out / "runs" / "nut" / "hole")
+    stopped_at = int(RunFolder(out / "runs" / "nut" / "hole").latest_checkpoint().name.split("-")[1])
     assert 2 <= stopped_at < 30 and (out / "summary.md").is_file()
     assert f"stopped: stopped by SIGINT at step {stopped_at} of 30" in (job / "log.txt").read_text()
     assert run_cli(*args)[0] == 0

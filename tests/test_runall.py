@@ -16,6 +16,7 @@ import torch
 import dualanodiff
 from dualanodiff import runall, training
 from dualanodiff.config import Config
+from dualanodiff.runs import RunFolder
 from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
 from dualanodiff.runall import (
     LOCAL_OBJECT_STORE,
@@ -201,7 +202,7 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
         checkpoint = run / "checkpoints" / f"step-{cfg.train.steps:06d}"
         checkpoint.mkdir(parents=True, exist_ok=True)
         torch.save({"step": cfg.train.steps}, checkpoint / "state.pt")
-        (run / training.ADAPTERS).write_bytes(b"")
+        RunFolder(run).adapters.write_bytes(b"")
         return run
 
     def fake_generate(run, out, cfg, **kwargs):
@@ -227,7 +228,7 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
     cfg.train.steps = 4  # more steps: continue the run
     train_and_generate(job, tmp_path, cfg, status)
     assert calls == [False, True]
-    (run / training.ADAPTERS).unlink()  # interrupted before the end: resume
+    RunFolder(run).adapters.unlink()  # interrupted before the end: resume
     train_and_generate(job, tmp_path, cfg, status)
     assert calls == [False, True, True]
     cfg.model.rank = 8
@@ -483,7 +484,7 @@ def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, mo
 
     (tmp_path / "runs" / "nut" / "hole").mkdir(parents=True)
     monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
-    monkeypatch.setattr("dualanodiff.runall.trained_steps", lambda run: 10)
+    monkeypatch.setattr("dualanodiff.runs.RunFolder.trained_steps", lambda self: 10)
     job, cfg = Job("nut", tmp_path / "data" / "nut", "hole"), Config()
     cfg.train.steps, cfg.generate.num = 2, 3
     logged = []

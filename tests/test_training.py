@@ -19,7 +19,8 @@ from dualanodiff.cli import main
 from dualanodiff.config import Config
 from dualanodiff.data import few_shot_split, open_category
 from dualanodiff.errors import UserError
-from dualanodiff.training import latest_checkpoint, train, training_targets
+from dualanodiff.runs import RunFolder
+from dualanodiff.training import train, training_targets
 
 
 def tiny_config(synthetic_root, steps: int = 3, **train_options) -> Config:
@@ -70,7 +71,7 @@ def test_a_run_folder_holds_config_losses_plot_adapters_and_split(synthetic_root
     assert sorted(p.stem for p in (run / "backgrounds").glob("*.png")) == saved["split"]["train"]
     adapters = load_file(str(run / "adapters.safetensors"))
     assert all(".processor." in key or ".text." in key for key in adapters)
-    assert latest_checkpoint(run).name == "step-000003"
+    assert RunFolder(run).latest_checkpoint().name == "step-000003"
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
 
 
@@ -124,7 +125,7 @@ def test_an_interrupted_run_checkpoints_and_resumes_to_the_same_weights(syntheti
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(synthetic_root, steps=5, checkpoint_every=100), tmp_path / "run", progress=interrupt)
-    assert latest_checkpoint(tmp_path / "run").name == "step-000003"
+    assert RunFolder(tmp_path / "run").latest_checkpoint().name == "step-000003"
     resumed = train(tiny_config(synthetic_root, steps=5), tmp_path / "run", resume=True)
     whole = train(tiny_config(synthetic_root, steps=5, checkpoint_every=100), tmp_path / "whole")
     expected, actual = load_file(str(whole / "adapters.safetensors")), load_file(str(resumed / "adapters.safetensors"))
@@ -148,7 +149,7 @@ def test_a_real_sigint_at_a_random_moment_resumes_bit_exactly(synthetic_root, tm
     cfg = tiny_config(synthetic_root, steps=10, checkpoint_every=100)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", progress=arm)
-    stopped_at = int(latest_checkpoint(tmp_path / "run").name.split("-")[1])
+    stopped_at = int(RunFolder(tmp_path / "run").latest_checkpoint().name.split("-")[1])
     assert fire_after <= stopped_at < 10, (fire_after, delay)
     assert len(losses(tmp_path / "run")) == stopped_at
     assert not (tmp_path / "run" / "adapters.safetensors").exists()  # only finished runs have final adapters
@@ -207,8 +208,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_ro
     with pytest.raises(UserError, match=r"loss became nan at step 3.*step-000002"):
         train(tiny_config(synthetic_root, steps=5), tmp_path / "run", progress=poison)
     run = tmp_path / "run"
-    assert latest_checkpoint(run).name == "step-000002"
-    assert all(torch.isfinite(t).all() for t in load_file(str(latest_checkpoint(run) / "adapters.safetensors")).values())
+    assert RunFolder(run).latest_checkpoint().name == "step-000002"
+    assert all(torch.isfinite(t).all() for t in load_file(str(RunFolder(run).latest_checkpoint() / "adapters.safetensors")).values())
     assert len(losses(run)) == 2 and not (run / "adapters.safetensors").exists()
 
 

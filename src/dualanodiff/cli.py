@@ -352,12 +352,13 @@ def train(
     ),
 ) -> None:
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
+    from dualanodiff.runs import RunFolder
     from dualanodiff.training import train as train_run
 
     from dualanodiff.config import Config
 
-    saved = out / "config.yaml"  # a resumed run keeps its own settings (and length, unless --steps is given)
-    start = Config.from_yaml(saved) if resume and saved.is_file() else load_config(config)
+    saved = RunFolder(out)  # a resumed run keeps its own settings (and length, unless --steps is given)
+    start = saved.load_config() if resume and saved.is_run() else load_config(config)
     cfg = start.with_overrides({  # re-validated: choices such as --bcm-variant are checked
         ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
         ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,

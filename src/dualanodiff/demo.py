@@ -33,6 +33,7 @@ from dualanodiff.config import Config
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
 from dualanodiff.pairs import kept_rows, rejected_rows
+from dualanodiff.runs import RunFolder
 
 OURS = "dualanodiff"
 BASELINES = ("crop-paste", "perlin")
@@ -174,7 +175,7 @@ def _train(cfg: Config, run: Path, hooks: DemoHooks, label: str) -> None:
 
     hooks.log(f"training {label}: {cfg.train.steps} steps on the few-shot split of {cfg.data.defect}")
     advance = hooks.bar(f"train {label}", cfg.train.steps)
-    resume = (run / "config.yaml").is_file()
+    resume = RunFolder(run).is_run()
     train(cfg, run, resume=resume, force=not resume, progress=lambda step, total, losses: advance(step), log=hooks.log)
 
 
@@ -260,7 +261,7 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
     generated = {name: out / "generated" / name / category / defect for name in variants + list(BASELINES)}
     for name, folder in generated.items():
         shutil.copyfile(folder / "contact_sheet.png", figures / f"pairs_{name}.png")
-    shutil.copyfile(out / "runs" / OURS / "loss.png", figures / "loss.png")
+    shutil.copyfile(RunFolder(out / "runs" / OURS).loss_png, figures / "loss.png")
     atomic_write_bytes(figures / "metrics.png", bar_chart_png(results))
     figures_of = {name: pair_figures(generated[name]) for name in variants + list(BASELINES)}
     atomic_write_bytes(figures / "alignment.png", _histogram_png({name: figures_of[name] for name in (*variants, "crop-paste")}))
@@ -363,7 +364,7 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
 
 
 def _split(out: Path) -> list[str]:
-    return Config.from_yaml(out / "runs" / OURS / "config.yaml").split["train"]
+    return RunFolder(out / "runs" / OURS).load_config().split["train"]
 
 
 def _histogram_png(figures_of: dict[str, dict]) -> bytes:

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dualanodiff.config import Config
 from dualanodiff.data import Category, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.io import DIR_MODE, atomic_write_text, save_png
 from dualanodiff.pairs import discover_generated, kept_rows, pair_size, read_pairs
+from dualanodiff.runs import RunFolder
 
 LAYOUTS = ("mvtec", "folder")
 NATIVE = "native"  # `generate --layout mvtec|folder` keeps its resumable native pairs in OUT/native/
@@ -160,12 +160,12 @@ def _export_size(size: int | str, normal: Category | None, defects: dict) -> tup
         return pair_size(size, normal.root if normal else "")
     folders = [folder for folder, _ in defects.values()]
     runs = [Path(row["run"]) for folder in folders for row in kept_rows(folder) if row.get("run")]
-    if not runs or not (runs[0] / "config.yaml").is_file():
+    if not runs or not RunFolder(runs[0]).is_run():
         raise UserError(
             f"--size source: {folders[0]} names no training run whose dataset gives the size (baseline pairs are "
             "already at the dataset's size); pass --normal-from DATA or --size N"
         )
-    return pair_size("source", Config.from_yaml(runs[0] / "config.yaml").data.data)
+    return pair_size("source", RunFolder(runs[0]).load_config().data.data)
 
 
 def _export_pair(

@@ -28,7 +28,8 @@ from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, pair_consistency
 from dualanodiff.pairs import PairWriter, pair_size
-from dualanodiff.pipeline import DualAnoDiffPipeline, load_run_config, make_scheduler, prepared_background
+from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler, prepared_background
+from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
 @dataclass
@@ -42,7 +43,7 @@ class GenerationSummary:
 
 def generate_config(run: Path, config_file: Path | None = None, **overrides) -> GenerateConfig:
     """The run's saved `generate` section, then the keys `config_file` sets, then non-None `overrides`."""
-    raw = load_run_config(run).to_dict()["generate"]
+    raw = RunFolder(run).load_config().to_dict()["generate"]
     if config_file is not None:
         Config.from_yaml(config_file)  # validates the whole file
         raw.update((yaml.safe_load(Path(config_file).read_text()) or {}).get("generate") or {})
@@ -110,7 +111,7 @@ def generate(
     being sampled (its attempts are made again by a re-run), keeps every pair written and raises `Stopped`.
     """
     start = time.monotonic()
-    run_cfg = load_run_config(run)
+    run_cfg = RunFolder(run).load_config()
     u2net_weights = str(u2net_weights or "")
     check_config(cfg)
     check_inputs(cfg, u2net_weights, normal, mask)

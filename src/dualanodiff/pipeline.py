@@ -42,15 +42,15 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from dualanodiff.config import Config, GenerateConfig, ModelConfig
-from dualanodiff.data import foreground_mask, load_image, natural_key
+from dualanodiff.config import GenerateConfig, ModelConfig
+from dualanodiff.data import foreground_mask, load_image
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
 from dualanodiff.masks import attention_to_mask, part_to_mask, u2net_part_mask
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
-from dualanodiff.training import ADAPTERS
+from dualanodiff.runs import RunFolder
 
 SCHEDULER_ALIASES = {
     "pndm": "PNDMScheduler",
@@ -84,14 +84,6 @@ def make_scheduler(name: str, base_config: dict):
         return getattr(diffusers, class_name).from_config({**SD_SCHEDULER_DEFAULTS, **dict(base_config)})
     except ImportError:  # e.g. DPMSolverSDEScheduler needs torchsde
         raise UserError(f"--scheduler {name}: a package it needs is not installed; pick another scheduler") from None
-
-
-def load_run_config(run: Path) -> Config:
-    """A run folder's saved config, or a `UserError` saying it is not a run."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: not a training run (config.yaml missing); pass the --out folder of `dualanodiff train`")
-    return Config.from_yaml(run / "config.yaml")
 
 
 def prepared_background(image: np.ndarray, kind: str, u2net_weights: str | None = None) -> np.ndarray:
@@ -159,7 +151,7 @@ class DualAnoDiffPipeline:
     @classmethod
     def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32") -> DualAnoDiffPipeline:
         """The run's base model with its trained adapters, few-shot backgrounds and generate settings."""
-        cfg = load_run_config(Path(run))
+        cfg = RunFolder(run).load_config()
         pipe = cls.from_pretrained(cfg.model.base_model, cfg.model, device, dtype, cfg.data.resolution)
         return pipe.load_adapters(run)
 
@@ -174,17 +166,18 @@ class DualAnoDiffPipeline:
 
     def load_adapters(self, run: Path | str) -> DualAnoDiffPipeline:
         """Load a training run's adapters, its few-shot backgrounds (BCM) and its saved generate settings."""
-        run = Path(run)
-        cfg = load_run_config(run)
+        run = RunFolder(run)
+        cfg = run.load_config()
         if cfg.model != replace(self.model.cfg, base_model=cfg.model.base_model):
-            raise UserError(f"{run}: its model settings differ from this pipeline's; load it with from_run({str(run)!r})")
-        self.model.load_trainable(run / ADAPTERS)
+            raise UserError(f"{run.root}: its model settings differ from this pipeline's; load it with "
+                            f"from_run({str(run.root)!r})")
+        self.model.load_trainable(run.adapters)
         self.model.to(self.device, self.dtype)
         self.config = cfg.generate
         self.scheduler = make_scheduler(cfg.generate.scheduler, self.model.base.scheduler.config)
         with torch.inference_mode():
             self.text = {"uncond": self.model.prompt_embeddings(1, unconditional=True), "cond": self.model.prompt_embeddings(1)}
-        paths = sorted((run / "backgrounds").glob("*.png"), key=lambda p: natural_key(p.name))
+        paths = run.background_paths()
         self.set_backgrounds([load_image(p) for p in paths], [p.stem for p in paths])
         return self
 

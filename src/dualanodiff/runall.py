@@ -49,6 +49,7 @@ from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.report import COLUMNS, NOT_COMPUTED, format_value
 from dualanodiff.io import atomic_write_text
 from dualanodiff.pairs import rejected_rows
+from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
 GENERATED = "generated"
@@ -175,29 +176,20 @@ class JobStatus:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
-def trained_steps(run: Path) -> int:
-    """Steps of the run's finished training (0 while adapters.safetensors is not written)."""
-    import torch
-
-    from dualanodiff.training import ADAPTERS, latest_checkpoint
-
-    checkpoint = latest_checkpoint(run) if (run / ADAPTERS).is_file() else None
-    return torch.load(checkpoint / "state.pt", map_location="cpu")["step"] if checkpoint else 0
-
-
 def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> dict:
     """Train the defect type's run (resuming a started one) unless trained, then generate its pairs."""
     from dualanodiff import generation, training
 
     run = out / "runs" / job.category / job.defect
+    folder = RunFolder(run)
     cfg = copy.deepcopy(cfg)
     cfg.data.data, cfg.data.defect = str(job.data), job.defect
-    resume = (run / "config.yaml").is_file()
-    if resume and Config.from_yaml(run / "config.yaml").model != cfg.model:
+    resume = folder.is_run()
+    if resume and folder.load_config().model != cfg.model:
         raise UserError(
-            f"{run / 'config.yaml'}: this run was trained with other model settings; delete the run or use another --out"
+            f"{folder.config}: this run was trained with other model settings; delete the run or use another --out"
         )
-    if trained_steps(run) < cfg.train.steps:
+    if folder.trained_steps() < cfg.train.steps:
         status.log(f"{'resuming' if resume else 'starting'} training run {run}")
         training.train(
             cfg, run, resume=resume, log=status.log,

@@ -12,14 +12,10 @@ saves the filled prompts in the run's config. ``train.defect_loss_weight`` w wei
 branch's loss by ``1 + w * (share of the latent cell inside the defect)`` (normalised), a deviation
 from the paper's plain MSE for defects that cover 2-3 % of the latent.
 
-A run folder holds::
-
-    config.yaml                 every setting, including the few-shot split's file stems
-    adapters.safetensors        the trainable set after the last step (LoRA, SAIM, BCM, gamma, text LoRA)
-    loss.csv, loss.png          one row per step: step, loss_global, loss_anomaly, loss_anomaly_defect
-                                (the anomaly branch's error on the defect's latent cells alone)
-    backgrounds/<stem>.png      the few-shot backgrounds (1 - M_f) * I, for BCM at generation time
-    checkpoints/step-NNNNNN/    adapters.safetensors + optimizer.pt + state.pt (last `keep_checkpoints`)
+It writes a run folder (`dualanodiff.runs.RunFolder`): config.yaml with the few-shot split's file stems,
+adapters.safetensors, loss.csv/loss.png (step, loss_global, loss_anomaly and loss_anomaly_defect: the
+anomaly branch's error on the defect's latent cells alone), backgrounds/ and the last `keep_checkpoints`
+checkpoints.
 """
 
 from __future__ import annotations
@@ -46,9 +42,9 @@ from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uin
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
+from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
-ADAPTERS = "adapters.safetensors"
 LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly", "loss_anomaly_defect")
 ADDED_MODULES = (".saim.", ".bcm.")  # the paper's new modules, trained at lr * train.added_lr_scale
 
@@ -136,9 +132,9 @@ def prepare_run(cfg: Config, out: Path, resume: bool, force: bool) -> Config:
     out = Path(out)
     existing = out.exists() and any(out.iterdir())
     if resume:
-        if not (out / "config.yaml").is_file():
+        if not RunFolder(out).is_run():
             raise UserError(f"{out}: no run to resume here (config.yaml missing); drop --resume to start one")
-        saved = Config.from_yaml(out / "config.yaml")
+        saved = RunFolder(out).load_config()
         saved.train.steps = cfg.train.steps
         return saved
     if existing and not force:
@@ -146,11 +142,6 @@ def prepare_run(cfg: Config, out: Path, resume: bool, force: bool) -> Config:
     if existing:
         shutil.rmtree(out)
     return cfg
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
 
 
 def read_loss_rows(path: Path, up_to: int) -> list[dict]:
@@ -166,7 +157,7 @@ def write_loss(out: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, LOSS_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "loss.csv", buffer.getvalue())
+    atomic_write_text(RunFolder(out).loss_csv, buffer.getvalue())
     if not rows:
         return
     import matplotlib
@@ -188,21 +179,22 @@ def write_loss(out: Path, rows: list[dict]) -> None:
     image = io.BytesIO()
     fig.savefig(image, format="png")
     plt.close(fig)
-    atomic_write_bytes(out / "loss.png", image.getvalue())
+    atomic_write_bytes(RunFolder(out).loss_png, image.getvalue())
 
 
 def save_checkpoint(out: Path, model: DualAnoDiffModel, optimizer, generators: list[torch.Tensor], step: int, keep: int) -> Path:
     """Write checkpoints/step-N atomically (temporary folder, then rename) and prune old ones."""
-    folder = out / "checkpoints" / f"step-{step:06d}"
+    run = RunFolder(out)
+    folder = run.checkpoint(step)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_trainable(tmp / ADAPTERS)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "generators": generators}, tmp / "state.pt")
+    model.save_trainable(tmp / run.CHECKPOINT_ADAPTERS)
+    torch.save(optimizer.state_dict(), tmp / run.OPTIMIZER)
+    torch.save({"step": step, "generators": generators}, tmp / run.STATE)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
+    for old in run.all_checkpoints()[:-keep]:
         shutil.rmtree(old)
     return folder
 
@@ -248,8 +240,8 @@ def train(
     """Train on the few-shot split of `cfg.data.defect`; returns the run folder. See the module docstring."""
     cfg = validated(cfg, "config")
     out = Path(out)
-    saved = out / "config.yaml"
-    settings = Config.from_yaml(saved).train if resume and saved.is_file() else cfg.train  # a resumed run keeps its own
+    run = RunFolder(out)
+    settings = run.load_config().train if resume and run.is_run() else cfg.train  # a resumed run keeps its own
     accelerator = make_accelerator(settings.mixed_precision, settings.device)
     main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
     log = log if main else (lambda message: None)
@@ -289,11 +281,11 @@ def train(
     rank, processes = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(cfg.train.seed + rank)  # each process draws its own batches
     step, rows = 0, []
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None:
-        model.load_trainable(checkpoint / ADAPTERS)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu"))
-        state = torch.load(checkpoint / "state.pt", map_location="cpu")
+        model.load_trainable(checkpoint / run.CHECKPOINT_ADAPTERS)
+        optimizer.load_state_dict(torch.load(checkpoint / run.OPTIMIZER, map_location="cpu"))
+        state = torch.load(checkpoint / run.STATE, map_location="cpu")
         step = state["step"]
         if len(state["generators"]) != processes:
             raise UserError(
@@ -301,15 +293,15 @@ def train(
                 "resume with the same number of processes"
             )
         generator.set_state(state["generators"][rank])
-        rows = read_loss_rows(out / "loss.csv", step)
+        rows = read_loss_rows(run.loss_csv, step)
         log(f"resuming {out} from step {step}")
     if step >= cfg.train.steps:
         raise UserError(f"{out}: already trained for {step} steps; pass a larger --steps to continue")
 
     if main:
-        cfg.to_yaml(out / "config.yaml")
+        cfg.to_yaml(run.config)
         for stem, background in zip(data.stems, data.backgrounds):
-            save_png(out / "backgrounds" / f"{stem}.png", background)
+            save_png(run.backgrounds / f"{stem}.png", background)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = base.scheduler
     scaling = base.vae.config.scaling_factor
@@ -322,7 +314,7 @@ def train(
             write_loss(out, rows)
             save_checkpoint(out, model, optimizer, generators, step, cfg.train.keep_checkpoints)
         accelerator.wait_for_everyone()
-        return out / "checkpoints" / f"step-{step:06d}"
+        return run.checkpoint(step)
 
     model.train()
     stopped = 0
@@ -382,7 +374,7 @@ def train(
         if stopped:  # saved at a step boundary
             raise Stopped(stopped, f"at step {step} of {cfg.train.steps}; checkpoint saved, continue with --resume")
         if main:
-            model.save_trainable(out / ADAPTERS)
+            model.save_trainable(run.adapters)
         accelerator.wait_for_everyone()
     return out
 
