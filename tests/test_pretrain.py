@@ -299,3 +299,25 @@ def test_the_gpu_script_runs_start_to_finish_at_its_tiny_setting_on_the_cpu(tmp_
     record = json.loads((out / "training.json").read_text())
     assert record["preset"] == "tiny" and record["compute"]["device"] == "cpu"
     assert json.loads((tmp_path / "unpacked" / "tiny-base" / "training.json").read_text()) == record
+
+
+def test_a_warm_start_adds_attention_blocks_that_start_as_the_identity(tmp_path):
+    """From a base without attention at the full latent level: every base weight carries over, the new
+    blocks add nothing at first (the UNets agree), and the run keeps the base's VAE and latent scale."""
+    without = dataclasses.replace(TINY.architecture, attention_levels=(1, 2))
+    base_dir = tmp_path / "base"
+    run(base_dir, options=dataclasses.replace(TINY, architecture=without))
+    base = load_base_model(str(base_dir))
+    tokenizer, unet, vae, text_encoder = pretrain.build_base(TINY.architecture, 32)
+    assert any("down_blocks.0.attentions" in key for key in unet.state_dict())
+    tokenizer, unet, vae, text_encoder = pretrain.warm_start(unet, str(base_dir))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    context = torch.randn(2, TINY.architecture.text_length, TINY.architecture.text_width)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, context).sample, base.unet(x, t, context).sample)
+    assert vae.config.scaling_factor == base.vae.config.scaling_factor and text_encoder.training
+    warm = run(tmp_path / "warm", steps_vae=0, steps_unet=2, options=dataclasses.replace(TINY, init_from=str(base_dir)))
+    assert warm["steps"]["vae"] == 0 and warm["latent_scaling_factor"] == base.vae.config.scaling_factor
+    with pytest.raises(UserError, match="does not fit this architecture"):
+        pretrain.warm_start(pretrain.build_base(dataclasses.replace(TINY.architecture, unet_channels=(16, 16, 32)), 32)[1],
+                            str(base_dir))

@@ -206,6 +206,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "v2-cpu": Architecture(
         unet_channels=(32, 64, 128), attention_levels=(0, 1, 2), head_dim=16, text_length=24, vocabulary="world",
     ),
+    # v1 with cross-attention at the full latent level too, for warm starts from a v1 base (`init_from`): every
+    # v1 weight keeps its shape and its heads, the new blocks are added around it
+    "v1-attn": Architecture(attention_levels=(0, 1, 2)),
     # the v2 shape at test size: seconds on a CPU
     "test": Architecture(
         unet_channels=(8, 16, 32), attention_levels=(0, 1, 2), vae_channels=(8, 16, 16), text_width=16,
