@@ -132,13 +132,16 @@ def release_memory(device: torch.device) -> None:
 class PeakMemory:
     """Peak memory of a block, in MiB, in `self.mib`.
 
-    CUDA: `torch.cuda.max_memory_allocated` since the block began (everything allocated on the GPU).
-    CPU: growth of the process's resident set above its level at the block's start, sampled every 2 ms;
-    a rough figure (allocator caching), but comparable between blocks run the same way.
+    CUDA: `torch.cuda.max_memory_allocated` since the block began (everything allocated on the GPU), or with
+    `growth` only what the block adds above what was allocated when it began (models built inside it count,
+    models held from before do not). CPU: growth of the process's resident set above its level at the
+    block's start, sampled every 2 ms; a rough figure (allocator caching), but comparable between blocks run
+    the same way.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, growth: bool = False):
         self.device = device
+        self.growth = growth
         self.mib = float("nan")
 
     def __enter__(self) -> PeakMemory:
@@ -146,6 +149,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) if self.growth else 0
             return self
         self._start = self._peak = _resident_bytes()
         self._stop = threading.Event()
@@ -160,7 +164,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
             return
         self._stop.set()
         self._thread.join()

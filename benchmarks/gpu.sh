@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU rows of benchmarks/RESULTS.md (issue 17) on a fresh GPU machine, start to finish within BUDGET
-# seconds (default 450), left under $OUT as they are measured: training step time and peak memory of the
+# seconds (default 480), left under $OUT as they are measured: training step time and peak memory of the
 # four steps with and without gradient checkpointing, the two FLOP cuts, generation pairs/s at 512 px and
 # torch.compile, all at SD-1.5 scale with random weights (benchmarks/gpu_bench.py says what each part does).
 #
@@ -14,8 +14,8 @@
 # used. The dry run always uses the installed packages. Each part (train, generate, compile) is a process
 # of its own under `timeout`; a part stopped at its cap keeps the rows it wrote.
 #
-# Environment: OUT (default ./gpu_bench_out), BUDGET (seconds, default 450), TRAIN_CAP (default 210),
-# GENERATE_CAP (default 110; compile gets what is left), PYTHON (default python3), WHEELS (default .whl),
+# Environment: OUT (default ./gpu_bench_out), BUDGET (seconds, default 480), TRAIN_CAP (default 190),
+# GENERATE_CAP (default 115; compile gets what is left), PYTHON (default python3), WHEELS (default .whl),
 # WORK (scratch, default /tmp/dualanodiff-gpu-bench), TINY=1 (the same as --dry-run).
 # $OUT receives rows.md, rows.jsonl and log.txt.
 set -euo pipefail
@@ -23,9 +23,9 @@ set -euo pipefail
 START=$(date +%s)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$PWD/gpu_bench_out}
-BUDGET=${BUDGET:-450}
-TRAIN_CAP=${TRAIN_CAP:-210}
-GENERATE_CAP=${GENERATE_CAP:-110}
+BUDGET=${BUDGET:-480}
+TRAIN_CAP=${TRAIN_CAP:-190}
+GENERATE_CAP=${GENERATE_CAP:-115}
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$REPO/.whl}
 WORK=${WORK:-/tmp/dualanodiff-gpu-bench}

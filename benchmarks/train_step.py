@@ -17,8 +17,9 @@ noised (as `dualanodiff.training` does after its one-off VAE encoding). Four ste
 (``model.bcm_background_grad: false``) and ``dual_saim<N>`` (``model.saim_rank: N``), in time and FLOPs.
 
 Times are measured in one process, interleaved (one step of each variant per round, rotating the order),
-after warm-up; the ratios are medians of per-round ratios. Peak memory is measured per variant in
-isolation (built, stepped, then freed). Prints JSON and appends a row to RESULTS.md::
+after warm-up; the ratios are medians of per-round ratios. Peak memory is what each variant adds while it
+is built and stepped twice (on a GPU: allocated bytes above those the variants built before it hold).
+Prints JSON and appends a row to RESULTS.md::
 
     python benchmarks/train_step.py --config tiny
     python benchmarks/train_step.py --config sd15 --device cuda --dtype bf16 --gradient-checkpointing
@@ -300,19 +301,25 @@ def model_sizes(config: str) -> dict:
             "trainable_parameters": parts}
 
 
-def peak_memory(name: str, base: BaseModel, inputs: dict, device, dtype: str, checkpointing: bool) -> float:
-    """MiB of one variant alone: built, two steps, freed; nan where it runs out of GPU memory."""
-    try:
-        with PeakMemory(device) as memory:
-            variant = build_variant(name, base, inputs, device, dtype, checkpointing)
-            for _ in range(2):
-                variant.step()
-            del variant
-        return memory.mib
-    except torch.OutOfMemoryError:
-        return math.nan
-    finally:
+def built_with_peaks(
+    names: tuple[str, ...], base: BaseModel, inputs: dict, device, dtype: str, checkpointing: bool
+) -> tuple[dict[str, Variant], dict[str, float]]:
+    """The variants, each built and stepped twice in turn, and the peak memory (MiB) each adds over the ones
+    built before it (its weights, optimizer state and activations); nan, and left out, where it runs out of
+    GPU memory. Building each once for both figures halves a GPU run's building time."""
+    variants, peak = {}, {}
+    for name in names:
+        variant = None
+        try:
+            with PeakMemory(device, growth=True) as memory:
+                variant = build_variant(name, base, inputs, device, dtype, checkpointing)
+                for _ in range(2):
+                    variant.step()
+            variants[name], peak[name] = variant, memory.mib
+        except torch.OutOfMemoryError:
+            variant, peak[name] = None, math.nan
         release_memory(device)
+    return variants, peak
 
 
 def interleaved_times(
@@ -351,15 +358,13 @@ def median_or_nan(values: list[float]) -> float:
 def measure_steps(
     args: argparse.Namespace, device: torch.device, base: BaseModel | None = None, deadline: float = math.inf
 ) -> dict:
-    """Peak memory of each of the four variants alone, then interleaved step times of all of them."""
+    """Peak memory of each of the four variants, then interleaved step times of all of them."""
     repeats = args.repeats or (20 if args.config == "sd15" else 10)
     base = base or build_base(args.config)
     inputs = make_inputs(base, args.batch_size, device)
     max_diff = official_matches_dual(base, inputs, device)
     release_memory(device)
-    peak = {name: peak_memory(name, base, inputs, device, args.dtype, args.gradient_checkpointing) for name in VARIANTS}
-    variants = {name: build_variant(name, base, inputs, device, args.dtype, args.gradient_checkpointing)
-                for name in VARIANTS if math.isfinite(peak[name])}
+    variants, peak = built_with_peaks(VARIANTS, base, inputs, device, args.dtype, args.gradient_checkpointing)
     times = interleaved_times(variants, repeats, device, args.warmup, deadline)
     del variants
     release_memory(device)
@@ -414,7 +419,7 @@ def measure_cuts(
     flops: bool = True,
 ) -> dict:
     """The dual step against each FLOP cut: FLOPs (meta device) unless `flops` is false, and, unless
-    ``args.flops``, peak memory alone and interleaved step times on `device`."""
+    ``args.flops``, peak memory and interleaved step times on `device`."""
     cuts = tuple(args.cuts.split(","))
     names = ("dual", *cuts)
     for name in cuts:
@@ -428,9 +433,7 @@ def measure_cuts(
     repeats = args.repeats or (20 if args.config == "sd15" else 10)
     base = base or build_base(args.config)
     inputs = make_inputs(base, args.batch_size, device)
-    peak = {name: peak_memory(name, base, inputs, device, args.dtype, args.gradient_checkpointing) for name in names}
-    variants = {name: build_variant(name, base, inputs, device, args.dtype, args.gradient_checkpointing)
-                for name in names if math.isfinite(peak[name])}
+    variants, peak = built_with_peaks(names, base, inputs, device, args.dtype, args.gradient_checkpointing)
     times = interleaved_times(variants, repeats, device, args.warmup, deadline)
     del variants
     release_memory(device)
