@@ -87,3 +87,22 @@ def test_the_model_scales_lora_by_alpha_over_rank():
         model = DualAnoDiffModel(tiny_random_base(), cfg)
         scales = {lora.scale for processor in model.processors for lora in processor.lora.values()}
         assert scales == {scale}
+
+
+def test_layers_apply_in_order_and_only_the_keys_they_set():
+    recipe = {"train": {"lr": 1e-3, "steps": 300}, "generate": {"scheduler": "dpm"}}
+    user = {"train": {"lr": 5e-4}}
+    cfg = Config.from_layers([(recipe, "recipe"), (user, "mine.yaml")])
+    assert (cfg.train.lr, cfg.train.steps, cfg.generate.scheduler) == (5e-4, 300, "dpm")
+    assert cfg.train.batch_size == Config().train.batch_size and Config.from_layers([]) == Config()
+    with pytest.raises(UserError, match=r"^recipe:train:steps = 0: out of range"):
+        Config.from_layers([({"train": {"steps": 0}}, "recipe")])
+
+
+def test_the_embedded_base_carries_its_recipe_and_others_have_none(tmp_path):
+    from dualanodiff.model.base import base_recipe
+
+    recipe = base_recipe("tiny")
+    assert recipe["train"]["lr"] == 1e-3 and recipe["model"]["anomaly_prompt"] == "{defect}"
+    Config.from_layers([(recipe, "tiny recipe")])  # valid keys and values
+    assert base_recipe(str(tmp_path)) == {} and base_recipe("tiny-random") == {}

@@ -236,6 +236,20 @@ def test_cli_train_writes_a_run_and_rejects_bad_options(synthetic_root, tmp_path
     assert "--bcm-variant" in capsys.readouterr().err
 
 
+def test_cli_train_takes_the_base_models_recipe_below_the_config_file_and_flags(synthetic_root, tmp_path, capsys):
+    args = ["train", "--data", str(synthetic_root / "nut"), "--defect", "hole", "--steps", "1", "--batch-size", "1",
+            "--device", "cpu", "--rank", "4"]
+    main(args + ["--base-model", "tiny", "--out", str(tmp_path / "tiny")])
+    saved = Config.from_yaml(tmp_path / "tiny" / "config.yaml")
+    assert (saved.train.lr, saved.train.steps, saved.generate.scheduler) == (1e-3, 1, "dpm")  # recipe, flag, recipe
+    assert saved.model.anomaly_prompt == "hole" and "its recipe sets" in capsys.readouterr().err
+    (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.0005\n")
+    main(args + ["--base-model", "tiny", "--config", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "mine")])
+    assert Config.from_yaml(tmp_path / "mine" / "config.yaml").train.lr == 5e-4  # the file wins over the recipe
+    main(args + ["--base-model", "tiny-random", "--out", str(tmp_path / "sd")])
+    assert Config.from_yaml(tmp_path / "sd" / "config.yaml").train.lr == Config().train.lr  # no recipe: the paper's
+
+
 @pytest.mark.slow
 def test_twenty_steps_on_the_embedded_base(synthetic_root, tmp_path):
     main(["train", "--data", str(synthetic_root / "nut"), "--defect", "crack", "--steps", "20", "--out", str(tmp_path / "run")])

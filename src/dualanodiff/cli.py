@@ -307,6 +307,21 @@ def load_config(config: Optional[Path]) -> Config:
     return Config.from_yaml(config) if config else Config()
 
 
+def config_with_recipe(config: Optional[Path], base_model: Optional[str]) -> Config:
+    """The defaults, then the base model's own few-shot recipe (`base_recipe`), then the --config file;
+    the caller's flags go on top with `Config.with_overrides`."""
+    from dualanodiff.config import Config, read_yaml
+    from dualanodiff.model.base import base_recipe
+
+    file = read_yaml(config) if config else {}
+    base = base_model or (file.get("model") or {}).get("base_model") or Config().model.base_model
+    recipe = base_recipe(base)
+    if recipe:
+        keys = [f"{section}.{name}" for section, values in recipe.items() for name in values]
+        _log(f"base model {base}: its recipe sets {', '.join(keys)} (where --config and flags do not)")
+    return Config.from_layers([(recipe, f"{base} recipe"), (file, str(config))])
+
+
 @functools.cache
 def _config_defaults() -> Config:
     from dualanodiff.config import Config
@@ -358,7 +373,7 @@ def train(
     from dualanodiff.config import Config
 
     saved = RunFolder(out)  # a resumed run keeps its own settings (and length, unless --steps is given)
-    start = saved.load_config() if resume and saved.is_run() else load_config(config)
+    start = saved.load_config() if resume and saved.is_run() else config_with_recipe(config, base_model)
     cfg = start.with_overrides({  # re-validated: choices such as --bcm-variant are checked
         ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
         ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,
@@ -667,7 +682,7 @@ def run_all_command(
 
     from dualanodiff.runall import SUMMARY_COLUMNS, run_all, run_outcome, summary_cells, summary_rows
 
-    cfg = load_config(config).with_overrides(
+    cfg = config_with_recipe(config, base_model).with_overrides(
         {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}
     )
     check_writable(out)

@@ -171,16 +171,21 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found; pass an existing YAML file") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a mapping of sections (data, model, train, ...)")
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_yaml(path), str(path))
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[dict[str, Any], str]]) -> Config:
+        """The defaults, then each ``(mapping, source)`` layer's keys on top, each layer checked on its own:
+        ``[(base recipe, "tiny recipe"), (read_yaml(file), file)]`` lets a file's keys win over a recipe's."""
+        raw = cls().to_dict()
+        for layer, source in layers:
+            checked = cls.from_dict(layer, source).to_dict()
+            for section, values in layer.items():
+                if isinstance(values, dict):
+                    raw[section].update({name: checked[section][name] for name in values})
+                else:
+                    raw[section] = checked[section]
+        return cls.from_dict(raw, layers[-1][1] if layers else "defaults")
 
     def with_overrides(self, values: dict[tuple[str, str], Any], source: str = "command line") -> Config:
         """A validated copy with ``(section, option) -> value`` set where the value is not None (CLI flags)."""
@@ -195,6 +200,20 @@ class Config:
         from dualanodiff.io import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of config sections as a mapping, or a one-line `UserError` naming the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found; pass an existing YAML file") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (data, model, train, ...)")
+    return raw
 
 
 def validated(section: Any, where: str) -> Any:

@@ -32,6 +32,7 @@ import numpy as np
 from dualanodiff.config import Config
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
+from dualanodiff.model.base import base_recipe
 from dualanodiff.pairs import kept_rows, rejected_rows
 from dualanodiff.runs import RunFolder
 
@@ -42,26 +43,16 @@ ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
 
 
 def demo_config(category: str = "nut", defect: str = "hole") -> Config:
-    """The demo's settings: the defaults, shortened where a 2-core CPU budget demands it, and the embedded
-    base's own few-shot recipe.
-
-    Training runs 300 steps at lr 1e-3 instead of 5000 at 2e-5, with prompts that name the category and
-    the defect (the embedded base learned those words; `vfx`/`sks` are random vectors to it). Sampling uses
-    DPM-Solver++ with 25 steps instead of PNDM with 100, and the localization U-Net trains 200 steps at
-    128 px. The choices come from the coupling ablation (`experiments/ABLATION.md`).
+    """The demo's settings: the defaults, the embedded base's own few-shot recipe (its ``recipe.yaml``:
+    300 training steps at lr 1e-3 instead of 5000 at 2e-5, prompts that name the category and the defect,
+    DPM-Solver++ with 25 steps instead of PNDM with 100), and what a 2-core CPU budget demands: 30 pairs,
+    a localization U-Net trained 200 steps at 128 px. The choices come from `experiments/ABLATION.md`.
     """
-    cfg = Config()
+    cfg = Config.from_layers([(base_recipe("tiny"), "tiny recipe")])
     cfg.data.data = category  # resolved against OUT/data by `run_demo`
     cfg.data.defect = defect
     cfg.model.base_model = "tiny"
-    cfg.model.global_prompt = "a {object} with {defect}"
-    cfg.model.anomaly_prompt = "{defect}"
-    cfg.train.steps = 300
-    cfg.train.lr = 1e-3
-    cfg.train.checkpoint_every = 100
     cfg.generate.num = 30
-    cfg.generate.steps = 25
-    cfg.generate.scheduler = "dpm"
     cfg.generate.batch_size = 6
     # crop-paste plateaus by 80 steps (pixel AP 92 at 40, 98 at 80, 99 at 400); generated pairs need more:
     # on the demo's pairs 4.0 at 80 steps, 22.4 at 200 (crop-paste 97.1 and 97.2, Perlin 74.0 and 77.4)

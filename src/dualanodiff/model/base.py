@@ -27,6 +27,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
+from dualanodiff.config import read_yaml
 from dualanodiff.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +37,7 @@ diffusers_logging.disable_progress_bar()  # e.g. "Loading checkpoint shards" for
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_BASE = Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
+RECIPE = "recipe.yaml"  # beside a base's components: the few-shot settings that suit it (config sections)
 
 
 @dataclass
@@ -58,6 +60,15 @@ class BaseModel:
             module.requires_grad_(False)
             module.eval()
         return self
+
+
+def base_recipe(spec: str) -> dict:
+    """The few-shot settings stored with a base (``recipe.yaml`` in its directory: config sections), or {}.
+
+    `train` and `run-all` put them between the defaults and the user's --config and flags, so the embedded
+    base gets the learning rate and length it needs while Stable Diffusion keeps the paper's settings."""
+    folder = EMBEDDED_BASE if spec == "tiny" else Path(spec).expanduser()
+    return read_yaml(folder / RECIPE) if (folder / RECIPE).is_file() else {}
 
 
 def load_base_model(spec: str) -> BaseModel:
