@@ -5,7 +5,7 @@ slow compile or a full budget costs only what had not been measured yet. At SD-1
 bf16, batch 4 pairs per training step:
 
 - ``train``: the four steps of `train_step.py` (dual, no-BCM, plain LoRA, official-style) with and without
-  gradient checkpointing: peak memory of each alone and interleaved step times; then the dual step against
+  gradient checkpointing: peak memory of each and interleaved step times; then the dual step against
   its FLOP cuts (``bcm_background_grad: false``, ``saim_rank`` 64 and 128) without and with checkpointing;
 - ``generate``: pairs per second at 512 px, DPM-Solver 25 steps and PNDM 100 steps, batch 8 and 16;
 - ``compile``: the dual training step, then one DPM-Solver sampling call, with the UNet under
@@ -13,7 +13,8 @@ bf16, batch 4 pairs per training step:
 
 Rows go to OUT/rows.jsonl (``{"section", "cells", "result"}`` per line) and OUT/rows.md (the same rows under
 RESULTS.md's headings and table headers); skipped measurements leave a note. ``--dry-run`` runs all of it at
-the test size on the CPU (inductor replaced by dynamo's eager backend) in seconds. Afterwards, here::
+the test size on the CPU (inductor replaced by dynamo's eager backend) in under 2 minutes of CPU time.
+Afterwards, here::
 
     python benchmarks/gpu_bench.py --record OUT/rows.jsonl    # append the measured rows to RESULTS.md
 """
@@ -28,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from _common import append_row, build_base, environment, limit_threads, markdown_row, release_memory, table_header, timed
 from generate import cell_row, measure_cell, pipeline
 from train_step import CUTS, build_variant, cut_rows, interleaved_times, make_inputs, measure_cuts, measure_steps
@@ -74,9 +74,9 @@ class Rows:
         print(text, flush=True)
         self._append({"note": text})
 
-    def _append(self, entry: dict) -> None:
+    def _append(self, new: dict) -> None:
         with self.jsonl.open("a") as handle:
-            handle.write(json.dumps(entry, default=str) + "\n")
+            handle.write(json.dumps(new, default=str) + "\n")
         entries = read_entries(self.jsonl)
         sections: dict[str, list[str]] = {}
         for entry in entries:
@@ -169,7 +169,7 @@ def compile_part(settings: Settings, rows: Rows, clock: Clock) -> None:
         first = timed(variants["compiled"].step, device)
         times = interleaved_times(variants, settings.repeats, device, settings.warmup, clock.end)
         _compile_row(rows, env, settings, f"dual step b{settings.batch_size} {settings.dtype}", times, first)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to compile or run compiled is the finding
         rows.note(f"compile: the training step failed: {_first_line(exc)}")
     variants = None
     release_memory(device)
@@ -186,7 +186,7 @@ def compile_part(settings: Settings, rows: Rows, clock: Clock) -> None:
         compiled = measure_cell(pipe, scheduler, steps, batch, 2.5, 1, device)
         times = {"eager": [eager["seconds_per_call"]], "compiled": [compiled["seconds_per_call"]]}
         _compile_row(rows, env, settings, f"sampling {scheduler} {steps} steps b{batch} {settings.dtype}", times, first)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to compile or run compiled is the finding
         rows.note(f"compile: sampling failed: {_first_line(exc)}")
 
 

@@ -14,9 +14,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import _common  # noqa: E402
-from gpu_bench import DRY_RUN, Rows, read_entries, record  # noqa: E402
-from train_step import CUTS  # noqa: E402
+import _common
+from gpu_bench import DRY_RUN, Rows, read_entries, record
+from train_step import CUTS
 
 
 def _columns(section: str) -> int:
@@ -52,7 +52,7 @@ def test_gpu_script_dry_run_writes_every_row(tmp_path):
     out = tmp_path / "out"
     env = os.environ | {"OUT": str(out), "PYTHON": sys.executable, "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"], env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     entries = read_entries(out / "rows.jsonl")
     assert [e["note"] for e in entries if "note" in e] == []  # nothing skipped, nothing failed
