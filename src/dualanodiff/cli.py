@@ -370,8 +370,6 @@ def train(
     from dualanodiff.runs import RunFolder
     from dualanodiff.training import train as train_run
 
-    from dualanodiff.config import Config
-
     saved = RunFolder(out)  # a resumed run keeps its own settings (and length, unless --steps is given)
     start = saved.load_config() if resume and saved.is_run() else config_with_recipe(config, base_model)
     cfg = start.with_overrides({  # re-validated: choices such as --bcm-variant are checked

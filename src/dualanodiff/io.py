@@ -2,12 +2,13 @@
 
 A killed process therefore leaves either the old file or the new one, never a truncated one; a failed
 write (a full disk) removes its temporary file. `check_writable` tells up front whether an output
-folder can take files at all.
+folder can take files at all; `jsonable` makes results strict JSON.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -17,6 +18,19 @@ import numpy as np
 from PIL import Image
 
 from dualanodiff.errors import UserError
+
+
+def jsonable(value):
+    """Strict-JSON-ready: nan/inf -> None, Paths -> str, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value) if isinstance(value, Path) else value
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -41,7 +39,7 @@ from PIL import Image
 from dualanodiff.data import IMAGE_EXTENSIONS, load_image, load_mask, natural_key, open_category
 from dualanodiff.errors import OtherSettings, UserError
 from dualanodiff.images import resize_image, resize_mask
-from dualanodiff.io import atomic_write_text, save_png
+from dualanodiff.io import atomic_write_text, jsonable, save_png
 from dualanodiff.masks import mask_overlay
 
 MANIFEST = "manifest.jsonl"
@@ -354,21 +352,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file atomically; non-finite floats become null so every row is strict JSON."""
-    atomic_write_text(path, "".join(json.dumps(_jsonable(row), allow_nan=False) + "\n" for row in rows))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    atomic_write_text(path, "".join(json.dumps(jsonable(row), allow_nan=False) + "\n" for row in rows))
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dualanodiff.errors import UserError
-from dualanodiff.io import atomic_write_bytes, atomic_write_text
+from dualanodiff.io import atomic_write_bytes, atomic_write_text, jsonable
 
 NOT_COMPUTED = "–"
 # (results key, column title, percent?)
@@ -86,7 +86,7 @@ def write_report(
         atomic_write_bytes(chart_path(out_md), bar_chart_png(results))
         atomic_write_text(Path(out_md), markdown(results, chart_path(out_md).name))
     if json_path:
-        atomic_write_text(Path(json_path), json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(Path(json_path), json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
     if csv_path:
         atomic_write_text(Path(csv_path), csv_text(results))
     return targets
@@ -165,16 +165,3 @@ def bar_chart_png(results: dict) -> bytes:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
-
-
-def _jsonable(value):
-    """nan -> None (strict JSON), Paths -> str, numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value) if isinstance(value, Path) else value
