@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dualanodiff.alignment import alignment_score
 from dualanodiff.baselines import (
     PART_GREY,
     Defect,
@@ -26,10 +27,10 @@ from dualanodiff.baselines import (
     training_defects,
     transform_patch,
 )
-from dualanodiff.alignment import alignment_score
 from dualanodiff.cli import main
-from dualanodiff.data import few_shot_split, foreground_mask, load_image, load_mask, open_category
+from dualanodiff.data import few_shot_split, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
+from dualanodiff.masks import foreground_mask
 from dualanodiff.pairs import PairWriter
 
 

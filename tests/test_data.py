@@ -15,13 +15,13 @@ from dualanodiff.data import (
     IMAGE_EXTENSIONS,
     Pair,
     few_shot_split,
-    foreground_mask,
     load_image,
     load_mask,
     natural_key,
     open_category,
 )
 from dualanodiff.errors import UserError
+from dualanodiff.masks import foreground_mask
 from dualanodiff.synthetic import render_sample
 
 

@@ -8,7 +8,12 @@ from safetensors.torch import save_file
 
 from dualanodiff.config import EvaluateConfig
 from dualanodiff.errors import UserError
-from dualanodiff.evaluation.classification import ResNet34, load_resnet_weights, predict_classes, train_classifier
+from dualanodiff.evaluation.classification import (
+    ResNet34,
+    load_resnet_weights,
+    predict_classes,
+    train_classifier,
+)
 
 
 def test_state_dict_matches_torchvision_resnet34_layout():

@@ -10,10 +10,11 @@ import pytest
 
 from dualanodiff.alignment import alignment_score
 from dualanodiff.config import EvaluateConfig
-from dualanodiff.data import few_shot_split, foreground_mask, load_image, load_mask, open_category
+from dualanodiff.data import few_shot_split, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation import evaluate_generators
 from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.masks import foreground_mask
 from dualanodiff.pairs import PairWriter
 
 

@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 import torch.nn.functional as F
+from scipy import ndimage
 
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.generation_metrics import (

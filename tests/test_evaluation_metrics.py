@@ -11,7 +11,13 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from dualanodiff.evaluation import metrics
-from dualanodiff.evaluation.metrics import METRIC_KEYS, aupro, f1_max, image_scores_from_maps, localization_metrics
+from dualanodiff.evaluation.metrics import (
+    METRIC_KEYS,
+    aupro,
+    f1_max,
+    image_scores_from_maps,
+    localization_metrics,
+)
 
 
 def _random_case(seed: int, n: int = 6, size: int = 24) -> tuple[np.ndarray, np.ndarray]:

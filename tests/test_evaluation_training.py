@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_norm, shuffled_batches
+from dualanodiff.evaluation.training import (
+    cycling_batches,
+    recalibrate_batch_norm,
+    shuffled_batches,
+)
 
 
 def test_batches_cover_every_index_once_and_never_leave_a_single_sample():

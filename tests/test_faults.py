@@ -42,7 +42,13 @@ from dualanodiff import cli, generation, pipeline, synthetic
 from dualanodiff import io as atomic_io
 from dualanodiff.config import Config
 from dualanodiff.data import few_shot_split, open_category
-from dualanodiff.errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE
+from dualanodiff.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+)
 from dualanodiff.evaluation import compare
 from dualanodiff.evaluation import report as report_files
 from dualanodiff.pairs import LOCK, PairWriter, kept_rows

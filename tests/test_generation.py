@@ -12,9 +12,9 @@ from PIL import Image
 
 from dualanodiff.cli import main
 from dualanodiff.config import Config, GenerateConfig
-from dualanodiff.data import foreground_mask, load_image, load_mask, open_category
+from dualanodiff.data import load_image, load_mask, open_category
 from dualanodiff.generation import generate, generate_config
-from dualanodiff.masks import filter_verdict, part_to_mask
+from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 
 
 @pytest.fixture(scope="module", autouse=True)

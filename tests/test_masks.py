@@ -15,7 +15,6 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from dualanodiff.errors import UserError
 from dualanodiff.masks import (
-    PSNR_CAP,
     attention_to_mask,
     filter_verdict,
     mask_overlay,
@@ -23,6 +22,7 @@ from dualanodiff.masks import (
     part_to_mask,
     u2net_part_mask,
 )
+from dualanodiff.masks.part import PSNR_CAP
 
 
 def grey_part(height: int = 64, width: int = 64, level: int = 128) -> np.ndarray:

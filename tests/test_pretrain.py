@@ -20,7 +20,12 @@ from safetensors.torch import load_file
 from dualanodiff import pretrain
 from dualanodiff.cli import main
 from dualanodiff.errors import UserError
-from dualanodiff.model.base import ARCHITECTURES, build_tokenizer, load_base_model, tiny_architecture
+from dualanodiff.model.base import (
+    ARCHITECTURES,
+    build_tokenizer,
+    load_base_model,
+    tiny_architecture,
+)
 from dualanodiff.pretrain import (
     PRESETS,
     TIMESTEP_BUCKETS,

@@ -16,7 +16,6 @@ import torch
 import dualanodiff
 from dualanodiff import runall, training
 from dualanodiff.config import Config
-from dualanodiff.runs import RunFolder
 from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
 from dualanodiff.runall import (
     LOCAL_OBJECT_STORE,
@@ -33,6 +32,7 @@ from dualanodiff.runall import (
     train_and_generate,
     write_summary,
 )
+from dualanodiff.runs import RunFolder
 
 SYNTHETIC_DEFECTS = {  # natural name order, as open_category lists them
     "nut": ["crack", "hole", "scratch", "stain"],

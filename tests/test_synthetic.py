@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dualanodiff.errors import UserError
+from dualanodiff.images import to_model_range, to_uint8
 from dualanodiff.synthetic import (
     CATEGORIES,
     FAMILIES,
@@ -30,7 +31,6 @@ from dualanodiff.synthetic import (
     world_words,
     write_dataset,
 )
-from dualanodiff.images import to_model_range, to_uint8
 from dualanodiff.training import fill_prompt
 
 ALL_DEFECTS = [(c, d) for c, spec in FAMILIES.items() for d in spec.defects]

@@ -34,8 +34,15 @@ import cv2
 import numpy as np
 
 from dualanodiff.alignment import alignment_score
-from dualanodiff.data import Category, few_shot_split, foreground_mask, load_image, load_mask, with_marked_masks
+from dualanodiff.data import (
+    Category,
+    few_shot_split,
+    load_image,
+    load_mask,
+    with_marked_masks,
+)
 from dualanodiff.errors import UserError
+from dualanodiff.masks import foreground_mask
 from dualanodiff.pairs import PairWriter
 
 PART_GREY = 127  # the anomaly-part image outside the mask: 0 in [-1, 1] space, as uint8

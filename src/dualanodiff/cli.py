@@ -31,7 +31,14 @@ from rich.control import Control
 from rich.text import Text
 
 from dualanodiff import __version__
-from dualanodiff.errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UserError
+from dualanodiff.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    UserError,
+)
 from dualanodiff.io import check_writable
 from dualanodiff.signals import Stopped, deferred_signals
 
@@ -160,7 +167,13 @@ def progress_bars(enabled: bool = True, transient: bool = True) -> Iterator[Call
     """The one progress display of every command: ``bar = bars("training", total)``, then
     ``bar(done, total=None, note="")``. Rich bars on a terminal (messages printed with `console` go
     above them); `PlainProgress` lines when stderr is a file or a pipe; nothing when not ``enabled``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     if not enabled:
         yield lambda label, total=None: lambda done, total=None, note="": None
@@ -549,8 +562,18 @@ def evaluate(
     """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
     from rich.table import Table
 
-    from dualanodiff.evaluation import combined_rows, evaluate_generators, parse_generated, write_report
-    from dualanodiff.evaluation.report import COLUMNS, chart_path, check_outputs, table_rows
+    from dualanodiff.evaluation import (
+        combined_rows,
+        evaluate_generators,
+        parse_generated,
+        write_report,
+    )
+    from dualanodiff.evaluation.report import (
+        COLUMNS,
+        chart_path,
+        check_outputs,
+        table_rows,
+    )
 
     options = {"steps": steps, "resolution": resolution, "seed": seed, "base_width": base_width}
     cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
@@ -678,7 +701,13 @@ def run_all_command(
     """Train, generate and evaluate every category and defect type of a dataset as Ray jobs; re-runs skip finished jobs."""
     from rich.table import Table
 
-    from dualanodiff.runall import SUMMARY_COLUMNS, run_all, run_outcome, summary_cells, summary_rows
+    from dualanodiff.runall import (
+        SUMMARY_COLUMNS,
+        run_all,
+        run_outcome,
+        summary_cells,
+        summary_rows,
+    )
 
     cfg = config_with_recipe(config, base_model).with_overrides(
         {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}

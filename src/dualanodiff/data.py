@@ -1,5 +1,5 @@
 """The dataset layer: read an MVTec-format category (or a plain images/ + masks/ folder), check it,
-split each defect type few-shot, and find the object's foreground mask.
+and split each defect type few-shot (the object's foreground mask lives in `dualanodiff.masks`).
 
 Two layouts are accepted::
 
@@ -18,10 +18,8 @@ whose maximum exceeds 1 is binarised at 128.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +27,9 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
-from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
 from dualanodiff.errors import UserError
+from dualanodiff.masks.foreground import has_plain_border
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 _EXTENSION_LIST = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
@@ -235,7 +232,7 @@ def _open_folder(root: Path) -> Category:
 
 
 def _category_kind(sample: Path) -> Literal["object", "texture"]:
-    return "object" if _has_plain_border(load_image(sample)) else "texture"
+    return "object" if has_plain_border(load_image(sample)) else "texture"
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -283,149 +280,3 @@ def with_marked_masks(pairs: list[Pair], allow_empty: bool, warn: Callable[[str]
 
 
 # ---------------------------------------------------------------------------------------------- foreground
-
-
-def _border_frame(shape: tuple[int, ...]) -> np.ndarray:
-    """HxW bool frame about 3 % of the image wide."""
-    h, w = shape[:2]
-    b = max(2, round(0.03 * min(h, w)))
-    frame = np.ones((h, w), bool)
-    frame[b:-b, b:-b] = False
-    return frame
-
-
-def _background_model(image: np.ndarray) -> np.ndarray:
-    """The plain background as a per-channel plane a + b*y + c*x fitted to the image border (HxWx3).
-
-    A plane absorbs a lighting gradient; the fit is repeated on the 80 % best-fitting border pixels so
-    that an object touching the border does not drag it.
-    """
-    h, w = image.shape[:2]
-    frame = _border_frame(image.shape)
-    yy, xx = np.nonzero(frame)
-    design = np.stack([np.ones(len(yy)), yy / h - 0.5, xx / w - 0.5], axis=1)
-    values = image[frame].astype(np.float64)
-    keep = np.ones(len(values), bool)
-    for _ in range(2):
-        coefficients, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
-        residual = np.linalg.norm(values - design @ coefficients, axis=1)
-        keep = residual <= np.percentile(residual, 80)
-    gy, gx = np.mgrid[0:h, 0:w]
-    full = np.stack([np.ones((h, w)), gy / h - 0.5, gx / w - 0.5], axis=-1)
-    return (full @ coefficients).astype(np.float32)
-
-
-def _has_plain_border(image: np.ndarray) -> bool:
-    """An object on a plain background: the border deviates from a smooth background far less than
-    the brightest-differing pixels of the image do (a texture differs as much at its border)."""
-    distance = _background_distance(image.astype(np.float32), _background_model(image))
-    border_spread = np.percentile(distance[_border_frame(image.shape)], 90)
-    return border_spread < 0.35 * np.percentile(distance, 99)
-
-
-def foreground_mask(
-    image: np.ndarray, kind: str = "auto", u2net_weights: str | Path | None = None
-) -> np.ndarray:
-    """The object's foreground mask M_f (HxW bool) for background compensation.
-
-    ``kind="texture"`` gives the whole image. ``"object"`` separates the object from a plain background:
-    the background colour is the median of the image border, pixels far from it (Otsu threshold on the
-    colour distance, with the border's own spread as a floor) are closed, hole-filled, opened, and the
-    largest components are kept. ``"auto"`` picks by how uniform the border is. With `u2net_weights`
-    (a local TorchScript U^2-Net) objects are segmented by its saliency map instead. If nothing stands
-    out from the background the whole image is returned, so that no defect is judged off the object.
-    """
-    if kind not in ("auto", "object", "texture"):
-        raise UserError(f"foreground {kind!r}: must be 'auto', 'object' or 'texture'")
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    h, w = image.shape[:2]
-    if kind == "auto":
-        kind = "object" if _has_plain_border(image) else "texture"
-    if kind == "texture":
-        return np.ones((h, w), bool)
-    if u2net_weights:
-        mask = _u2net_mask(image, Path(u2net_weights))
-    else:
-        mask = _plain_background_mask(image)
-    return mask if mask.any() else np.ones((h, w), bool)
-
-
-def _disk(radius: int) -> np.ndarray:
-    r = max(1, int(radius))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return yy * yy + xx * xx <= r * r
-
-
-def _background_distance(image: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Colour distance from the background (HxWx3 each), darkening counted half: a cast shadow only
-    darkens the background, while an object also changes its hue or is brighter."""
-    difference = image - background
-    direction = background / np.maximum(np.linalg.norm(background, axis=-1, keepdims=True), 1e-6)
-    along = (difference * direction).sum(-1)
-    across = difference - along[..., None] * direction
-    return np.sqrt((across**2).sum(-1) + np.where(along > 0, along, 0.5 * along) ** 2)
-
-
-def _plain_background_mask(image: np.ndarray) -> np.ndarray:
-    side = min(image.shape[:2])
-    smooth = ndimage.gaussian_filter(image.astype(np.float32), (max(0.5, side / 256), max(0.5, side / 256), 0))
-    distance = _background_distance(smooth, _background_model(smooth))
-    floor = float(np.percentile(distance[_border_frame(image.shape)], 99)) * 1.5 + 1.0
-    high = max(float(threshold_otsu(distance)), floor)
-    mask = apply_hysteresis_threshold(distance, max(floor, 0.5 * high), high)
-    mask = ndimage.binary_closing(mask, _disk(side / 64), border_value=0)
-    mask = ndimage.binary_fill_holes(mask)
-    mask = ndimage.binary_opening(mask, _disk(side / 128))
-    return _largest_components(mask)
-
-
-def _largest_components(mask: np.ndarray, share: float = 0.3) -> np.ndarray:
-    """Keep the largest connected component and any other at least `share` of its size."""
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())[1:]
-    keep = np.flatnonzero(sizes >= share * sizes.max()) + 1
-    return np.isin(labels, keep)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_u2net(path: str):
-    import torch
-
-    try:
-        with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is how U^2-Net ships
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(path, map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{path}: not a TorchScript U^2-Net ({str(exc).splitlines()[0]}); export it with torch.jit.save") from None
-    return model.eval()
-
-
-def _u2net_mask(image: np.ndarray, weights: Path) -> np.ndarray:
-    """Saliency from a TorchScript U^2-Net: input 1x3x320x320 in [0, 1], ImageNet-normalised; the first
-    output (the fused map) is min-max normalised as in the official code and thresholded at 0.5."""
-    import torch
-    import torch.nn.functional as F
-
-    if not weights.is_file():
-        raise UserError(
-            f"{weights}: U^2-Net weights not found; give a local TorchScript file (torch.jit.save of U^2-Net) "
-            "or leave u2net_weights empty to use the weight-free default"
-        )
-    model = _load_u2net(str(weights))
-    h, w = image.shape[:2]
-    x = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    x = F.interpolate(x, size=(320, 320), mode="bilinear", align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        out = model((x - mean) / std)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    saliency = out.reshape(1, 1, *out.shape[-2:]).float()
-    saliency = (saliency - saliency.min()) / (saliency.max() - saliency.min()).clamp_min(1e-8)
-    saliency = F.interpolate(saliency, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    return _largest_components(ndimage.binary_fill_holes(saliency > 0.5))

@@ -241,7 +241,12 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
     """report.md and report.html from the files the stages wrote (nothing here is recomputed)."""
     from markdown_it import MarkdownIt
 
-    from dualanodiff.evaluation.report import COLUMNS, markdown_table, bar_chart_png, table_rows
+    from dualanodiff.evaluation.report import (
+        COLUMNS,
+        bar_chart_png,
+        markdown_table,
+        table_rows,
+    )
 
     results = json.loads((out / "evaluation.json").read_text())
     for row in results["generators"]:  # JSON null -> nan for the formatters

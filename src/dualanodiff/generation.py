@@ -22,15 +22,20 @@ import yaml
 
 from dualanodiff.alignment import alignment_score
 from dualanodiff.config import Config, GenerateConfig, validated
-from dualanodiff.data import foreground_mask, load_image, load_mask, open_category
+from dualanodiff.data import load_image, load_mask, open_category
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
-from dualanodiff.masks import filter_verdict, pair_consistency
+from dualanodiff.masks import filter_verdict, foreground_mask, pair_consistency
 from dualanodiff.pairs import PairWriter, pair_size
-from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler, prepared_background
+from dualanodiff.pipeline import (
+    DualAnoDiffPipeline,
+    make_scheduler,
+    prepared_background,
+)
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
+
 
 @dataclass
 class GenerationSummary:

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 Size = int | tuple[int, int]  # a square side, or (width, height) as PIL counts them
 
 

@@ -33,10 +33,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from PIL import Image
 
-from dualanodiff.data import IMAGE_EXTENSIONS, load_image, load_mask, natural_key, open_category
+from dualanodiff.data import (
+    IMAGE_EXTENSIONS,
+    load_image,
+    load_mask,
+    natural_key,
+    open_category,
+)
 from dualanodiff.errors import OtherSettings, UserError
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.io import atomic_write_text, jsonable, save_png

@@ -43,11 +43,16 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from dualanodiff.config import GenerateConfig, ModelConfig
-from dualanodiff.data import foreground_mask, load_image
+from dualanodiff.data import load_image
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
-from dualanodiff.masks import attention_to_mask, part_to_mask, u2net_part_mask
+from dualanodiff.masks import (
+    attention_to_mask,
+    foreground_mask,
+    part_to_mask,
+    u2net_part_mask,
+)
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
 from dualanodiff.runs import RunFolder

@@ -56,7 +56,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image, ImageDraw
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dualanodiff.devices import resolve_device
@@ -73,7 +80,16 @@ from dualanodiff.model.base import (
     sd_scheduler,
 )
 from dualanodiff.signals import Stopped, deferred_signals
-from dualanodiff.synthetic import FAMILIES, HELD_OUT, PRETRAIN_FAMILIES, WORLD_KINDS, WORLD_MIX, thing_name, world_item, world_words
+from dualanodiff.synthetic import (
+    FAMILIES,
+    HELD_OUT,
+    PRETRAIN_FAMILIES,
+    WORLD_KINDS,
+    WORLD_MIX,
+    thing_name,
+    world_item,
+    world_words,
+)
 
 __all__ = ["Architecture", "PretrainOptions", "Preset", "PRESETS", "pretrain_base", "measure_base"]
 

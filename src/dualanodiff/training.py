@@ -34,12 +34,18 @@ from accelerate.utils import gather_object
 
 from dualanodiff.config import Config, validated
 from dualanodiff.data import (
-    Pair, few_shot_split, foreground_mask, load_image, load_mask, open_category, with_marked_masks,
+    Pair,
+    few_shot_split,
+    load_image,
+    load_mask,
+    open_category,
+    with_marked_masks,
 )
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
+from dualanodiff.masks import foreground_mask
 from dualanodiff.model.base import load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
 from dualanodiff.runs import RunFolder

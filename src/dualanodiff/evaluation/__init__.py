@@ -8,11 +8,30 @@ Inception-v3 for IS), `compare` (one run over several generators), `report` (Mar
 chart), `inputs` (what they read), `training` (device, batches, progress).
 """
 
-from dualanodiff.evaluation.classification import ResNet34, evaluate_classification, load_resnet_weights
+from dualanodiff.evaluation.classification import (
+    ResNet34,
+    evaluate_classification,
+    load_resnet_weights,
+)
 from dualanodiff.evaluation.compare import evaluate_generators
-from dualanodiff.evaluation.generation_metrics import LPIPS, ic_lpips, inception_score, load_inception, load_lpips
-from dualanodiff.evaluation.inputs import combined_rows, generated_pairs, pair_alignments, parse_generated
-from dualanodiff.evaluation.localization import DiscriminativeUNet, evaluate_localization, focal_loss
+from dualanodiff.evaluation.generation_metrics import (
+    LPIPS,
+    ic_lpips,
+    inception_score,
+    load_inception,
+    load_lpips,
+)
+from dualanodiff.evaluation.inputs import (
+    combined_rows,
+    generated_pairs,
+    pair_alignments,
+    parse_generated,
+)
+from dualanodiff.evaluation.localization import (
+    DiscriminativeUNet,
+    evaluate_localization,
+    focal_loss,
+)
 from dualanodiff.evaluation.metrics import METRIC_KEYS, localization_metrics
 from dualanodiff.evaluation.report import write_report
 

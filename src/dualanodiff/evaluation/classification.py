@@ -24,11 +24,16 @@ from torch import nn
 
 from dualanodiff.config import EvaluateConfig
 from dualanodiff.data import Category
+from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import check_state_dict, load_images, load_state_dict
 from dualanodiff.evaluation.localization import real_test_split
-from dualanodiff.devices import resolve_device
-from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_norm, shuffled_batches, step_progress
+from dualanodiff.evaluation.training import (
+    cycling_batches,
+    recalibrate_batch_norm,
+    shuffled_batches,
+    step_progress,
+)
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

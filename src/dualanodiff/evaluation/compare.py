@@ -18,7 +18,6 @@ import torch
 from dualanodiff.config import EvaluateConfig
 from dualanodiff.data import Category, few_shot_split, load_image, open_category
 from dualanodiff.errors import UserError
-from dualanodiff.images import batch_to_model_range
 from dualanodiff.evaluation.classification import evaluate_classification
 from dualanodiff.evaluation.generation_metrics import (
     LPIPS,
@@ -28,9 +27,15 @@ from dualanodiff.evaluation.generation_metrics import (
     load_inception,
     load_lpips,
 )
-from dualanodiff.evaluation.inputs import PairPaths, generated_pairs, load_images, pair_alignments
+from dualanodiff.evaluation.inputs import (
+    PairPaths,
+    generated_pairs,
+    load_images,
+    pair_alignments,
+)
 from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
 from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.images import batch_to_model_range
 
 SELECTION = "fixed steps, no test-set selection"
 IS_SPLITS = 10  # torch-fidelity's default; fewer when a defect type has fewer generated images

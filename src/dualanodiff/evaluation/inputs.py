@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from dualanodiff.alignment import alignment_score
-from dualanodiff.data import foreground_mask, load_image, load_mask
+from dualanodiff.data import load_image, load_mask
 from dualanodiff.errors import UserError
+from dualanodiff.masks import foreground_mask
 from dualanodiff.pairs import discover_generated, kept_rows, read_pairs
 
 PairPaths = list[tuple[Path, Path]]  # (image, mask) files

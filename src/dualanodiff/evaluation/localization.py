@@ -28,11 +28,16 @@ from torch import nn
 
 from dualanodiff.config import EvaluateConfig
 from dualanodiff.data import Category, few_shot_split
+from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import load_images, load_masks
 from dualanodiff.evaluation.metrics import localization_metrics
-from dualanodiff.devices import resolve_device
-from dualanodiff.evaluation.training import cycling_batches, recalibrate_batch_norm, shuffled_batches, step_progress
+from dualanodiff.evaluation.training import (
+    cycling_batches,
+    recalibrate_batch_norm,
+    shuffled_batches,
+    step_progress,
+)
 
 DEPTH = 6  # encoder blocks; the input side must be a multiple of 2 ** (DEPTH - 1)
 FOCAL_GAMMA = 2.0  # DRAEM's focal loss

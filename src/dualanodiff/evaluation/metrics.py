@@ -26,7 +26,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 IMAGE_POOL = 21  # window of the average pool that turns a map into an image score
 AUPRO_FPR_LIMIT = 0.3  # MVTec AD's integration limit

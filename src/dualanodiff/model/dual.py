@@ -29,7 +29,11 @@ from torch import nn
 from dualanodiff.config import ModelConfig
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes
-from dualanodiff.model.attention import BranchLoRALayer, DualBranchAttnProcessor, RowLayout
+from dualanodiff.model.attention import (
+    BranchLoRALayer,
+    DualBranchAttnProcessor,
+    RowLayout,
+)
 from dualanodiff.model.base import BaseModel
 
 TEXT_ADAPTER = "text"

@@ -14,8 +14,6 @@ components smaller than ``min_component`` pixels. No opening: thin scratches and
 
 from __future__ import annotations
 
-import functools
-import warnings
 from pathlib import Path
 
 import cv2
@@ -24,7 +22,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 from skimage.segmentation import find_boundaries
 
-from dualanodiff.errors import UserError
+from dualanodiff.masks.u2net import u2net_saliency
 
 PSNR_CAP = 100.0  # dB returned by `pair_consistency` when image and part agree exactly inside the mask
 MAX_TINT = 0.25  # furthest a flat part image's median may lie from mid-grey, per channel
@@ -84,59 +82,10 @@ def attention_to_mask(
 
 
 def u2net_part_mask(
-    part: np.ndarray,
-    weights_path: str | Path,
-    threshold: float = 0.5,
-    min_component: int = 16,
-    input_size: int = 320,
+    part: np.ndarray, weights_path: str | Path, threshold: float = 0.5, min_component: int = 16,
 ) -> np.ndarray:
-    """Mask of the salient defect in a part image from a local TorchScript U²-Net (saliency) model.
-
-    The model gets the image resized to ``input_size`` and normalised as U²-Net expects (divided by
-    its maximum, then ImageNet mean/std); its first output (a tensor, or the first of a tuple) is
-    min-max normalised, resized back and thresholded.
-    """
-    import torch
-
-    model = _load_torchscript(str(Path(weights_path).resolve()))
-    rgb = np.atleast_3d(np.asarray(part))
-    rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[..., :3]
-    height, width = rgb.shape[:2]
-    x = cv2.resize(rgb, (input_size, input_size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    x = x / max(float(x.max()), 1e-6)
-    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    with torch.no_grad():
-        out = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    saliency = out.detach().float().cpu().numpy().squeeze()
-    if saliency.ndim != 2:
-        raise UserError(
-            f"{weights_path}: model output has shape {tuple(out.shape)}; expected one saliency map"
-        )
-    span = float(saliency.max() - saliency.min())
-    saliency = (saliency - saliency.min()) / span if span > 1e-12 else np.zeros_like(saliency)
-    saliency = cv2.resize(saliency, (width, height), interpolation=cv2.INTER_LINEAR)
-    return clean_mask(saliency > threshold, min_component, radius=1)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_torchscript(path: str):
-    import torch
-
-    if not Path(path).is_file():
-        raise UserError(
-            f"{path}: U²-Net weights not found; pass --u2net-weights with a local TorchScript U²-Net file "
-            "(torch.jit.save of the scripted model)"
-        )
-    try:
-        with warnings.catch_warnings():  # deprecated in torch 2.x, yet the one format that needs no model code
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(path, map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0]
-        raise UserError(f"{path}: not a TorchScript model ({reason}); export it with torch.jit.save") from None
-    return model.eval()
+    """Mask of the salient defect in a part image from a local TorchScript U²-Net (`u2net_saliency`)."""
+    return clean_mask(u2net_saliency(part, weights_path) > threshold, min_component, radius=1)
 
 
 def clean_mask(binary: np.ndarray, min_component: int = 16, radius: int = 1) -> np.ndarray:
