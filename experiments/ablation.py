@@ -87,6 +87,8 @@ VARIANTS |= {
     "chosen-saim-rank-16": CHOSEN | {"model.saim_rank": 16},
     "chosen-seed-1": CHOSEN | {"train.seed": 1, "generate.seed": 1},
     "chosen-again": CHOSEN,
+    "chosen-bcm-background-no-grad-seed-1": CHOSEN | {"model.bcm_background_grad": False, "train.seed": 1, "generate.seed": 1},
+    "chosen-saim-rank-16-seed-1": CHOSEN | {"model.saim_rank": 16, "train.seed": 1, "generate.seed": 1},
 }
 # variants that differ from another only in sampling reuse its trained run
 TRAINED_AS = {
