@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from dualanodiff.config import Config, validated
+from dualanodiff.config import Config, TrainConfig, validated
 from dualanodiff.data import (
     Pair,
     few_shot_split,
@@ -46,7 +46,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.masks import foreground_mask
-from dualanodiff.model.base import load_base_model
+from dualanodiff.model.base import BaseModel, load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
@@ -235,6 +235,68 @@ def make_accelerator(mixed_precision: str, device: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=resolved.type == "cpu")  # multi-process CPU needs cpu=True
 
 
+def trainable_model(base: BaseModel, train_cfg: TrainConfig, model_cfg, device: torch.device) -> DualAnoDiffModel:
+    """The dual model on the training device, frozen parts cast to the mixed-precision dtype."""
+    model = DualAnoDiffModel(base, model_cfg)
+    if train_cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    model.to(device)
+    if train_cfg.mixed_precision != "no":
+        cast_frozen(model, DTYPES[train_cfg.mixed_precision])
+    return model
+
+
+def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair], str]:
+    """The defect type's few-shot training pairs and the category's foreground kind; records the split in
+    `cfg.split` and fills the category and defect names into the prompts."""
+    category = open_category(cfg.data.data)
+    if cfg.data.defect not in category.defects:
+        raise UserError(
+            f"--defect {cfg.data.defect!r}: not a defect type of {category.root}; choose one of {sorted(category.defects)}"
+        )
+    train_pairs, test_pairs = few_shot_split(category.defects[cfg.data.defect], cfg.data.split_rounding)
+    train_pairs = with_marked_masks(train_pairs, cfg.data.allow_empty_masks, log)
+    for option in ("global_prompt", "anomaly_prompt", "learned_words"):
+        setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
+    cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
+    return train_pairs, category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
+
+
+def make_optimizer(model: DualAnoDiffModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable set; the modules the paper adds (SAIM, BCM, gamma) at `added_lr_scale` x lr."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    added = [p for name, p in named if any(key in name for key in ADDED_MODULES)]
+    groups = [{"params": [p for name, p in named if not any(key in name for key in ADDED_MODULES)]}]
+    if added:
+        groups.append({"params": added, "lr": cfg.lr * cfg.added_lr_scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def batch_losses(ddp_model, data: TrainingSet, generator: torch.Generator, cfg: Config, base: BaseModel, accelerator):
+    """One batch drawn from `generator` (pairs, latents, shared timestep, noise) and its losses:
+    (total, global, anomaly, anomaly on the defect's cells)."""
+    scheduler = base.scheduler
+    indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
+    latents = data.sample(indices, generator, base.vae.config.scaling_factor)  # (B, 3, C, h, w)
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    if cfg.train.noise == "shared":  # the anomaly row gets the global row's noise
+        noise = torch.cat([noise[:, :1], noise[:, :1], noise[:, 2:]], 1)
+    noisy = _add_noise(scheduler, latents, noise, timesteps)
+    target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
+    device = accelerator.device
+    with accelerator.autocast():
+        eps_global, eps_anomaly = ddp_model(
+            noisy[:, 0].to(device), noisy[:, 1].to(device), timesteps.to(device),
+            noisy[:, 2].to(device) if cfg.model.bcm else None,
+        )
+        loss_global = F.mse_loss(eps_global.float(), target[:, 0].to(device))
+        loss_anomaly, loss_defect = anomaly_losses(
+            eps_anomaly, target[:, 1].to(device), data.defect_cells[indices], cfg.train.defect_loss_weight
+        )
+    return loss_global + loss_anomaly, loss_global, loss_anomaly, loss_defect
+
+
 def train(
     cfg: Config,
     out: Path,
@@ -252,54 +314,24 @@ def train(
     main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
     log = log if main else (lambda message: None)
     cfg = _on_main_process(accelerator, lambda: prepare_run(cfg, out, resume, force))
-    category = open_category(cfg.data.data)
-    if cfg.data.defect not in category.defects:
-        raise UserError(
-            f"--defect {cfg.data.defect!r}: not a defect type of {category.root}; choose one of {sorted(category.defects)}"
-        )
-    train_pairs, test_pairs = few_shot_split(category.defects[cfg.data.defect], cfg.data.split_rounding)
-    train_pairs = with_marked_masks(train_pairs, cfg.data.allow_empty_masks, log)
-    kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
-    for option in ("global_prompt", "anomaly_prompt", "learned_words"):
-        setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
-    cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
+    train_pairs, kind = few_shot_pairs(cfg, log)
 
     torch.manual_seed(cfg.train.seed)
     base = load_base_model(cfg.model.base_model)
     cfg.data.resolution = cfg.data.resolution or base.resolution
     if cfg.data.resolution % (8 * base.vae_scale_factor):
         raise UserError(f"data.resolution {cfg.data.resolution}: must be a multiple of {8 * base.vae_scale_factor}")
-    model = DualAnoDiffModel(base, cfg.model)
-    if cfg.train.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    model.to(accelerator.device)
-    if cfg.train.mixed_precision != "no":
-        cast_frozen(model, DTYPES[cfg.train.mixed_precision])
+    model = trainable_model(base, cfg.train, cfg.model, accelerator.device)
     data = encode_training_set(model, train_pairs, kind, cfg.data.resolution, cfg.data.flips, cfg.data.u2net_weights)
 
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    added = [p for name, p in named if any(key in name for key in ADDED_MODULES)]
-    groups = [{"params": [p for name, p in named if not any(key in name for key in ADDED_MODULES)]}]
-    if added:
-        groups.append({"params": added, "lr": cfg.train.lr * cfg.train.added_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, cfg.train)
     rank, processes = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(cfg.train.seed + rank)  # each process draws its own batches
-    step, rows = 0, []
     checkpoint = run.latest_checkpoint() if resume else None
+    step, rows = 0, []
     if checkpoint is not None:
-        model.load_trainable(checkpoint / run.CHECKPOINT_ADAPTERS)
-        optimizer.load_state_dict(torch.load(checkpoint / run.OPTIMIZER, map_location="cpu"))
-        state = torch.load(checkpoint / run.STATE, map_location="cpu")
-        step = state["step"]
-        if len(state["generators"]) != processes:
-            raise UserError(
-                f"{checkpoint}: saved by {len(state['generators'])} process(es), resumed with {processes}; "
-                "resume with the same number of processes"
-            )
-        generator.set_state(state["generators"][rank])
-        rows = read_loss_rows(run.loss_csv, step)
+        step, rows = load_checkpoint(run, checkpoint, model, optimizer, generator, rank, processes)
         log(f"resuming {out} from step {step}")
     if step >= cfg.train.steps:
         raise UserError(f"{out}: already trained for {step} steps; pass a larger --steps to continue")
@@ -309,9 +341,6 @@ def train(
         for stem, background in zip(data.stems, data.backgrounds):
             save_png(run.backgrounds / f"{stem}.png", background)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = base.scheduler
-    scaling = base.vae.config.scaling_factor
-    bcm = cfg.model.bcm
     last_good = checkpoint
 
     def checkpoint_now() -> Path:
@@ -332,25 +361,7 @@ def train(
                     stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
                 if stopped:
                     break
-                indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
-                latents = data.sample(indices, generator, scaling)  # (B, 3, C, h, w)
-                timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
-                noise = torch.randn(latents.shape, generator=generator)
-                if cfg.train.noise == "shared":  # the anomaly row gets the global row's noise
-                    noise = torch.cat([noise[:, :1], noise[:, :1], noise[:, 2:]], 1)
-                noisy = _add_noise(scheduler, latents, noise, timesteps)
-                target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
-                device = accelerator.device
-                with accelerator.autocast():
-                    eps_global, eps_anomaly = ddp_model(
-                        noisy[:, 0].to(device), noisy[:, 1].to(device), timesteps.to(device),
-                        noisy[:, 2].to(device) if bcm else None,
-                    )
-                    loss_global = F.mse_loss(eps_global.float(), target[:, 0].to(device))
-                    loss_anomaly, loss_defect = anomaly_losses(
-                        eps_anomaly, target[:, 1].to(device), data.defect_cells[indices], cfg.train.defect_loss_weight
-                    )
-                    loss = loss_global + loss_anomaly
+                loss, loss_global, loss_anomaly, loss_defect = batch_losses(ddp_model, data, generator, cfg, base, accelerator)
                 mean_losses = accelerator.reduce(torch.stack([loss_global, loss_anomaly, loss_defect]).detach(), "mean")
                 if not torch.isfinite(mean_losses[:2]).all():  # decided on the mean, so all processes stop together
                     if main:
@@ -383,6 +394,21 @@ def train(
             model.save_trainable(run.adapters)
         accelerator.wait_for_everyone()
     return out
+
+
+def load_checkpoint(run: RunFolder, checkpoint: Path, model: DualAnoDiffModel, optimizer, generator: torch.Generator,
+                    rank: int, processes: int) -> tuple[int, list[dict]]:
+    """Restore the trainable set, optimizer and this process's random state; return the step and loss rows."""
+    model.load_trainable(checkpoint / run.CHECKPOINT_ADAPTERS)
+    optimizer.load_state_dict(torch.load(checkpoint / run.OPTIMIZER, map_location="cpu"))
+    state = torch.load(checkpoint / run.STATE, map_location="cpu")
+    if len(state["generators"]) != processes:
+        raise UserError(
+            f"{checkpoint}: saved by {len(state['generators'])} process(es), resumed with {processes}; "
+            "resume with the same number of processes"
+        )
+    generator.set_state(state["generators"][rank])
+    return state["step"], read_loss_rows(run.loss_csv, state["step"])
 
 
 def _add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
