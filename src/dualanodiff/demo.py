@@ -239,28 +239,13 @@ def pair_figures(defect_dir: Path) -> dict:
 
 def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stages, seconds: float) -> Path:
     """report.md and report.html from the files the stages wrote (nothing here is recomputed)."""
-    from markdown_it import MarkdownIt
-
-    from dualanodiff.evaluation.report import (
-        COLUMNS,
-        bar_chart_png,
-        markdown_table,
-        table_rows,
-    )
+    from dualanodiff.evaluation.report import COLUMNS, markdown_table, table_rows
 
     results = json.loads((out / "evaluation.json").read_text())
     for row in results["generators"]:  # JSON null -> nan for the formatters
         row["metrics"] = {k: math.nan if v is None else v for k, v in row["metrics"].items()}
     category, defect = Path(cfg.data.data).name, cfg.data.defect
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    generated = {name: out / "generated" / name / category / defect for name in variants + list(BASELINES)}
-    for name, folder in generated.items():
-        shutil.copyfile(folder / "contact_sheet.png", figures / f"pairs_{name}.png")
-    shutil.copyfile(RunFolder(out / "runs" / OURS).loss_png, figures / "loss.png")
-    atomic_write_bytes(figures / "metrics.png", bar_chart_png(results))
-    figures_of = {name: pair_figures(generated[name]) for name in variants + list(BASELINES)}
-    atomic_write_bytes(figures / "alignment.png", _histogram_png({name: figures_of[name] for name in (*variants, "crop-paste")}))
+    figures_of = _write_figures(out, category, defect, variants, results)
     ap = {row["name"]: row["metrics"]["pixel_ap"] for row in results["generators"]}
     stats = figures_of[OURS]
 
@@ -322,25 +307,7 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
         "![loss](figures/loss.png)",
         "",
     ]
-    if len(variants) > 1:
-        rows = [
-            [name, f"{figures_of[name]['alignment_mean']:.2f}", f"{figures_of[name]['alignment_median']:.2f}",
-             f"{figures_of[name]['consistency_mean']:.2f}", f"{figures_of[name]['kept']}/{figures_of[name]['dropped']}",
-             f"{100 * ap[name]:.1f}"]
-            for name in variants
-        ]
-        saim_up = figures_of[OURS]["alignment_mean"] > figures_of["no-saim"]["alignment_mean"]
-        lines += [
-            "## Ablation (same seed, steps and sampling)",
-            "",
-            markdown_table(
-                ["variant", "alignment mean", "alignment median", "consistency mean (dB)", "kept/dropped", "pixel AP"], rows
-            ),
-            "",
-            f"SAIM {'raised' if saim_up else 'did not raise'} the mean image-mask alignment on this run "
-            f"({figures_of[OURS]['alignment_mean']:.2f} vs {figures_of['no-saim']['alignment_mean']:.2f} without it).",
-            "",
-        ]
+    lines += _ablation_section(variants, figures_of, ap) if len(variants) > 1 else []
     timing = [[name, f"{value:.0f}"] for name, value in stages.seconds.items()]
     lines += [
         "## Run time",
@@ -350,7 +317,51 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
         f"This invocation: {seconds:.0f} s (finished stages are reused on a re-run).",
         "",
     ]
-    text = "\n".join(lines)
+    return _write_markdown_and_html(out, "\n".join(lines))
+
+
+def _write_figures(out: Path, category: str, defect: str, variants: list[str], results: dict) -> dict[str, dict]:
+    """figures/: contact sheets, loss, metrics and alignment charts; returns each pair set's figures."""
+    from dualanodiff.evaluation.report import bar_chart_png
+
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    generated = {name: out / "generated" / name / category / defect for name in variants + list(BASELINES)}
+    for name, folder in generated.items():
+        shutil.copyfile(folder / "contact_sheet.png", figures / f"pairs_{name}.png")
+    shutil.copyfile(RunFolder(out / "runs" / OURS).loss_png, figures / "loss.png")
+    atomic_write_bytes(figures / "metrics.png", bar_chart_png(results))
+    figures_of = {name: pair_figures(generated[name]) for name in variants + list(BASELINES)}
+    atomic_write_bytes(figures / "alignment.png", _histogram_png({name: figures_of[name] for name in (*variants, "crop-paste")}))
+    return figures_of
+
+
+def _ablation_section(variants: list[str], figures_of: dict[str, dict], ap: dict[str, float]) -> list[str]:
+    """The report's ablation table (alignment, consistency, kept, pixel AP per variant) and its reading."""
+    from dualanodiff.evaluation.report import markdown_table
+
+    rows = [
+        [name, f"{figures_of[name]['alignment_mean']:.2f}", f"{figures_of[name]['alignment_median']:.2f}",
+         f"{figures_of[name]['consistency_mean']:.2f}", f"{figures_of[name]['kept']}/{figures_of[name]['dropped']}",
+         f"{100 * ap[name]:.1f}"]
+        for name in variants
+    ]
+    saim_up = figures_of[OURS]["alignment_mean"] > figures_of["no-saim"]["alignment_mean"]
+    return [
+        "## Ablation (same seed, steps and sampling)",
+        "",
+        markdown_table(["variant", "alignment mean", "alignment median", "consistency mean (dB)", "kept/dropped", "pixel AP"], rows),
+        "",
+        f"SAIM {'raised' if saim_up else 'did not raise'} the mean image-mask alignment on this run "
+        f"({figures_of[OURS]['alignment_mean']:.2f} vs {figures_of['no-saim']['alignment_mean']:.2f} without it).",
+        "",
+    ]
+
+
+def _write_markdown_and_html(out: Path, text: str) -> Path:
+    """report.md and the same rendered as report.html (images by relative path, as in the markdown)."""
+    from markdown_it import MarkdownIt
+
     atomic_write_text(out / "report.md", text)
     body = MarkdownIt("commonmark").enable("table").render(text)
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}img{max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"

@@ -329,14 +329,7 @@ def run_all(
     records: dict[str, dict] = {}
     pending: dict = {}  # Ray object ref -> job
     waiting = {job.category: job for job in jobs if not job.defect}  # evaluations not yet submitted
-    started_ray = not ray.is_initialized()
-    if started_ray and address:
-        ray.init(address=address, log_to_driver=False)
-    elif started_ray:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-            object_store_memory=LOCAL_OBJECT_STORE,
-        )
+    started_ray = _start_ray(address, num_cpus)
     try:
         gpus = job_gpus(gpus_per_job, ray.cluster_resources())
         # Ray retries a job whose worker died; run_job retries one that raised
@@ -404,6 +397,21 @@ def run_all(
             ray.shutdown()
     write_summary(out, jobs, records)
     return jobs, records
+
+
+def _start_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to Ray at `address`, or start a local Ray with `num_cpus`, unless one is connected already;
+    True when this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=LOCAL_OBJECT_STORE)
+    return True
 
 
 def evaluation_job(job: Job, records: dict[str, dict]) -> Job:
