@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dualanodiff.config import Config
 from dualanodiff.demo import DemoHooks, demo_config, pair_figures, run_demo
 from dualanodiff.errors import UserError
 
@@ -46,6 +47,11 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert f"mean {ours['alignment_mean']:.2f}, median {ours['alignment_median']:.2f}" in text
     assert f"{ours['consistency_mean']:.2f} dB" in text
     assert "2 of 2 generation attempts kept (100 %)" in text
+    from dualanodiff.demo import few_shot_reproduction
+
+    reproduction = few_shot_reproduction(out, Config.from_yaml(out / "runs" / "dualanodiff" / "config.yaml"))
+    assert 5 < reproduction["generated"] < 60 and 5 < reproduction["real"] < 60
+    assert f"lie {reproduction['generated']:.1f} dB" in text and f"lie {reproduction['real']:.1f} dB from it" in text
     assert "## Ablation" in text and "| no-saim |" in text and "SAIM " in text
     for figure in ("pairs_dualanodiff", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "alignment"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"

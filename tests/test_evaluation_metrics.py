@@ -163,3 +163,17 @@ def test_aupro_needs_a_region_and_a_normal_pixel():
     maps = np.random.default_rng(0).random((2, 4, 4))
     assert math.isnan(aupro(maps, np.zeros((2, 4, 4), bool)))
     assert math.isnan(aupro(maps, np.ones((2, 4, 4), bool)))
+
+
+def test_nearest_psnr_takes_the_closest_reference_and_matches_skimage():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from dualanodiff.evaluation.metrics import nearest_psnr
+
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    near = np.clip(references[1].astype(int) + rng.integers(-3, 4, (8, 8, 3)), 0, 255).astype(np.uint8)
+    images = np.stack([near, references[2]])
+    values = nearest_psnr(images, references)
+    assert values[0] == pytest.approx(peak_signal_noise_ratio(references[1], near, data_range=255))
+    assert values[1] == pytest.approx(10 * np.log10(255**2 / 1e-10))  # identical: the MSE floor of 1e-10 caps it

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from dualanodiff import pretrain
 from dualanodiff.cli import main
 from dualanodiff.errors import UserError
+from dualanodiff.evaluation.metrics import psnr
 from dualanodiff.model.base import (
     ARCHITECTURES,
     build_tokenizer,
@@ -33,7 +34,6 @@ from dualanodiff.pretrain import (
     latent_scaling_factor,
     measure_base,
     pretrain_base,
-    psnr,
     render_corpus,
     tokenizer_words,
     vae_loss,

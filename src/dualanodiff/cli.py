@@ -320,19 +320,18 @@ def load_config(config: Optional[Path]) -> Config:
     return Config.from_yaml(config) if config else Config()
 
 
-def config_with_recipe(config: Optional[Path], base_model: Optional[str]) -> Config:
-    """The defaults, then the base model's own few-shot recipe (`base_recipe`), then the --config file;
-    the caller's flags go on top with `Config.with_overrides`."""
+def config_with_recipe(config: Optional[Path], base_model: Optional[str]) -> tuple[Config, str]:
+    """The defaults, then the base model's own few-shot recipe (`base_recipe`), then the --config file
+    (the caller's flags go on top with `Config.with_overrides`); and a line saying what the recipe set."""
     from dualanodiff.config import Config, read_yaml
     from dualanodiff.model.base import base_recipe
 
     file = read_yaml(config) if config else {}
     base = base_model or (file.get("model") or {}).get("base_model") or Config().model.base_model
     recipe = base_recipe(base)
-    if recipe:
-        keys = [f"{section}.{name}" for section, values in recipe.items() for name in values]
-        _log(f"base model {base}: its recipe sets {', '.join(keys)} (where --config and flags do not)")
-    return Config.from_layers([(recipe, f"{base} recipe"), (file, str(config))])
+    keys = [f"{section}.{name}" for section, values in recipe.items() for name in values]
+    note = f"base model {base}: its recipe sets {', '.join(keys)} (where --config and flags do not)" if keys else ""
+    return Config.from_layers([(recipe, f"{base} recipe"), (file, str(config))]), note
 
 
 @functools.cache
@@ -384,7 +383,7 @@ def train(
     from dualanodiff.training import train as train_run
 
     saved = RunFolder(out)  # a resumed run keeps its own settings (and length, unless --steps is given)
-    start = saved.load_config() if resume and saved.is_run() else config_with_recipe(config, base_model)
+    start, note = (saved.load_config(), "") if resume and saved.is_run() else config_with_recipe(config, base_model)
     cfg = start.with_overrides({  # re-validated: choices such as --bcm-variant are checked
         ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
         ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,
@@ -400,7 +399,11 @@ def train(
     with progress_bars(enabled=main_process) as bars:
         bar = bars("training")
 
+        notes = [note] if note else []  # said once training has started: every input check has passed
+
         def report(step: int, total: int, losses: dict) -> None:
+            while notes:
+                _log(notes.pop())
             bar(step, total, " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
 
         run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log)
@@ -709,7 +712,7 @@ def run_all_command(
         summary_rows,
     )
 
-    cfg = config_with_recipe(config, base_model).with_overrides(
+    cfg = config_with_recipe(config, base_model)[0].with_overrides(
         {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}
     )
     check_writable(out)

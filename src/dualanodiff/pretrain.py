@@ -68,6 +68,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
+from dualanodiff.evaluation.metrics import psnr
 from dualanodiff.images import batch_to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import (
@@ -243,17 +244,6 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) -> to
         vae.decode(vae.encode(batch_to_model_range(chunk.to(device))).latent_dist.mode()).sample.float()
         for chunk in images.split(batch)
     ])
-
-
-def psnr(reference: np.ndarray, image: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """Per-image PSNR (dB) of uint8 N x H x W x 3 arrays, optionally over the pixels `where` (N x H x W) only."""
-    error = (reference.astype(np.float64) - image.astype(np.float64)) ** 2
-    if where is None:
-        mse = error.mean(axis=(1, 2, 3))
-    else:
-        weight = where[..., None].astype(np.float64)
-        mse = (error * weight).sum(axis=(1, 2, 3)) / np.maximum(weight.sum(axis=(1, 2, 3)) * 3, 1)
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
 
 
 @torch.no_grad()

@@ -14,6 +14,9 @@ averaged over all regions of all images) against the false-positive rate over al
 integrated up to FPR 0.3 and divided by 0.3. The curve is exact (every distinct score a threshold);
 anomalib's ``AUPRO`` resamples the per-region curves onto a grid, so its value can differ slightly.
 
+Few-shot reproduction (`nearest_psnr`): each image's PSNR to the closest of a set of references (the
+few-shot training images), to set generated images beside real unseen ones of the same defect type.
+
 A metric that is undefined is ``nan``: AUROC needs both classes, AP, F1-max and AUPRO need a positive (AUPRO also a normal pixel). So an
 evaluation on normal images only gives ``nan`` for all pixel and image metrics.
 """
@@ -134,3 +137,19 @@ def _ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]
         "ap": float(average_precision_score(labels, scores)) if positives else math.nan,
         "f1max": f1_max(labels, scores),
     }
+
+
+def psnr(reference: np.ndarray, image: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Per-image PSNR (dB) of uint8 N x H x W x 3 arrays, optionally over the pixels `where` (N x H x W) only."""
+    error = (reference.astype(np.float64) - image.astype(np.float64)) ** 2
+    if where is None:
+        mse = error.mean(axis=(1, 2, 3))
+    else:
+        weight = where[..., None].astype(np.float64)
+        mse = (error * weight).sum(axis=(1, 2, 3)) / np.maximum(weight.sum(axis=(1, 2, 3)) * 3, 1)
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def nearest_psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Each image's PSNR (dB) to its closest reference (N x H x W x 3 and M x H x W x 3 uint8, same size)."""
+    return np.array([psnr(references, np.broadcast_to(image, references.shape)).max() for image in images])
