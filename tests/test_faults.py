@@ -285,18 +285,20 @@ def test_a_signal_during_evaluate_writes_nothing_or_every_file(synthetic_root, p
 
 
 def test_sigint_during_pretrain_base_checkpoints_at_a_step_and_resume_gives_the_same_base(tmp_path, run_cli, monkeypatch):
-    """Only tiny runs in a temporary folder (never a real pretraining): the signal lands at a random moment
-    after the VAE's first checkpoint, in the VAE or the UNet stage."""
+    """Only tiny runs in a temporary folder (never a real pretraining): a real SIGINT lands at a random step
+    after the VAE's first checkpoint, in the VAE or the UNet stage (not at the very last step, after which
+    nothing is left to stop). A tiny run can finish faster than any timer, so the step, not a delay, is drawn."""
     args = ["pretrain-base", "--preset", "tiny", "--resolution", "32", "--steps-vae", "4", "--steps-unet", "10",
             "--workers", "1", "--device", "cpu"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     log = cli._log
+    target = random.choice(["VAE step 2/", "VAE step 4/", "UNet step 2/", "UNet step 4/", "UNet step 6/", "UNet step 8/"])
 
     def armed(message: str) -> None:
         log(message)
-        if message.startswith("VAE step 2/"):
-            signal_later(random.uniform(0.0, 1.5))
+        if message.startswith(target):
+            os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(cli, "_log", armed)
     try:
