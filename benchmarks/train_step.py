@@ -13,8 +13,9 @@ noised (as `dualanodiff.training` does after its one-off VAE encoding). Four ste
   layer runs the global and anomaly rows in separate calls in a Python loop and SAIM loops as well. It
   shares the dual model's parameters and is checked to compute the same noise predictions.
 
-``--cuts`` instead compares the dual step with its FLOP-cut variants (issue 17): ``dual_bg_nograd``
-(``model.bcm_background_grad: false``) and ``dual_saim<N>`` (``model.saim_rank: N``), in time and FLOPs.
+``--cuts`` instead compares the full form of the dual step (``dual_full``: ``bcm_background_grad: true``,
+``saim_rank: 0``) with it plus one FLOP cut (issue 17): ``dual_bg_nograd`` (``model.bcm_background_grad:
+false``, the default) and ``dual_saim<N>`` (``model.saim_rank: N``), in time and FLOPs.
 
 Times are measured in one process, interleaved (one step of each variant per round, rotating the order),
 after warm-up; the ratios are medians of per-round ratios. Peak memory is what each variant adds while it
@@ -55,7 +56,8 @@ from dualanodiff.model.base import BaseModel
 from dualanodiff.model.dual import DualAnoDiffModel
 
 VARIANTS = ("dual", "dual_no_bcm", "plain", "official")
-CUTS = ("dual_bg_nograd", "dual_saim64", "dual_saim128")  # the dual step with one FLOP cut; dual_saim<N>: any rank
+FULL = "dual_full"  # the dual step with no FLOP cut (the paper's form): what the cuts are measured against
+CUTS = ("dual_bg_nograd", "dual_saim64", "dual_saim128")  # the full form with one FLOP cut; dual_saim<N>: any rank
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -151,7 +153,8 @@ def official_style(model: DualAnoDiffModel) -> Callable:
         text = model.prompt_embeddings(pairs[0])
         unet = model.unet
         if background_latents is not None:  # the separate background pass; only its stored states are used
-            unet(background_latents, timesteps, encoder_hidden_states=text["global"]).sample
+            with torch.set_grad_enabled(torch.is_grad_enabled() and model.cfg.bcm_background_grad):
+                unet(background_latents, timesteps, encoder_hidden_states=text["global"]).sample
         sample = torch.cat([global_latents, anomaly_latents])
         states = torch.cat([text["global"], text["anomaly"]])
         out = unet(sample, timesteps.repeat(2), encoder_hidden_states=states).sample
@@ -164,14 +167,17 @@ def official_style(model: DualAnoDiffModel) -> Callable:
 
 
 def variant_config(name: str) -> ModelConfig:
-    """The model options of a dual-model variant: the defaults (``dual``, ``official``), ``dual_no_bcm``,
-    ``dual_bg_nograd`` or ``dual_saim<rank>``."""
+    """The model options of a dual-model variant: the defaults (``dual``, ``official``), ``dual_no_bcm``, the
+    full form ``dual_full`` (no FLOP cut), or the full form with one cut: ``dual_bg_nograd``, ``dual_saim<rank>``."""
+    full = ModelConfig(bcm_background_grad=True, saim_rank=0)
     if name == "dual_no_bcm":
         return ModelConfig(bcm=False)
+    if name == FULL:
+        return full
     if name == "dual_bg_nograd":
-        return ModelConfig(bcm_background_grad=False)
+        return dataclasses.replace(full, bcm_background_grad=False)
     if name.startswith("dual_saim"):
-        return ModelConfig(saim_rank=int(name.removeprefix("dual_saim")))
+        return dataclasses.replace(full, saim_rank=int(name.removeprefix("dual_saim")))
     if name in ("dual", "official"):
         return ModelConfig()
     raise ValueError(f"unknown variant {name!r}")
@@ -418,10 +424,10 @@ def measure_cuts(
     args: argparse.Namespace, device: torch.device, base: BaseModel | None = None, deadline: float = math.inf,
     flops: bool = True,
 ) -> dict:
-    """The dual step against each FLOP cut: FLOPs (meta device) unless `flops` is false, and, unless
+    """The full form against each FLOP cut: FLOPs (meta device) unless `flops` is false, and, unless
     ``args.flops``, peak memory and interleaved step times on `device`."""
     cuts = tuple(args.cuts.split(","))
-    names = ("dual", *cuts)
+    names = (FULL, *cuts)
     for name in cuts:
         variant_config(name)  # an unknown name fails before anything is built
     result = {"date": environment(device)["date"], "config": args.config, "batch_size": args.batch_size, "cuts": cuts}
@@ -441,7 +447,7 @@ def measure_cuts(
         "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
         "repeats": min(map(len, times.values()), default=0),
         "seconds_per_step": {name: median_or_nan(times.get(name, [])) for name in names},
-        "time_ratios": {name: median_ratio(times, name, "dual") for name in cuts},
+        "time_ratios": {name: median_ratio(times, name, FULL) for name in cuts},
         "peak_memory_mib": peak,
     }
 
@@ -454,11 +460,11 @@ def cut_rows(result: dict) -> list[list[str]]:
     for cut in result["cuts"]:
         if timed_:
             s, m = result["seconds_per_step"], result["peak_memory_mib"]
-            measured = [result["device"], result["torch"], _setting(result), cut, f"{s['dual']:.3f}", f"{s[cut]:.3f}",
-                        f"{result['time_ratios'][cut]:.2f}", f"{m['dual']:.0f}", f"{m[cut]:.0f}"]
+            measured = [result["device"], result["torch"], _setting(result), cut, f"{s[FULL]:.3f}", f"{s[cut]:.3f}",
+                        f"{result['time_ratios'][cut]:.2f}", f"{m[FULL]:.0f}", f"{m[cut]:.0f}"]
         else:
             measured = ["– (FLOPs only)", "–", f"{result['config']} b{result['batch_size']}", cut, "–", "–", "–", "–", "–"]
-        counted = [f"{flops['dual']:.3g}", f"{flops[cut]:.3g}", f"{flops[cut] / flops['dual']:.2f}"] if flops else ["–"] * 3
+        counted = [f"{flops[FULL]:.3g}", f"{flops[cut]:.3g}", f"{flops[cut] / flops[FULL]:.2f}"] if flops else ["–"] * 3
         rows.append([result["date"], *measured, *counted, str(result.get("repeats", "–"))])
     return rows
 

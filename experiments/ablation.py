@@ -31,6 +31,7 @@ LANDED = {
     "train.lr": 1e-4,
     "train.noise": "independent",
     "generate.initial_noise": "independent",
+    "model.bcm_background_grad": True,  # end to end unless a variant says otherwise (false: default since issue 17)
 }
 CANDIDATE = LANDED | {
     "model.saim_init": "zero",

@@ -88,9 +88,10 @@ class ModelConfig:
     saim_direction: Literal["both", "to_anomaly"] = "to_anomaly"
     bcm: bool = True
     bcm_variant: Literal["paper", "official"] = "paper"  # paper: h + g*MLP(b); official: (1-g)h + g*MLP(b)
-    # false: BCM's background rows run without autograd in a separate UNet call before the pairs (the BCM MLP and
-    # gamma still train on their detached states; the LoRA no longer learns through them): fewer FLOPs per step
-    bcm_background_grad: bool = True
+    # false (ours): BCM's background rows run without autograd in a separate UNet call before the pairs (the BCM
+    # MLP and gamma still train on their detached states; the LoRA no longer learns through them): -16 % FLOPs per
+    # SD-1.5 step, quality within the ablation's noise (experiments/ABLATION.md); true: end to end, as the paper
+    bcm_background_grad: bool = False
     gamma_init: float = 0.1
     bcm_hidden: Size = 0  # MLP width; 0 means the layer's own width
 
