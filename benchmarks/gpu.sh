@@ -41,22 +41,17 @@ mkdir -p "$OUT" "$WORK"
 LOG="$OUT/log.txt"
 : >"$LOG"
 rm -f "$OUT/rows.jsonl" "$OUT/rows.md"
+source "$REPO/scripts/wheels.sh"
 say() { echo "[gpu.sh $(($(date +%s) - START)) s] $*" | tee -a "$LOG"; }
 
 flags=()
 if [ "$dry" = 1 ]; then
   flags=(--dry-run)
   say "dry run: test size on the CPU, installed packages"
-elif compgen -G "$WHEELS/*.whl" >/dev/null; then
-  say "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "$WHEELS"/*.whl 2>&1 | tee -a "$LOG"
-  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  use_wheels "" "$WORK"
 else
-  say "no wheels in $WHEELS: using the installed packages"
+  use_wheels "$WHEELS" "$WORK"
 fi
-export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 if ! "$PYTHON" - "$dry" <<'EOF' 2>&1 | tee -a "$LOG"; then
 import sys, torch, diffusers, transformers, peft

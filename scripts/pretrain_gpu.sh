@@ -67,19 +67,12 @@ fi
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/log.txt"
 : >"$LOG"
+source "$REPO/scripts/wheels.sh"
 say() { echo "[pretrain_gpu $(($(date +%s) - START)) s] $*" | tee -a "$LOG"; }
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  say "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "$WHEELS"/*.whl 2>&1 | tee -a "$LOG"
-  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-  say "no wheels in $WHEELS: using the installed packages"
-fi
-export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+use_wheels "$WHEELS" "$WORK"
 # NVML for "is there a GPU?": no CUDA context before the data's worker processes are forked
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTORCH_NVML_BASED_CUDA_CHECK=1
+export PYTHONUNBUFFERED=1 PYTORCH_NVML_BASED_CUDA_CHECK=1
 
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, diffusers, transformers, dualanodiff.pretrain

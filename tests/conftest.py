@@ -12,6 +12,17 @@ torch.set_num_threads(2)
 SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut-photos"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one thread is as
+    fast, and immune to OpenMP stalls, where two spinning threads make each step many times slower on a
+    busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """Root of a small synthetic dataset (64 px, 6 images per defect type, 6 good images)."""

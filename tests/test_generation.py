@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -17,13 +16,7 @@ from dualanodiff.generation import generate, generate_config
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

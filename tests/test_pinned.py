@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dualanodiff.config import GenerateConfig
 from dualanodiff.data import load_image, load_mask
@@ -24,12 +23,7 @@ PINNED = Path(__file__).parent / "pinned"
 RECORD = os.environ.get("DUALANODIFF_PIN") == "1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_losses_and_generated_pairs_are_unchanged(tiny_run, tmp_path):

@@ -19,13 +19,7 @@ from dualanodiff.masks import part_to_mask
 from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

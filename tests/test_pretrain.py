@@ -44,14 +44,7 @@ TINY = PRESETS["tiny"].options
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two spinning OpenMP threads make
-    each step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out, steps_vae=3, steps_unet=4, options=TINY, **kwargs):
