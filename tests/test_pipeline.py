@@ -129,9 +129,10 @@ def test_shared_initial_noise_starts_both_rows_from_one_draw():
 
 
 def test_from_pretrained_then_load_adapters_is_from_run(tiny_run, pipe):
-    loaded = DualAnoDiffPipeline.from_pretrained(
-        "tiny-random", ModelConfig(rank=4, alpha=4.0, text_rank=4), device="cpu", resolution=32,
+    loaded = DualAnoDiffPipeline.from_pretrained(  # the run's prompts are taken over
+        "tiny-random", ModelConfig(rank=4, alpha=4.0, text_rank=4, global_prompt="other"), device="cpu", resolution=32,
     ).load_adapters(tiny_run)
+    assert loaded.model.cfg.global_prompt == pipe.model.cfg.global_prompt
     assert loaded.config == pipe.config and loaded.background_names == pipe.background_names
     for p in (loaded, pipe):
         using(p, "ddim")

@@ -132,14 +132,15 @@ class DualAnoDiffPipeline:
         self.latent_size = resolution // model.base.vae_scale_factor
         self.latent_channels = model.unet.config.in_channels
         self.scaling = model.vae.config.scaling_factor
-        with torch.inference_mode():
-            self.text = {
-                "uncond": model.prompt_embeddings(1, unconditional=True),
-                "cond": model.prompt_embeddings(1),
-            }
-        tokens = model.base.tokenizer(model.cfg.anomaly_prompt, truncation=True).input_ids
-        self.prompt_tokens = list(range(1, len(tokens) - 1)) or [0]  # the anomaly prompt's words, no BOS/EOS
+        self.encode_prompts()
         self.set_backgrounds(backgrounds, background_names)
+
+    def encode_prompts(self) -> None:
+        """Both branches' prompt embeddings (conditional and empty) and the anomaly prompt's token positions."""
+        with torch.inference_mode():
+            self.text = {"uncond": self.model.prompt_embeddings(1, unconditional=True), "cond": self.model.prompt_embeddings(1)}
+        tokens = self.model.base.tokenizer(self.model.cfg.anomaly_prompt, truncation=True).input_ids
+        self.prompt_tokens = list(range(1, len(tokens) - 1)) or [0]  # the anomaly prompt's words, no BOS/EOS
 
     @classmethod
     def from_pretrained(
@@ -170,18 +171,20 @@ class DualAnoDiffPipeline:
         return cls(model, backgrounds, resolution, device, dtype)
 
     def load_adapters(self, run: Path | str) -> DualAnoDiffPipeline:
-        """Load a training run's adapters, its few-shot backgrounds (BCM) and its saved generate settings."""
+        """Load a training run's adapters, prompts, few-shot backgrounds (BCM) and saved generate settings.
+        The run's model must have this pipeline's shape (rank, SAIM, BCM, ...); its prompts are taken over."""
         run = RunFolder(run)
         cfg = run.load_config()
-        if cfg.model != replace(self.model.cfg, base_model=cfg.model.base_model):
+        taken = {name: getattr(cfg.model, name) for name in ("base_model", "global_prompt", "anomaly_prompt")}
+        if cfg.model != replace(self.model.cfg, **taken):
             raise UserError(f"{run.root}: its model settings differ from this pipeline's; load it with "
                             f"from_run({str(run.root)!r})")
+        self.model.cfg = replace(self.model.cfg, **taken)
         self.model.load_trainable(run.adapters)
         self.model.to(self.device, self.dtype)
         self.config = cfg.generate
         self.scheduler = make_scheduler(cfg.generate.scheduler, self.model.base.scheduler.config)
-        with torch.inference_mode():
-            self.text = {"uncond": self.model.prompt_embeddings(1, unconditional=True), "cond": self.model.prompt_embeddings(1)}
+        self.encode_prompts()
         paths = run.background_paths()
         self.set_backgrounds([load_image(p) for p in paths], [p.stem for p in paths])
         return self
