@@ -140,8 +140,8 @@ def generate(
             progress(kept, cfg.num)
         if kept < cfg.num and attempt < cap:
             pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
-            pipe.config, pipe.u2net_weights = cfg, u2net_weights
-            pipe.scheduler = make_scheduler(cfg.scheduler, pipe.model.base.scheduler.config)
+            pipe.use_config(cfg)
+            pipe.u2net_weights = u2net_weights
             kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
             inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
             while kept < cfg.num and attempt < cap:

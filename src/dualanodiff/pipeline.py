@@ -126,14 +126,19 @@ class DualAnoDiffPipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(self.device, self.dtype).eval()
         self.resolution = resolution
-        self.config = config or GenerateConfig()
-        self.scheduler = make_scheduler(self.config.scheduler, model.base.scheduler.config)
+        self.use_config(config or GenerateConfig())
         self.u2net_weights = ""  # a TorchScript U²-Net file, for config.mask_method "u2net"
         self.latent_size = resolution // model.base.vae_scale_factor
         self.latent_channels = model.unet.config.in_channels
         self.scaling = model.vae.config.scaling_factor
         self.encode_prompts()
         self.set_backgrounds(backgrounds, background_names)
+
+    def use_config(self, config: GenerateConfig) -> None:
+        """Sampling and mask defaults from `config`, and a fresh scheduler of its ``scheduler`` (swap
+        ``pipe.scheduler`` afterwards for another)."""
+        self.config = config
+        self.scheduler = make_scheduler(config.scheduler, self.model.base.scheduler.config)
 
     def encode_prompts(self) -> None:
         """Both branches' prompt embeddings (conditional and empty) and the anomaly prompt's token positions."""
@@ -182,8 +187,7 @@ class DualAnoDiffPipeline:
         self.model.cfg = replace(self.model.cfg, **taken)
         self.model.load_trainable(run.adapters)
         self.model.to(self.device, self.dtype)
-        self.config = cfg.generate
-        self.scheduler = make_scheduler(cfg.generate.scheduler, self.model.base.scheduler.config)
+        self.use_config(cfg.generate)
         self.encode_prompts()
         paths = run.background_paths()
         self.set_backgrounds([load_image(p) for p in paths], [p.stem for p in paths])
