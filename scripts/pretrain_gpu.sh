@@ -11,18 +11,20 @@
 # a private folder that goes first on PYTHONPATH. Without wheels the installed packages are used.
 #
 # Environment: OUT (results, default ./pretrain_out), BUDGET (seconds for the whole script, default 540),
-# RESERVE (seconds kept for measuring, samples, export and packing; default 75), PYTHON (default python3),
-# WHEELS (default .whl), WORK (scratch, default /tmp/dualanodiff-pretrain).
+# RESERVE (seconds kept for measuring, samples, export and packing; default 75), PRESET (gpu or gpu-small,
+# default gpu), NAME (the results' file names, default PRESET), SKIP_BEFORE=1 (do not measure the shipped
+# base, when a run beside this one does), WORKERS (data processes, default all cores), PYTHON (default
+# python3), WHEELS (default .whl; empty: the installed packages), WORK (scratch, default /tmp/dualanodiff-pretrain).
 #
-# $OUT receives at most 8 files of at most 16 MiB each (what the device tool brings back):
-#   base.tar.part-aa, -ab, ...  the diffusers directory tiny-base/ as a tar, split in 15 MiB parts
-#                               (cat base.tar.part-* | tar -x -C DIR gives DIR/tiny-base, the package's layout)
-#   training.json               settings, data, steps, device, wall time, losses and held-out figures
-#   samples.png                 a row per family (normal and defect prompts), the held-out category, parts
-#   reconstructions.png         VAE reconstructions: held-out images, the held-out category, flat grey
-#   before.json                 the same held-out figures of the base shipped in the package now (--base-model
+# $OUT receives two kinds of file, each at most 16 MiB (the device tool brings back at most 8 files):
+#   NAME.tar.part-aa, -ab, ...  a tar in 15 MiB parts (cat NAME.tar.part-* | tar -x -C DIR) holding
+#     tiny-base/                the diffusers directory, the package's layout, with
+#       training.json           settings, data, steps, device, wall time, losses and held-out figures
+#       samples.png             a row per family (normal and defect prompts), the held-out category, parts
+#       reconstructions.png     VAE reconstructions: held-out images, the held-out category, flat grey
+#     before.json               the same held-out figures of the base shipped in the package now (--base-model
 #                               tiny), measured on the same images: the "before" beside training.json's "after"
-#   log.txt                     everything printed
+#   NAME.log                    everything printed
 set -euo pipefail
 
 START=$(date +%s)
@@ -31,8 +33,10 @@ OUT=${OUT:-$PWD/pretrain_out}
 BUDGET=${BUDGET:-540}
 RESERVE=${RESERVE:-75}
 PYTHON=${PYTHON:-python3}
-WHEELS=${WHEELS:-$REPO/.whl}
 WORK=${WORK:-/tmp/dualanodiff-pretrain}
+PRESET=${PRESET:-gpu}
+NAME=${NAME:-$PRESET}
+WHEELS=${WHEELS-$REPO/.whl}
 
 # The project's pins (pyproject.toml / the tested environment) of everything the pretraining imports
 # beyond PyTorch and its own dependencies, numpy, scipy and pillow.
@@ -65,7 +69,7 @@ if [ "$mode" = fetch ]; then
 fi
 
 mkdir -p "$OUT" "$WORK"
-LOG="$OUT/log.txt"
+LOG="$OUT/$NAME.log"
 : >"$LOG"
 source "$REPO/scripts/wheels.sh"
 say() { echo "[pretrain_gpu $(($(date +%s) - START)) s] $*" | tee -a "$LOG"; }
@@ -89,11 +93,13 @@ else
     say "no CUDA GPU visible: refusing to run the gpu preset here (use --tiny to test the path on a CPU)"
     exit 1
   fi
-  preset=gpu resolution=128 device=cuda workers=$(nproc)
+  preset=$PRESET resolution=128 device=cuda workers=${WORKERS:-$(nproc)}
 fi
 # The shipped base's figures first (seconds on a GPU), on the held-out images the new run will measure.
 # Not fatal: the pretraining matters more than the comparison.
-"$PYTHON" - "$preset" "$resolution" "$device" "$workers" "$OUT/before.json" <<'EOF' 2>&1 | tee -a "$LOG" ||
+rm -rf "$WORK/tiny-base" "$WORK/before.json"
+[ "${SKIP_BEFORE:-0}" = 1 ] ||
+"$PYTHON" - "$preset" "$resolution" "$device" "$workers" "$WORK/before.json" <<'EOF' 2>&1 | tee -a "$LOG" ||
 import json, sys
 from pathlib import Path
 from dualanodiff.pretrain import PRESETS, measure_base
@@ -110,14 +116,12 @@ if [ "$left" -lt 10 ]; then
   exit 1
 fi
 say "training for at most $left s (budget $BUDGET s, $RESERVE s kept for measuring, export and packing)"
-rm -rf "$WORK/tiny-base"
 "$PYTHON" -m dualanodiff pretrain-base --out "$WORK/tiny-base" --time-budget "$left" "${args[@]}" 2>&1 | tee -a "$LOG"
 
-# Pack the package's layout (no checkpoint, no sheets) into parts the device tool brings back.
-rm -f "$OUT"/base.tar.part-*
-tar -C "$WORK" --exclude=checkpoint --exclude='*.png' -cf - tiny-base | split -b 15M - "$OUT/base.tar.part-"
-cp "$WORK/tiny-base/training.json" "$WORK/tiny-base/samples.png" "$WORK/tiny-base/reconstructions.png" "$OUT/"
+# Pack the run (no checkpoint) into parts the device tool brings back.
+rm -f "$OUT/$NAME".tar.part-*
+(cd "$WORK" && ls before.json 2>/dev/null || true) | tar -C "$WORK" --exclude=checkpoint -cf - tiny-base -T - |
+  split -b 15M - "$OUT/$NAME.tar.part-"
 say "weights: $(du -b "$WORK"/tiny-base/*/*.safetensors | awk '{s+=$1} END {printf "%.1f MiB", s/1048576}') in" \
   "$(ls "$WORK"/tiny-base/*/*.safetensors | wc -l) files; largest $(du -b "$WORK"/tiny-base/*/*.safetensors | sort -n | tail -1 | awk '{printf "%.1f MiB", $1/1048576}')"
-[ "$(ls "$OUT" | wc -l)" -le 8 ] || say "WARNING: more than 8 files in $OUT: the device tool brings back only 8"
-say "done: $(ls "$OUT" | wc -l) files in $OUT ($(du -sh "$OUT" | cut -f1)); unpack with: cat base.tar.part-* | tar -x -C DIR"
+say "done: $(ls "$OUT/$NAME".* | wc -l) files in $OUT; unpack with: cat $NAME.tar.part-* | tar -x -C DIR"

@@ -639,7 +639,8 @@ def demo(
 @app.command("pretrain-base")
 def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
-    preset: str = typer.Option("auto", "--preset", help="gpu, cpu, v1 (the earlier base's sizes) or tiny; auto: "
+    preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, cpu, warm, v1 (the earlier base's sizes) or "
+                               "tiny; auto: "
                                "gpu when a CUDA GPU is visible, else cpu."),
     steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
     steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),

@@ -141,14 +141,19 @@ class Preset:
     about: str
 
 
+_GPU = PretrainOptions(
+    train_images=24000, heldout_images=256, vae_batch=32, vae_lr=1e-3, unet_batch=128, unet_lr=4e-4, warmup=500,
+    ema_decay=0.9995, checkpoint_every=0, log_every=500, samples_per_prompt=4,
+)
 PRESETS: dict[str, Preset] = {
     "gpu": Preset(
-        PretrainOptions(
-            train_images=24000, heldout_images=256, vae_batch=32, vae_lr=1e-3, unet_batch=128, unet_lr=4e-4,
-            warmup=500, ema_decay=0.9995, checkpoint_every=0, log_every=500, samples_per_prompt=4,
-        ),
-        steps_vae=8000, steps_unet=40000,
+        _GPU, steps_vae=8000, steps_unet=40000,
         about="the v2 architecture at batch 128 on one GPU (bf16); with --time-budget the steps are maxima",
+    ),
+    "gpu-small": Preset(
+        dataclasses.replace(_GPU, architecture=ARCHITECTURES["v2-small"]), steps_vae=8000, steps_unet=40000,
+        about="the v2-small architecture (v2-cpu's UNet, v2's VAE) at batch 128 on one GPU: a base whose few-shot "
+              "training stays CPU-cheap",
     ),
     "cpu": Preset(PretrainOptions(architecture=ARCHITECTURES["v2-cpu"], train_images=6000), steps_vae=2400,
                   steps_unet=8000, about="the v2-cpu architecture (attention at every level, v1's width) at batch 12 "

@@ -217,6 +217,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "v2-cpu": Architecture(
         unet_channels=(32, 64, 128), attention_levels=(0, 1, 2), head_dim=16, text_length=24, vocabulary="world",
     ),
+    # v2-cpu's UNet (CPU-cheap few-shot training) with v2's wider VAE, which has to draw small dark defects and
+    # flat grey faithfully; for pretraining on a GPU (preset gpu-small)
+    "v2-small": Architecture(
+        unet_channels=(32, 64, 128), attention_levels=(0, 1, 2), head_dim=16, vae_channels=(64, 128, 128),
+        text_length=24, vocabulary="world",
+    ),
     # v1 with cross-attention at the full latent level too, for warm starts from a v1 base (`init_from`): every
     # v1 weight keeps its shape and its heads, the new blocks are added around it
     "v1-attn": Architecture(attention_levels=(0, 1, 2)),
