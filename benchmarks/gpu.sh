@@ -15,7 +15,8 @@
 # of its own under `timeout`; a part stopped at its cap keeps the rows it wrote.
 #
 # Environment: OUT (default ./gpu_bench_out), BUDGET (seconds, default 480), TRAIN_CAP (default 190),
-# GENERATE_CAP (default 115; compile gets what is left), PYTHON (default python3), WHEELS (default .whl),
+# GENERATE_CAP (default 115; compile gets what is left), TRAIN_GROUPS (the train part's groups, in order),
+# PYTHON (default python3), WHEELS (default .whl),
 # WORK (scratch, default /tmp/dualanodiff-gpu-bench), TINY=1 (the same as --dry-run).
 # $OUT receives rows.md, rows.jsonl and log.txt.
 set -euo pipefail
@@ -25,6 +26,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$PWD/gpu_bench_out}
 BUDGET=${BUDGET:-480}
 TRAIN_CAP=${TRAIN_CAP:-190}
+TRAIN_GROUPS=${TRAIN_GROUPS:-steps,steps with checkpointing,cuts,cuts with checkpointing}
 GENERATE_CAP=${GENERATE_CAP:-115}
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$REPO/.whl}
@@ -71,7 +73,7 @@ run_part() {  # part, cap in seconds: the part stops measuring 20 s before its c
     return
   fi
   say "$part: at most $cap s"
-  timeout -k 10 "$cap" "$PYTHON" "$REPO/benchmarks/gpu_bench.py" --part "$part" --out "$OUT" \
+  timeout -k 10 "$cap" "$PYTHON" "$REPO/benchmarks/gpu_bench.py" --part "$part" --out "$OUT" --train-groups "$TRAIN_GROUPS" \
     --deadline "$(($(date +%s) + cap - 20))" ${flags[@]+"${flags[@]}"} 2>&1 | tee -a "$LOG" || status=$?
   [ "$status" = 0 ] || say "$part: ended with status $status (124: stopped at its cap); the rows it wrote are kept"
 }

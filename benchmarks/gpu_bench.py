@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -112,14 +113,17 @@ class Clock:
         return self.left() > seconds
 
 
-def train_part(settings: Settings, rows: Rows, clock: Clock) -> None:
-    """The four steps, then the FLOP cuts, each without and with gradient checkpointing, while time is left."""
+TRAIN_GROUPS = ("steps", "steps with checkpointing", "cuts", "cuts with checkpointing")
+
+
+def train_part(settings: Settings, rows: Rows, clock: Clock, groups: tuple[str, ...] = TRAIN_GROUPS) -> None:
+    """The four steps, then the FLOP cuts, each without and with gradient checkpointing, while time is left;
+    `groups` (of TRAIN_GROUPS) picks some, in that order: what an earlier run left unmeasured."""
     device = resolve_device(settings.device)
     base = build_base(settings.config)
-    groups = [("steps", False), ("steps", True), ("cuts", False), ("cuts", True)]
     last = 0.0  # seconds the previous group took: the estimate for the next
-    for kind, checkpointing in groups:
-        label = f"{kind}{' with checkpointing' if checkpointing else ''}"
+    for label in groups:
+        kind, checkpointing = label.split()[0], label.endswith("checkpointing")
         if not clock.fits(last):
             rows.note(f"train: {label} skipped, {clock.left():.0f} s left of the cap (the last group took {last:.0f} s)")
             continue
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=PARTS)
     parser.add_argument("--out", type=Path, help="folder of rows.jsonl and rows.md")
     parser.add_argument("--deadline", type=float, default=math.inf, help="stop measuring at this Unix time")
+    parser.add_argument("--train-groups", default=",".join(TRAIN_GROUPS),
+                        help=f"the train part's groups, comma-separated, in order (default: {','.join(TRAIN_GROUPS)})")
     parser.add_argument("--dry-run", action="store_true", help="the test size on the CPU, seconds per part")
     parser.add_argument("--record", type=Path, help="append the rows of this rows.jsonl to RESULTS.md and exit")
     args = parser.parse_args(argv)
@@ -226,11 +232,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.part and args.out):
         parser.error("--part and --out are needed (or --record)")
+    groups = tuple(group.strip() for group in args.train_groups.split(",") if group.strip())
+    if unknown := set(groups) - set(TRAIN_GROUPS):
+        parser.error(f"--train-groups: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRAIN_GROUPS)}")
     settings = DRY_RUN if args.dry_run else GPU
     device = resolve_device(settings.device)
     limit_threads(device, 0)
     rows = Rows(args.out)
-    part = {"train": train_part, "generate": generate_part, "compile": compile_part}[args.part]
+    part = {"train": functools.partial(train_part, groups=groups), "generate": generate_part,
+            "compile": compile_part}[args.part]
     try:
         part(settings, rows, Clock(args.deadline))
     except Exception as exc:  # a part's failure is a finding to report, not the end of the run
