@@ -206,6 +206,25 @@ def test_filter_verdict_gives_each_verdict_in_order():
     assert filter_verdict(mask, foreground, min_on_object=0.5) == "off_object"
     assert filter_verdict(mask, foreground, min_on_object=0.4) == "kept"
     assert filter_verdict(mask, None) == "kept"  # textures: no foreground check
+    assert filter_verdict(mask, np.zeros((10, 10), bool), min_on_object=0.0) == "no_object"
+
+
+def test_a_generated_object_image_without_an_object_has_an_empty_region():
+    """The foreground heuristic's whole-image fallback suits BCM's training masks, not the filter: a plain
+    grey image of an object category has nowhere for a defect to be, so its pairs are dropped."""
+    from dualanodiff.generation import object_region
+    from dualanodiff.masks import foreground_mask
+
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    assert foreground_mask(grey, "object").all()
+    region = object_region(grey, "object")
+    assert region.shape == (64, 64) and not region.any()
+    mask = np.zeros((64, 64), bool)
+    mask[30:34, 30:34] = True
+    assert filter_verdict(mask, region) == "no_object"
+    nut = grey.copy()
+    nut[16:48, 16:48] = (120, 80, 40)
+    assert object_region(nut, "object")[20:44, 20:44].all() and filter_verdict(mask, object_region(nut, "object")) == "kept"
 
 
 def test_filter_verdict_rejects_a_foreground_of_another_shape():

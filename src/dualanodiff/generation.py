@@ -62,13 +62,13 @@ BORDER_SHARE = 0.03  # of the image side: the frame where an object's defect is 
 def object_region(image: np.ndarray, kind: str, u2net_weights: str = "") -> np.ndarray | None:
     """Where an object's defect may lie: its foreground mask without a thin frame along the image border.
 
-    Decoded part images sometimes carry a faint frame that thresholds into a border-hugging mask; when
-    the foreground heuristic also falls back to the whole image, only the frame rule catches it.
-    Textures: None (anywhere).
+    Decoded part images sometimes carry a faint frame that thresholds into a border-hugging mask, which
+    the frame rule rejects. An image in which no object stands out gets an empty region (its pairs are
+    dropped as "no_object"), not the whole image. Textures: None (anywhere).
     """
     if kind == "texture":
         return None
-    region = foreground_mask(image, kind, u2net_weights or None).copy()
+    region = foreground_mask(image, kind, u2net_weights or None, whole_if_none=False).copy()
     band = max(1, round(BORDER_SHARE * min(region.shape)))
     region[:band], region[-band:], region[:, :band], region[:, -band:] = False, False, False, False
     return region

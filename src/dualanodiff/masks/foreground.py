@@ -57,7 +57,7 @@ def has_plain_border(image: np.ndarray) -> bool:
 
 
 def foreground_mask(
-    image: np.ndarray, kind: str = "auto", u2net_weights: str | Path | None = None
+    image: np.ndarray, kind: str = "auto", u2net_weights: str | Path | None = None, whole_if_none: bool = True
 ) -> np.ndarray:
     """The object's foreground mask M_f (HxW bool) for background compensation.
 
@@ -66,7 +66,8 @@ def foreground_mask(
     colour distance, with the border's own spread as a floor) are closed, hole-filled, opened, and the
     largest components are kept. ``"auto"`` picks by how uniform the border is. With `u2net_weights`
     (a local TorchScript U^2-Net) objects are segmented by its saliency map instead. If nothing stands
-    out from the background the whole image is returned, so that no defect is judged off the object.
+    out from the background the whole image is returned, so that no defect is judged off the object
+    (``whole_if_none=False``: an empty mask, for judging generated images that may have lost the object).
     """
     if kind not in ("auto", "object", "texture"):
         raise UserError(f"foreground {kind!r}: must be 'auto', 'object' or 'texture'")
@@ -82,7 +83,7 @@ def foreground_mask(
         mask = _largest_components(ndimage.binary_fill_holes(u2net_saliency(image, u2net_weights) > 0.5))
     else:
         mask = _plain_background_mask(image)
-    return mask if mask.any() else np.ones((h, w), bool)
+    return mask if mask.any() or not whole_if_none else np.ones((h, w), bool)
 
 
 def _disk(radius: int) -> np.ndarray:

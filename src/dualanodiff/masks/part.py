@@ -109,9 +109,9 @@ def filter_verdict(
 ) -> str:
     """Quality-filter verdict for a generated mask, checked in this order.
 
-    ``"empty"``: no pixel; ``"too_large"``: more than ``max_area`` of the image; ``"off_object"``: a
-    foreground mask is given and less than ``min_on_object`` of the mask's pixels lie on it;
-    else ``"kept"``.
+    ``"empty"``: no pixel; ``"too_large"``: more than ``max_area`` of the image; ``"no_object"``: a
+    foreground mask is given and it is empty (the generated image lost its object); ``"off_object"``: less
+    than ``min_on_object`` of the mask's pixels lie on the foreground; else ``"kept"``.
     """
     mask = np.asarray(mask, dtype=bool)
     area = int(mask.sum())
@@ -123,6 +123,8 @@ def filter_verdict(
         foreground = np.asarray(foreground, dtype=bool)
         if foreground.shape != mask.shape:
             raise ValueError(f"foreground shape {foreground.shape} differs from mask shape {mask.shape}")
+        if not foreground.any():
+            return "no_object"
         if (mask & foreground).sum() / area < min_on_object:
             return "off_object"
     return "kept"
