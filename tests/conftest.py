@@ -56,6 +56,32 @@ def hazelnut_photos() -> Path:
     return SHARED_PHOTOS
 
 
+class RecordedBars:
+    """A `dualanodiff.progress.Bars` factory that keeps what each bar was told: ``updates["VAE"]`` is the
+    list of (done, total) it was called with, ``totals["VAE"]`` the total it was made with, ``notes["VAE"]``
+    its notes."""
+
+    def __init__(self):
+        self.totals: dict[str, int | None] = {}
+        self.updates: dict[str, list[tuple[int, int | None]]] = {}
+        self.notes: dict[str, list[str]] = {}
+
+    def __call__(self, label: str, total: int | None = None):
+        self.totals[label] = total
+        updates, notes = self.updates.setdefault(label, []), self.notes.setdefault(label, [])
+
+        def bar(done: int, total: int | None = None, note: str = "") -> None:
+            updates.append((done, total))
+            notes.append(note)
+
+        return bar
+
+
+@pytest.fixture
+def recorded_bars() -> RecordedBars:
+    return RecordedBars()
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the command line in-process: ``code, out, err = run_cli("info", path)``."""

@@ -1,15 +1,15 @@
-"""The command line's progress display: plain lines outside a terminal, one per tenth of the work or
-every few seconds. The failure contract (one-line errors, exit codes, signals, pipes, --log-file) is
-tests/test_faults.py."""
+"""The command line's progress display (`dualanodiff.progress`): plain lines outside a terminal, one per
+tenth of the work or every few seconds. The failure contract (one-line errors, exit codes, signals, pipes,
+--log-file, plain lines of whole commands) is tests/test_faults.py."""
 
 from __future__ import annotations
 
-from dualanodiff import cli
+from dualanodiff import cli, progress
 
 
 def test_plain_progress_prints_every_tenth_or_every_few_seconds():
     now, printed = [0.0], []
-    bar = cli.PlainProgress("training", 200, printed.append, clock=lambda: now[0])
+    bar = progress.PlainProgress("training", 200, printed.append, clock=lambda: now[0])
     for step in range(1, 201):
         now[0] = step * 0.1  # 10 steps per second: 20 s in all
         bar.update(step, note=f"loss {1 / step:.3f}")
@@ -18,7 +18,7 @@ def test_plain_progress_prints_every_tenth_or_every_few_seconds():
     assert printed[1] == "training 20/200 (10%) loss 0.050, 10.00/s, 18 s left"
     assert printed[-1] == "training 200/200 (100%) loss 0.005, 10.00/s"
 
-    slow, printed = cli.PlainProgress("generating", 1000, printed.append, clock=lambda: now[0]), []
+    slow, printed = progress.PlainProgress("generating", 1000, printed.append, clock=lambda: now[0]), []
     slow.print_line = printed.append
     for done in range(1, 31):
         now[0] = done * 2.0  # a pair every 2 s: 15 s pass long before 10 %
@@ -27,7 +27,7 @@ def test_plain_progress_prints_every_tenth_or_every_few_seconds():
                                                          "generating 25/1000"]
     assert printed[1].endswith("0.50/s, 33 min 02 s left")
 
-    unknown, printed = cli.PlainProgress("steps", None, printed.append, clock=lambda: now[0]), []
+    unknown, printed = progress.PlainProgress("steps", None, printed.append, clock=lambda: now[0]), []
     unknown.print_line = printed.append
     unknown.update(3)
     assert printed == ["steps 3/?"]

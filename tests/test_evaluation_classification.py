@@ -109,14 +109,16 @@ def test_another_resnet_file_names_the_file_expected(tmp_path):
 
 
 @pytest.mark.parametrize("images", [3, 12])
-def test_training_takes_the_same_number_of_steps_whatever_the_number_of_images(images, monkeypatch):
+def test_training_takes_the_same_number_of_steps_whatever_the_number_of_images(images, monkeypatch, recorded_bars):
     counted = []
     step = torch.optim.Adam.step
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: counted.append(1) or step(self, *a, **k))
     data = (torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     labels = torch.arange(images) % 2
-    train_classifier(ResNet34(num_classes=2), data, labels, EvaluateConfig(steps=3, batch_size=4), "cpu")
+    train_classifier(ResNet34(num_classes=2), data, labels, EvaluateConfig(steps=3, batch_size=4), "cpu", recorded_bars)
     assert len(counted) == 3
+    assert recorded_bars.totals == {"classification ResNet-34": 3}  # each step counted on the bar
+    assert recorded_bars.updates["classification ResNet-34"] == [(1, None), (2, None), (3, None)]
 
 
 def test_a_short_training_run_fits_two_classes():

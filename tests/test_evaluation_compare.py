@@ -31,15 +31,19 @@ def roots(tmp_path_factory, synthetic_root):
     return {"full": base / "full", "partial": base / "partial"}
 
 
-def test_only_defect_types_every_generator_has_are_compared(synthetic_root, roots):
+def test_only_defect_types_every_generator_has_are_compared(synthetic_root, roots, recorded_bars):
     cfg = EvaluateConfig(steps=2, batch_size=4, resolution=64, base_width=4)
-    results = evaluate_generators(synthetic_root / "nut", roots, cfg, classification=False, device="cpu")
+    results = evaluate_generators(synthetic_root / "nut", roots, cfg, classification=False, device="cpu",
+                                  bars=recorded_bars)
     assert results["defects"] == ["crack", "hole"]
     assert any("left out" in note and "scratch, stain" in note for note in results["notes"])
     full = results["generators"][0]
     assert full["pairs"] == {"crack": 2, "hole": 2} and set(full["per_defect"]) == {"crack", "hole"}
     assert results["protocol"]["test_images"] == {"crack": 4, "hole": 4, "good": 6}
     assert math.isnan(full["metrics"]["accuracy"]) and math.isnan(full["metrics"]["is"])
+    labels = ["full: localization U-Net", "partial: localization U-Net"]  # a bar per row's training, named by it
+    assert recorded_bars.totals == dict.fromkeys(labels, 2)
+    assert recorded_bars.updates == {label: [(1, None), (2, None)] for label in labels}
 
 
 def test_one_defect_type_skips_classification_with_a_note(synthetic_root, roots):
@@ -64,7 +68,7 @@ def trained_on(monkeypatch) -> dict[str, list]:
 
     calls = []
 
-    def stub(category, pairs, cfg, rounding, defects, base_width, device):
+    def stub(category, pairs, cfg, rounding, defects, base_width, device, bars):
         calls.append(list(pairs))
         scores = dict.fromkeys(METRIC_KEYS, 0.5)
         return {**scores, "per_defect": {d: dict(scores) for d in defects}, "num_test": 0}

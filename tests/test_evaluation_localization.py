@@ -73,15 +73,17 @@ def test_training_is_seeded_and_learns_a_trivial_defect():
 
 
 @pytest.mark.parametrize("pairs", [3, 20])
-def test_training_takes_the_same_number_of_steps_whatever_the_number_of_pairs(pairs, monkeypatch):
+def test_training_takes_the_same_number_of_steps_whatever_the_number_of_pairs(pairs, monkeypatch, recorded_bars):
     counted = []
     step = torch.optim.Adam.step
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: counted.append(1) or step(self, *a, **k))
     images, masks = _squares(pairs)
     normal = images[:2] // 4
     cfg = EvaluateConfig(steps=7, batch_size=4, resolution=32)
-    train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu")
+    train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu", bars=recorded_bars)
     assert len(counted) == 7
+    assert recorded_bars.totals == {"localization U-Net": 7}  # each step counted on the bar
+    assert recorded_bars.updates["localization U-Net"] == [(step, None) for step in range(1, 8)]
 
 
 def test_real_test_split_is_the_part_after_the_few_shot_training_images(synthetic_root):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +40,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import dualanodiff
-from dualanodiff import cli, generation, pipeline, synthetic
+from dualanodiff import cli, generation, pipeline, progress, synthetic
 from dualanodiff import io as atomic_io
 from dualanodiff.config import Config
 from dualanodiff.data import few_shot_split, open_category
@@ -527,6 +529,40 @@ def test_progress_outside_a_terminal_prints_plain_lines(tmp_path, run_cli):
     total = sum(1 for _ in synthetic.dataset_jobs(["nut"], 2, 2))
     assert lines[0].startswith(f"rendering 1/{total} (8%)") and lines[-1].startswith(f"rendering {total}/{total} (100%)")
     assert len(lines) >= 3 and all("/s" in line for line in lines[1:])
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny models train many times faster on one thread than on two spinning ones on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_evaluate_outside_a_terminal_prints_plain_progress_lines_of_each_training(synthetic_root, perlin_pairs, tmp_path,
+                                                                                  run_cli, monkeypatch):
+    monkeypatch.setattr(progress, "PLAIN_SECONDS", math.inf)  # lines by tenths of the work only: an exact count
+    args = evaluate_args(synthetic_root, perlin_pairs, tmp_path / "report.md")
+    args[args.index("--steps") + 1] = "20"
+    with one_torch_thread():
+        code, _, err = run_cli(*args)
+    assert code == 0, err
+    steps = re.findall(r"^perlin: localization U-Net (\d+)/20 \(\d+%\) loss \d+\.\d{4}", err, re.MULTILINE)
+    assert steps == ["1", "2", "4", "6", "8", "10", "12", "14", "16", "18", "20"]  # the first step, then every 10 %
+
+
+def test_pretrain_base_outside_a_terminal_prints_plain_progress_lines_beside_its_log_lines(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setattr(progress, "PLAIN_SECONDS", math.inf)
+    with one_torch_thread():
+        code, _, err = run_cli("pretrain-base", "--preset", "tiny", "--resolution", "32", "--steps-vae", "4",
+                               "--steps-unet", "10", "--workers", "1", "--device", "cpu", "--out", tmp_path / "base")
+    assert code == 0, err
+    bars = re.findall(r"^(VAE|UNet) (\d+)/(\d+) \(", err, re.MULTILINE)
+    assert bars == [("VAE", str(step), "4") for step in range(1, 5)] + [("UNet", str(step), "10") for step in range(1, 11)]
+    assert re.search(r"^UNet step 10/10 loss \d+\.\d{4} ", err, re.MULTILINE)  # the stage's own log lines stay
 
 
 def test_log_file_gets_every_message_and_plain_progress_even_under_bars(tmp_path, run_cli, monkeypatch):

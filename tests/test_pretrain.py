@@ -48,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out, steps_vae=3, steps_unet=4, options=TINY, **kwargs):
-    return pretrain_base(out, steps_vae, steps_unet, resolution=32, options=options, show_progress=False, **kwargs)
+    return pretrain_base(out, steps_vae, steps_unet, resolution=32, options=options, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,22 @@ def test_resume_in_the_vae_stage_continues_from_its_checkpoint(tmp_path):
     assert [step for step, _ in record["losses"]["vae"]] == [2, 4, 5]
 
 
+def test_each_stage_advances_its_bar_to_its_step_count_and_a_resumed_one_starts_at_its_checkpoint(tmp_path, recorded_bars):
+    def interrupt(message: str) -> None:
+        if message.startswith("UNet step 4"):  # after step 4's bar and log, before its checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", steps_vae=3, steps_unet=4, log=interrupt, bars=recorded_bars)
+    assert recorded_bars.totals == {"VAE": 3, "UNet": 4}
+    assert recorded_bars.updates == {"VAE": [(1, 3), (2, 3), (3, 3)], "UNet": [(1, 4), (2, 4), (3, 4), (4, 4)]}
+    assert set(recorded_bars.notes["UNet"]) == {""}  # the losses are in the log lines
+
+    resumed = type(recorded_bars)()
+    run(tmp_path / "run", steps_vae=3, steps_unet=4, resume=True, bars=resumed)  # the VAE is frozen: no VAE bar
+    assert resumed.updates == {"UNet": [(2, 4), (3, 4), (4, 4)]}  # from the checkpoint at step 2
+
+
 def test_a_time_budget_stops_each_stage_by_the_clock_and_plans_its_steps(tmp_path, monkeypatch):
     ticks = iter(range(10**9))
     monkeypatch.setattr(pretrain, "_now", lambda: next(ticks) * 0.05)  # a clock that moves only when read
@@ -187,7 +203,7 @@ def test_refuses_to_overwrite_and_to_resume_other_settings(finished, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         run(out)
     with pytest.raises(UserError, match="other settings"):
-        pretrain_base(out, 3, 4, resolution=32, seed=1, options=TINY, resume=True, show_progress=False)
+        pretrain_base(out, 3, 4, resolution=32, seed=1, options=TINY, resume=True)
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"not ours")

@@ -470,6 +470,27 @@ def test_a_defect_type_without_kept_pairs_leaves_its_category_evaluated_on_the_o
     assert "not scored (no pairs): crack" in table
 
 
+def test_an_evaluation_job_shows_its_trainings_steps_as_its_stage(tmp_path, monkeypatch):
+    from dualanodiff import evaluation
+
+    monkeypatch.setattr(runall, "STAGE_INTERVAL_S", 0.0)
+    job = Job("nut", tmp_path / "data" / "nut", None, ("hole",))
+    status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
+    stages = []
+
+    def fake_evaluate(data, generated, cfg, **kwargs):
+        bar = kwargs["bars"]("dualanodiff: localization U-Net", 100)
+        for done in (1, 40):
+            bar(done, note="loss 0.1000")
+            stages.append(json.loads((status.folder / runall.RUNNING).read_text())["stage"])
+        raise KeyboardInterrupt  # enough: what the table showed meanwhile is checked
+
+    monkeypatch.setattr(evaluation, "evaluate_generators", fake_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        runall.evaluate_category(job, tmp_path, Config(), status)
+    assert stages == ["dualanodiff: localization U-Net 1/100", "dualanodiff: localization U-Net 40/100"]
+
+
 def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, monkeypatch):
     """run-all's rule, a re-run with other settings redoes the job, holds for generate's refusal to mix pairs."""
     from dualanodiff.errors import OtherSettings

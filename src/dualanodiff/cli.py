@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -30,7 +28,7 @@ from rich.console import Console
 from rich.control import Control
 from rich.text import Text
 
-from dualanodiff import __version__
+from dualanodiff import __version__, progress
 from dualanodiff.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
@@ -40,6 +38,7 @@ from dualanodiff.errors import (
     UserError,
 )
 from dualanodiff.io import check_writable
+from dualanodiff.progress import Bars
 from dualanodiff.signals import Stopped, deferred_signals
 
 if TYPE_CHECKING:
@@ -92,8 +91,6 @@ class _Console(Console):
 console = _Console(stderr=True, soft_wrap=True)
 stdout = _Console()
 _state = {"debug": False}
-PLAIN_PERCENT = 10  # outside a terminal, one progress line per this share of the work ...
-PLAIN_SECONDS = 15.0  # ... or per this many seconds, whichever comes first
 TABLE_WIDTH_OUTSIDE_TERMINAL = 240
 
 
@@ -120,84 +117,10 @@ def _root(
 # --- progress: bars on a terminal, plain lines elsewhere -------------------------------------------
 
 
-class PlainProgress:
-    """Progress as plain lines for log files and pipes, where bars would print nothing::
-
-        training 120/500 (24%) loss 0.0912, 3.10/s, 2 min 03 s left
-
-    A line at the first update, then one per `PLAIN_PERCENT` of the total or `PLAIN_SECONDS`
-    (whichever comes first), and one when the work is done.
-    """
-
-    def __init__(self, label: str, total: int | None, print_line: Callable[[str], None], clock=time.monotonic):
-        self.label, self.total, self.print_line, self.clock = label, total, print_line, clock
-        self.start: tuple[float, int] | None = None  # (time, done) at the first update
-        self.last: tuple[float, int | None, int] = (-math.inf, None, -1)  # (time, share, done) of the last line
-
-    def update(self, done: int, total: int | None = None, note: str = "") -> None:
-        now, self.total = self.clock(), total if total is not None else self.total
-        self.start = self.start or (now, done)
-        share = done * 100 // PLAIN_PERCENT // self.total if self.total else None
-        finished = bool(self.total) and done >= self.total
-        last_time, last_share, last_done = self.last
-        if done == last_done or not (finished or share != last_share or now - last_time >= PLAIN_SECONDS):
-            return
-        self.last = (now, share, done)
-        parts = [f"{self.label} {done}/{self.total or '?'}" + (f" ({100 * done // self.total}%)" if self.total else "")]
-        parts[0] += f" {note}" if note else ""
-        rate = (done - self.start[1]) / (now - self.start[0]) if now > self.start[0] else 0.0
-        if rate > 0:
-            parts.append(f"{rate:.2f}/s")
-            if self.total and not finished:
-                parts.append(f"{_duration((self.total - done) / rate)} left")
-        self.print_line(", ".join(parts))
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
-
-
-Bar = Callable[..., None]  # bar(done, total=None, note="")
-
-
-@contextmanager
-def progress_bars(enabled: bool = True, transient: bool = True) -> Iterator[Callable[..., Bar]]:
-    """The one progress display of every command: ``bar = bars("training", total)``, then
-    ``bar(done, total=None, note="")``. Rich bars on a terminal (messages printed with `console` go
-    above them); `PlainProgress` lines when stderr is a file or a pipe; nothing when not ``enabled``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    if not enabled:
-        yield lambda label, total=None: lambda done, total=None, note="": None
-        return
-    if not console.is_terminal:
-        yield lambda label, total=None: PlainProgress(label, total, console.print).update
-        return
-    columns = (
-        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}", markup=False), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=transient) as progress:
-
-        def bars(label: str, total: int | None = None) -> Bar:
-            task = progress.add_task(label, total=total, note="")
-            logged = PlainProgress(label, total, console.log_line)  # --log-file gets plain lines
-
-            def bar(done: int, total: int | None = None, note: str = "") -> None:
-                progress.update(task, completed=done, total=total, note=note)
-                logged.update(done, total, note)
-
-            return bar
-
-        yield bars
+def progress_bars(enabled: bool = True, transient: bool = True) -> AbstractContextManager[Bars]:
+    """The one progress display of every command (`dualanodiff.progress.progress_bars` on `console`):
+    ``bar = bars("training", total)``, then ``bar(done, total=None, note="")``; ``--log-file`` gets plain lines."""
+    return progress.progress_bars(console, console.log_line, enabled=enabled, transient=transient)
 
 
 def _log(message: str) -> None:
@@ -588,11 +511,11 @@ def evaluate(
     for path in {Path(p).parent for p in (report, json_path, csv_path) if p is not None}:
         check_writable(path)  # before the U-Net trains
     with deferred_signals() as stop:  # a stop while training writes nothing; the files are written whole
-        with stop.at_once("before anything was written; run the same command again to evaluate"):
+        with stop.at_once("before anything was written; run the same command again to evaluate"), progress_bars() as bars:
             results = evaluate_generators(
                 data, roots, cfg, defects=defect or None, rounding=split_rounding,
                 inception_weights=inception_weights, lpips_weights=lpips_weights, resnet_weights=resnet_weights,
-                classification=not no_classification, device=device, log=_log,
+                classification=not no_classification, device=device, log=_log, bars=bars,
             )
         written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
     table = Table(title=f"{results['category']} ({results['protocol']['selection']})")
@@ -667,11 +590,12 @@ def pretrain_base_command(
     chosen = PRESETS[preset]
     check_writable(out)
     _log(f"preset {preset}: {chosen.about}")
-    record = pretrain_base(
-        out, steps_vae or chosen.steps_vae, steps_unet or chosen.steps_unet, resolution, seed, chosen.options,
-        resume=resume, force=force, device=device, time_budget=time_budget,
-        workers=workers or min(os.cpu_count() or 1, 16), preset=preset, log=_log,
-    )
+    with progress_bars() as bars:
+        record = pretrain_base(
+            out, steps_vae or chosen.steps_vae, steps_unet or chosen.steps_unet, resolution, seed, chosen.options,
+            resume=resume, force=force, device=device, time_budget=time_budget,
+            workers=workers or min(os.cpu_count() or 1, 16), preset=preset, log=_log, bars=bars,
+        )
     console.print(
         f"wrote {out}: VAE held-out PSNR {record['heldout']['vae_psnr_db']:.2f} dB, "
         f"{record['steps']['unet']} UNet steps in {record['wall_seconds']:.0f} s on {record['compute']['device']}, "

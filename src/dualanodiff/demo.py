@@ -34,6 +34,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
 from dualanodiff.model.base import base_recipe
 from dualanodiff.pairs import kept_rows, rejected_rows
+from dualanodiff.progress import Bars, no_bars
 from dualanodiff.runs import RunFolder
 
 OURS = "dualanodiff"
@@ -88,7 +89,7 @@ class DemoHooks:
     """How the demo reports progress (the CLI passes rich bars; tests pass nothing)."""
 
     log: Callable[[str], None] = lambda message: None
-    bar: Callable[[str, int], Callable[[int], None]] = lambda label, total: lambda done: None
+    bar: Bars = no_bars
 
 
 def run_demo(
@@ -204,6 +205,7 @@ def _evaluate(cfg: Config, out: Path, variants: list[str], hooks: DemoHooks) -> 
         classification=False,
         device=cfg.train.device,
         log=hooks.log,
+        bars=hooks.bar,
     )
     write_report(results, json_path=out / "evaluation.json", force=True)
 

@@ -56,14 +56,6 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image, ImageDraw
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dualanodiff.devices import resolve_device
@@ -80,6 +72,7 @@ from dualanodiff.model.base import (
     load_base_model,
     sd_scheduler,
 )
+from dualanodiff.progress import Bars, no_bars
 from dualanodiff.signals import Stopped, deferred_signals
 from dualanodiff.synthetic import (
     FAMILIES,
@@ -545,7 +538,7 @@ class _Stage:
     wall clock (time the first steps, plan how many fit before the deadline, stop there), the loss window
     and its log line, the progress bar and when to checkpoint.
 
-        stage = _Stage(run, "unet", "UNet", deadline, max_steps, progress)
+        stage = _Stage(run, "unet", "UNet", deadline, max_steps, bars)
         while stage.running():
             loss = ...one step...
             if stage.record(loss):
@@ -556,10 +549,11 @@ class _Stage:
 
     CALIBRATE = (5, 25)  # time steps 5..25 (after warm-up: kernel selection, allocator growth)
 
-    def __init__(self, run: _Run, key: str, label: str, deadline: float | None, max_steps: int, progress: Progress):
+    def __init__(self, run: _Run, key: str, label: str, deadline: float | None, max_steps: int, bars: Bars):
         self.run, self.key, self.label, self.deadline, self.max_steps = run, key, label, deadline, max_steps
-        self.progress = progress
-        self.task = progress.add_task(label, total=max_steps, completed=min(run.steps[key], max_steps))
+        self.bar = bars(label, self.total())
+        if self.step:  # resumed: the bar starts where the checkpoint left off
+            self.bar(min(self.step, max_steps), self.total())
         self.window: list[torch.Tensor] = []
         self.mark: tuple[int, float] | None = None
         self.earlier = run.history["seconds"].setdefault(key, 0.0)  # seconds before a resume
@@ -596,7 +590,7 @@ class _Stage:
         step = self.run.steps[self.key] = self.step + 1
         self.window.append(loss.detach())
         self._plan(step)
-        self.progress.update(self.task, completed=step, total=self.total())
+        self.bar(step, self.total())
         opts = self.run.options
         if step % opts.log_every == 0 or step == self.total():
             mean = _mean_loss(self.window, self.label, step)
@@ -645,12 +639,6 @@ def _mean_loss(window: list[torch.Tensor], stage: str, step: int) -> float:
     return mean
 
 
-def _progress(show: bool) -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    return Progress(*columns, disable=not show, transient=True)
-
-
 def _stage_deadline(run: _Run, share: float) -> float | None:
     if run.deadline is None:
         return None
@@ -658,7 +646,7 @@ def _stage_deadline(run: _Run, share: float) -> float | None:
     return now + max(run.deadline - now, 0) * share
 
 
-def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: Progress) -> None:
+def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars) -> None:
     """Stage 2: the VAE, on random crops of the training images. Skipped when the checkpoint is past it."""
     opts, vae = run.options, models.vae
     if run.state is not None and run.state.get("unet") is not None:
@@ -676,7 +664,7 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, progress: 
         run.checkpoint(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict())
 
     vae.train()
-    stage = _Stage(run, "vae", "VAE", _stage_deadline(run, opts.vae_share), max_steps, progress)
+    stage = _Stage(run, "vae", "VAE", _stage_deadline(run, opts.vae_share), max_steps, bars)
     while stage.running():
         for group in optimizer.param_groups:
             group["lr"] = opts.vae_lr * _cosine(stage.step, stage.total(), opts.warmup // 4)
@@ -707,7 +695,7 @@ def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor,
 
 
 def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tensor, torch.Tensor, float],
-                max_steps: int, progress: Progress) -> EMAModel:
+                max_steps: int, bars: Bars) -> EMAModel:
     """Stage 3: UNet + text encoder on the frozen VAE's latents, min-SNR epsilon loss, EMA of the weights."""
     opts, gen, device = run.options, run.generator, run.device
     means, stds, scale = latents
@@ -734,7 +722,7 @@ def _train_unet(run: _Run, models: Models, data: Data, latents: tuple[torch.Tens
 
     models.unet.train()
     models.text_encoder.train()
-    stage = _Stage(run, "unet", "UNet", run.deadline, max_steps, progress)
+    stage = _Stage(run, "unet", "UNet", run.deadline, max_steps, bars)
     while stage.running():
         index = torch.randint(len(means), (opts.unet_batch,), generator=gen, device=device)
         sample = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen, device=device)) * scale
@@ -988,7 +976,7 @@ def pretrain_base(
     workers: int = 1,
     preset: str | None = None,
     log: Callable[[str], None] = lambda message: None,
-    show_progress: bool = True,
+    bars: Bars = no_bars,
 ) -> dict:
     """Train the VAE, then the UNet + text encoder; write the diffusers directory `out`; return training.json.
 
@@ -997,7 +985,9 @@ def pretrain_base(
     stage, which then raises `Stopped`) and gives the same weights as an uninterrupted run; with more steps
     than before it trains on, with as many or fewer it only (re)exports.
     `time_budget` (seconds from this call): no training step starts later; measuring and export follow.
-    `workers`: processes rendering the data. `preset`: the name recorded in training.json.
+    `workers`: processes rendering the data. `preset`: the name recorded in training.json. `bars`: a
+    bar per training stage ("VAE", "UNet") advanced at each step (`dualanodiff.progress`), beside the
+    `log` lines every `options.log_every` steps.
     """
     out = Path(out)
     if (steps_vae < 1 and not options.init_from) or steps_unet < 1:
@@ -1005,12 +995,12 @@ def pretrain_base(
     run = _start_run(out, resolution, seed, options, resume, force, device, time_budget, log)
     data = _render_data(run, resolution, seed, workers)
     models = _build_models(run, resolution, seed)
-    with _progress(show_progress) as progress, deferred_signals() as run.stop:
+    with deferred_signals() as run.stop:
         if not options.init_from:  # a warm start keeps its base's VAE
-            _train_vae(run, models, data, steps_vae, progress)
+            _train_vae(run, models, data, steps_vae, bars)
             _raise_if_stopped(run)
         latents = _encode_corpus(run, models, data)
-        ema = _train_unet(run, models, data, latents, steps_unet, progress)
+        ema = _train_unet(run, models, data, latents, steps_unet, bars)
         _raise_if_stopped(run)
     ema.copy_to(models.trainable())  # the EMA weights are the model
     models.unet.eval()

@@ -49,6 +49,7 @@ from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.report import COLUMNS, NOT_COMPUTED, format_value
 from dualanodiff.io import atomic_write_text
 from dualanodiff.pairs import rejected_rows
+from dualanodiff.progress import Bar
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
@@ -171,6 +172,15 @@ class JobStatus:
             _write_json(self.folder / RUNNING, record)
             self.written = time.monotonic()
 
+    def bars(self, label: str, total: int | None = None) -> Bar:
+        """A `dualanodiff.progress.Bars` factory for library calls: each bar's position becomes the stage
+        (``dualanodiff: localization U-Net 40/100``), which the driver's table shows."""
+
+        def bar(done: int, total: int | None = total, note: str = "") -> None:
+            self.stage(f"{label} {done}/{total or '?'}")
+
+        return bar
+
     def log(self, message: str) -> None:
         with (self.folder / LOG).open("a") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
@@ -220,7 +230,7 @@ def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> di
     status.stage("evaluating", force=True)
     results = evaluate_generators(
         job.data, {GENERATOR: out / GENERATED}, cfg.evaluate, defects=list(job.defects),
-        rounding=cfg.data.split_rounding, classification=False, log=status.log,
+        rounding=cfg.data.split_rounding, classification=False, log=status.log, bars=status.bars,
     )
     results["without_pairs"] = dict(job.without_pairs)
     results["notes"] = list(results.get("notes", [])) + [
@@ -317,7 +327,10 @@ def run_all(
     """Run every job of `plan_jobs` on Ray (an existing connection, ``address``, or a local Ray with
     ``num_cpus``), showing a live table (a line per finished job where ``console`` is not a terminal);
     write summary.md and summary.csv. Returns the jobs and their records by job name (``status``: done,
-    short, either with " earlier", or failed; `run_outcome` turns them into the exit code)."""
+    short, either with " earlier", or failed; `run_outcome` turns them into the exit code).
+
+    The live table is the one progress display outside `dualanodiff.progress`, on purpose: it is a table
+    of jobs, one row each with its stage (what the jobs' `JobStatus.bars` report), not a bar."""
     import ray
     from rich.console import Console
     from rich.live import Live

@@ -5,7 +5,7 @@ comparison report (`dualanodiff evaluate`).
 Modules: `metrics` (the localization metrics), `localization` (U-Net protocol), `classification`
 (ResNet-34 protocol), `generation_metrics` (IS, LPIPS, IC-LPIPS), `inception` (torch-fidelity's
 Inception-v3 for IS), `compare` (one run over several generators), `report` (Markdown / JSON / CSV /
-chart), `inputs` (what they read), `training` (device, batches, progress).
+chart), `inputs` (what they read), `training` (device, batches, the step bar).
 """
 
 from dualanodiff.evaluation.classification import (

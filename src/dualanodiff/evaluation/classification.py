@@ -30,10 +30,11 @@ from dualanodiff.evaluation.inputs import check_state_dict, load_images, load_st
 from dualanodiff.evaluation.localization import real_test_split
 from dualanodiff.evaluation.training import (
     cycling_batches,
+    loss_bar,
     recalibrate_batch_norm,
     shuffled_batches,
-    step_progress,
 )
+from dualanodiff.progress import Bars, no_bars
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,24 +108,30 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def train_classifier(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: EvaluateConfig, device: str = "auto"
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: EvaluateConfig,
+    device: str = "auto",
+    bars: Bars = no_bars,
 ) -> nn.Module:
-    """Fit ``model`` to uint8 images (N, 3, S, S) and integer labels (N,) with cross-entropy."""
+    """Fit ``model`` to uint8 images (N, 3, S, S) and integer labels (N,) with cross-entropy; each step
+    advances the bar "classification ResNet-34" of ``bars``."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     target_device = resolve_device(device)
     model.to(target_device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batches = cycling_batches(len(images), max(2, cfg.batch_size), generator)  # batch norm needs 2 samples
-    with step_progress("classification ResNet-34", cfg.steps) as advance:
-        for _ in range(cfg.steps):
-            batch = next(batches)
-            logits = model(_normalise(images[batch].to(target_device)))
-            loss = F.cross_entropy(logits, labels[batch].to(target_device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            advance(loss.item())
+    advance = loss_bar(bars, "classification ResNet-34", cfg.steps)
+    for _ in range(cfg.steps):
+        batch = next(batches)
+        logits = model(_normalise(images[batch].to(target_device)))
+        loss = F.cross_entropy(logits, labels[batch].to(target_device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        advance(loss.item())
     chunks = shuffled_batches(len(images), cfg.batch_size, generator)
     return recalibrate_batch_norm(model, (_normalise(images[c].to(target_device)) for c in chunks))
 
@@ -146,6 +153,7 @@ def evaluate_classification(
     rounding: str = "floor",
     resnet_weights: Path | None = None,
     device: str = "auto",
+    bars: Bars = no_bars,
 ) -> dict:
     """Train a ResNet-34 on the generated images (labels = the defect types of ``pairs_by_defect``),
     return ``{"accuracy", "per_defect": {defect: accuracy}, "num_test"}`` on the real test parts."""
@@ -159,7 +167,7 @@ def evaluate_classification(
     model = ResNet34(num_classes=len(defects))
     if resnet_weights is not None:
         load_resnet_weights(model, resnet_weights)
-    train_classifier(model, images, labels, cfg, device)
+    train_classifier(model, images, labels, cfg, device, bars)
     test = real_test_split(category, defects, rounding)
     correct = {
         d: (predict_classes(model, load_images([image for image, _ in test[d]], size), cfg.batch_size) == k)

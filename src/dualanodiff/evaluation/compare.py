@@ -36,6 +36,7 @@ from dualanodiff.evaluation.inputs import (
 from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
 from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.images import batch_to_model_range
+from dualanodiff.progress import Bars, no_bars
 
 SELECTION = "fixed steps, no test-set selection"
 IS_SPLITS = 10  # torch-fidelity's default; fewer when a defect type has fewer generated images
@@ -54,6 +55,7 @@ def evaluate_generators(
     classification: bool = True,
     device: str = "auto",
     log: Callable[[str], None] = lambda message: None,
+    bars: Bars = no_bars,
 ) -> dict:
     """Score every generator (row label -> output root of `generate` or `baseline`, or a list of
     roots whose pairs together make the row) on one category.
@@ -62,7 +64,8 @@ def evaluate_generators(
     ``{"category", "defects", "protocol", "notes", "generators": [{"name", "roots", "pairs",
     "metrics", "per_defect"}]}``; metric values are fractions (``nan`` where not computed), with
     keys `METRIC_KEYS` + ``is``, ``is_std``, ``ic_lpips``, ``accuracy``, ``alignment`` (the mean
-    `alignment_score` of the row's pairs, a ratio) and ``pairs`` (their number).
+    `alignment_score` of the row's pairs, a ratio) and ``pairs`` (their number). Each row's trainings
+    advance bars of ``bars`` labelled with the row's name (``crop-paste: localization U-Net``).
     """
     category = open_category(category_dir)
     check_resolution(cfg.resolution)
@@ -94,9 +97,11 @@ def evaluate_generators(
         alignments = {defect: pair_alignments(by_defect[defect], category.kind) for defect in defects}
         alignment = _mean([score for defect in defects for score in alignments[defect]])
         log(f"{name}: {len(flat)} generated pairs over {len(defects)} defect types, mean alignment {alignment:.2f}")
-        localization = evaluate_localization(category, flat, cfg, rounding, defects, cfg.base_width, device)
+        row_bars = _labelled(bars, name)
+        localization = evaluate_localization(category, flat, cfg, rounding, defects, cfg.base_width, device, row_bars)
         accuracy = (
-            evaluate_classification(category, by_defect, cfg, rounding, resnet_weights, device) if classify else None
+            evaluate_classification(category, by_defect, cfg, rounding, resnet_weights, device, row_bars)
+            if classify else None
         )
         per_defect = {}
         for defect in defects:
@@ -130,6 +135,11 @@ def evaluate_generators(
         "notes": notes,
         "generators": rows,
     }
+
+
+def _labelled(bars: Bars, row: str) -> Bars:
+    """``bars`` whose labels name the row: the rows' trainings are otherwise told apart by nothing."""
+    return lambda label, total=None: bars(f"{row}: {label}", total)
 
 
 def _pairs_per_generator(

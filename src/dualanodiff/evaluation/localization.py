@@ -34,10 +34,11 @@ from dualanodiff.evaluation.inputs import load_images, load_masks
 from dualanodiff.evaluation.metrics import localization_metrics
 from dualanodiff.evaluation.training import (
     cycling_batches,
+    loss_bar,
     recalibrate_batch_norm,
     shuffled_batches,
-    step_progress,
 )
+from dualanodiff.progress import Bars, no_bars
 
 DEPTH = 6  # encoder blocks; the input side must be a multiple of 2 ** (DEPTH - 1)
 FOCAL_GAMMA = 2.0  # DRAEM's focal loss
@@ -101,10 +102,12 @@ def train_localization_model(
     cfg: EvaluateConfig,
     base_width: int = 16,
     device: str = "auto",
+    bars: Bars = no_bars,
 ) -> DiscriminativeUNet:
     """Train from scratch on anomalous images (N, 3, S, S) uint8 with masks (N, S, S) bool and normal
     images (M, 3, S, S) uint8 for ``cfg.steps`` steps: each takes ``batch_size // 2`` anomalous pairs
-    and as many normal images, each set cycling through its own seeded shuffled order."""
+    and as many normal images, each set cycling through its own seeded shuffled order; each step advances
+    the bar "localization U-Net" of ``bars``."""
     if len(anomalous) == 0 or len(normal) == 0:
         raise ValueError("localization training needs both generated pairs and normal images")
     torch.manual_seed(cfg.seed)
@@ -116,16 +119,16 @@ def train_localization_model(
     anomalous_batches = cycling_batches(len(anomalous), half, generator)
     normal_batches = cycling_batches(len(normal), half, generator)
     model.train()
-    with step_progress("localization U-Net", cfg.steps) as advance:
-        for _ in range(cfg.steps):
-            batch, picked = next(anomalous_batches), next(normal_batches)
-            images = torch.cat([anomalous[batch], normal[picked]]).to(target_device).float() / 255
-            target = torch.cat([masks[batch], masks.new_zeros((half, *masks.shape[1:]))]).to(target_device)
-            loss = focal_loss(model(images), target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            advance(loss.item())
+    advance = loss_bar(bars, "localization U-Net", cfg.steps)
+    for _ in range(cfg.steps):
+        batch, picked = next(anomalous_batches), next(normal_batches)
+        images = torch.cat([anomalous[batch], normal[picked]]).to(target_device).float() / 255
+        target = torch.cat([masks[batch], masks.new_zeros((half, *masks.shape[1:]))]).to(target_device)
+        loss = focal_loss(model(images), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        advance(loss.item())
     training_images = torch.cat([anomalous, normal])
     chunks = shuffled_batches(len(training_images), cfg.batch_size, generator)
     return recalibrate_batch_norm(model, (training_images[c].to(target_device).float() / 255 for c in chunks))
@@ -165,6 +168,7 @@ def evaluate_localization(
     defects: list[str] | None = None,
     base_width: int = 16,
     device: str = "auto",
+    bars: Bars = no_bars,
 ) -> dict:
     """Train the U-Net on generated ``pairs`` (image, mask files of all defect types) + ``train/good``,
     then score it on the real test split of ``defects`` (default: all of the category's) plus all of
@@ -187,6 +191,7 @@ def evaluate_localization(
         cfg,
         base_width,
         device,
+        bars,
     )
     test = real_test_split(category, defects, rounding)
     maps, masks = {}, {}

@@ -1,5 +1,5 @@
 """What the two downstream trainings (U-Net localization, ResNet classification) share: seeded
-batch orders, batch-norm statistics and a progress bar over optimizer steps.
+batch orders, batch-norm statistics and a bar over optimizer steps (`loss_bar`).
 
 Both train a fixed number of steps, the same for every set of pairs: epochs over sets of different
 sizes would be different amounts of training (4 crop-paste pairs score 4 % pixel AP after 10 epochs and
@@ -8,19 +8,12 @@ sizes would be different amounts of training (4 crop-paste pairs score 4 % pixel
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
+
+from dualanodiff.progress import Bars
 
 
 def cycling_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -67,20 +60,15 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) ->
     return model.eval()
 
 
-@contextmanager
-def step_progress(label: str, steps: int) -> Iterator[Callable[[float], None]]:
-    """A rich progress bar over optimizer steps (on stderr, cleared when done); yields
-    ``advance(loss)``, and shows the loss averaged over recent steps (one batch's is noise)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
-    console = Console(stderr=True)
-    average = None
+def loss_bar(bars: Bars, label: str, steps: int) -> Callable[[float], None]:
+    """``advance(loss)`` after each optimizer step: counts the step on ``bars(label, steps)`` and shows
+    the loss averaged over recent steps (one batch's is noise)."""
+    bar, done, average = bars(label, steps), 0, None
 
     def advance(loss: float) -> None:
-        nonlocal average
+        nonlocal done, average
+        done += 1
         average = loss if average is None else 0.95 * average + 0.05 * loss
-        progress.update(task, advance=1, loss=f"{average:.4f}")
+        bar(done, note=f"loss {average:.4f}")
 
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(label, total=steps, loss="-")
-        yield advance
+    return advance
