@@ -53,12 +53,22 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert 5 < reproduction["generated"] < 60 and 5 < reproduction["real"] < 60
     assert f"lie {reproduction['generated']:.1f} dB" in text and f"lie {reproduction['real']:.1f} dB from it" in text
     assert "## Ablation" in text and "| no-saim |" in text and "SAIM " in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pixel_ap"] == {row["name"]: row["metrics"]["pixel_ap"] for row in results["generators"]}
+    assert summary["kept"] == 2 and summary["few_shot_reproduction"] == reproduction
+    held_out = json.loads((out / "held-out" / "summary.json").read_text())
+    assert (held_out["category"], held_out["defect"]) == ("bottle", "contamination")
+    held_out_cfg = Config.from_yaml(out / "held-out" / "config.yaml")
+    assert held_out_cfg.model == Config.from_yaml(out / "config.yaml").model and held_out_cfg.train.steps == 2
+    assert "## Held-out category: bottle / contamination" in text
+    assert f"perlin {100 * held_out['pixel_ap']['perlin']:.1f}" in text and "(held-out/report.md)" in text
+    assert (out / "held-out" / "generated" / "dualanodiff" / "bottle" / "contamination").is_dir()
     for figure in ("pairs_dualanodiff", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "alignment"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()
     assert "<table>" in html and 'src="figures/pairs_dualanodiff.png"' in html
     stages = json.loads((out / "stages.json").read_text())
-    assert {"data", "train dualanodiff", "generate no-bcm", "baselines", "evaluate", "report"} <= set(stages)
+    assert {"data", "train dualanodiff", "generate no-bcm", "baselines", "evaluate", "held-out", "report"} <= set(stages)
 
     adapters = (out / "runs" / "dualanodiff" / "adapters.safetensors").read_bytes()
     evaluation = (out / "evaluation.json").read_bytes()

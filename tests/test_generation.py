@@ -15,7 +15,6 @@ from dualanodiff.data import load_image, load_mask, open_category
 from dualanodiff.generation import generate, generate_config
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

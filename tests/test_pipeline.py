@@ -18,7 +18,6 @@ from dualanodiff.images import resize_image, to_uint8
 from dualanodiff.masks import part_to_mask
 from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,9 +8,11 @@ Stages (each reused when a re-run finds it finished, recorded in ``OUT/stages.js
     baselines   crop-paste and Perlin pairs                OUT/generated/{crop-paste,perlin}/...
     evaluate    U-Net localization protocol, all rows      OUT/evaluation.json
                 (ours, the baselines, and crop-paste + ours together)
-    report      OUT/report.md and OUT/report.html (figures in OUT/figures/)
+    held-out    with --ablation: the whole demo on synthetic.HELD_OUT  OUT/held-out/
+    report      OUT/report.md and OUT/report.html (figures in OUT/figures/), OUT/summary.json
 
-``--ablation`` adds the same run with SAIM off and with BCM off (rows ``no-saim`` / ``no-bcm``).
+``--ablation`` adds the same run with SAIM off and with BCM off (rows ``no-saim`` / ``no-bcm``), and the
+few-shot regime on a category no embedded base saw in pretraining (``bottle``), as a section of the report.
 The settings are one `Config` (``demo_config``) saved as ``OUT/config.yaml``; a re-run with other
 settings is refused rather than mixing results.
 """
@@ -36,11 +38,13 @@ from dualanodiff.model.base import base_recipe
 from dualanodiff.pairs import kept_rows, rejected_rows
 from dualanodiff.progress import Bars, no_bars
 from dualanodiff.runs import RunFolder
+from dualanodiff.synthetic import HELD_OUT, write_dataset
 
 OURS = "dualanodiff"
 BASELINES = ("crop-paste", "perlin")
 COMBINED = "crop-paste+dualanodiff"  # how users will use it: the few-shot real pairs plus generated ones
 ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
+HELD_OUT_DEFECT = "contamination"  # of synthetic.HELD_OUT: a small dark blob on the object, as nut/hole is
 
 
 def demo_config(category: str = "nut", defect: str = "hole") -> Config:
@@ -96,8 +100,6 @@ def run_demo(
     out: Path, cfg: Config | None = None, ablation: bool = False, force: bool = False, hooks: DemoHooks | None = None
 ) -> Path:
     """Run (or finish) the demo in `out`; returns the path of report.md."""
-    from dualanodiff.synthetic import write_dataset
-
     out = Path(out)
     hooks = hooks or DemoHooks()
     cfg = cfg or demo_config()
@@ -131,9 +133,20 @@ def run_demo(
     if not stages.done("evaluate"):
         with stages.run("evaluate"):
             _evaluate(cfg, out, list(variants), hooks)
+    if ablation and category_name != HELD_OUT and not stages.done("held-out"):
+        with stages.run("held-out"):
+            hooks.log(f"the held-out category {HELD_OUT}, which no embedded base saw in pretraining")
+            run_demo(out / "held-out", held_out_config(cfg), hooks=hooks)
     with stages.run("report"):
         report = write_demo_report(out, cfg, list(variants), stages, time.perf_counter() - clock)
     return report
+
+
+def held_out_config(cfg: Config) -> Config:
+    """The same settings on `synthetic.HELD_OUT`, the category kept out of the embedded bases' pretraining."""
+    variant = Config.from_dict(cfg.to_dict())
+    variant.data.data, variant.data.defect = HELD_OUT, HELD_OUT_DEFECT
+    return variant
 
 
 def _check_settings(out: Path, cfg: Config, ablation: bool) -> None:
@@ -314,7 +327,13 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
         "![loss](figures/loss.png)",
         "",
     ]
+    summary = {
+        "category": category, "defect": defect, "pixel_ap": ap, "alignment_mean": stats["alignment_mean"],
+        "kept": stats["kept"], "attempts": stats["kept"] + stats["dropped"], "few_shot_reproduction": reproduction,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     lines += _ablation_section(variants, figures_of, ap) if len(variants) > 1 else []
+    lines += _held_out_section(out / "held-out") if (out / "held-out" / "summary.json").is_file() else []
     timing = [[name, f"{value:.0f}"] for name, value in stages.seconds.items()]
     lines += [
         "## Run time",
@@ -341,6 +360,22 @@ def _write_figures(out: Path, category: str, defect: str, variants: list[str], r
     figures_of = {name: pair_figures(generated[name]) for name in variants + list(BASELINES)}
     atomic_write_bytes(figures / "alignment.png", _histogram_png({name: figures_of[name] for name in (*variants, "crop-paste")}))
     return figures_of
+
+
+def _held_out_section(held_out: Path) -> list[str]:
+    """The few-shot regime on a category the base never saw: the held-out demo's figures beside nut/hole's."""
+    summary = json.loads((held_out / "summary.json").read_text())
+    ap = summary["pixel_ap"]
+    reproduction = summary["few_shot_reproduction"]
+    return [
+        f"## Held-out category: {summary['category']} / {summary['defect']}",
+        "",
+        f"The same settings on `{summary['category']}`, a category no embedded base saw in pretraining, normal or "
+        f"defective ([its report](held-out/report.md)). Pixel AP {', '.join(f'{n} {100 * v:.1f}' for n, v in ap.items())}; "
+        f"alignment {summary['alignment_mean']:.2f}; {summary['kept']} of {summary['attempts']} attempts kept; "
+        f"few-shot reproduction {reproduction['generated']:.1f} dB (real unseen images {reproduction['real']:.1f} dB).",
+        "",
+    ]
 
 
 def _ablation_section(variants: list[str], figures_of: dict[str, dict], ap: dict[str, float]) -> list[str]:
