@@ -11,10 +11,11 @@
 # a private folder that goes first on PYTHONPATH. Without wheels the installed packages are used.
 #
 # Environment: OUT (results, default ./pretrain_out), BUDGET (seconds for the whole script, default 540),
-# RESERVE (seconds kept for measuring, samples, export and packing; default 75), PRESET (gpu or gpu-small,
-# default gpu), NAME (the results' file names, default PRESET), SKIP_BEFORE=1 (do not measure the shipped
-# base, when a run beside this one does), WORKERS (data processes, default all cores), PYTHON (default
-# python3), WHEELS (default .whl; empty: the installed packages), WORK (scratch, default /tmp/dualanodiff-pretrain).
+# RESERVE (seconds kept for measuring, samples, export and packing; default 75), PROFILE=0 (no step profile
+# in the log), PRESET (gpu or gpu-small, default gpu), NAME (the results' file names, default PRESET),
+# SKIP_BEFORE=1 (do not measure the shipped base, when a run beside this one does), WORKERS (data processes,
+# default all cores), PYTHON (default python3), WHEELS (default .whl; empty: the installed packages),
+# WORK (scratch, default /tmp/dualanodiff-pretrain).
 #
 # $OUT receives two kinds of file, each at most 16 MiB (the device tool brings back at most 8 files):
 #   NAME.tar.part-aa, -ab, ...  a tar in 15 MiB parts (cat NAME.tar.part-* | tar -x -C DIR) holding
@@ -109,6 +110,14 @@ Path(path).write_text(json.dumps({"base": "the shipped --base-model tiny", "held
 print(f"shipped base: VAE PSNR {figures['vae_psnr_db']:.2f} dB, denoising {figures['denoising_mse_by_timestep']}")
 EOF
   say "could not measure the shipped base (see above); going on"
+# Where a training step's time goes, into the log (seconds; not fatal): the 2026-11-26 GPU run stepped far
+# slower than its model sizes need.
+[ "${PROFILE:-1}" = 0 ] ||
+"$PYTHON" - "$preset" "$resolution" "$device" <<'EOF' 2>&1 | tee -a "$LOG" || say "could not profile the step; going on"
+import sys
+from dualanodiff.pretrain import PRESETS, profile_unet_step
+print(profile_unet_step(PRESETS[sys.argv[1]].options, int(sys.argv[2]), sys.argv[3]))
+EOF
 args=(--preset "$preset" --resolution "$resolution" --device "$device" --workers "$workers")
 left=$((BUDGET - ($(date +%s) - START) - RESERVE))
 if [ "$left" -lt 10 ]; then

@@ -314,6 +314,8 @@ def test_the_gpu_script_runs_start_to_finish_at_its_tiny_setting_on_the_cpu(tmp_
     assert not (unpacked / "tiny-base" / "checkpoint").exists()
     record = json.loads((unpacked / "tiny-base" / "training.json").read_text())
     assert record["preset"] == "tiny" and record["compute"]["device"] == "cpu"
+    log = (out / "candidate.log").read_text()
+    assert "UNet step at batch 4, 32 px on cpu:" in log and "aten::" in log  # the step profile
     before = json.loads((unpacked / "before.json").read_text())
     assert before["heldout"].keys() == record["heldout"].keys()
 

@@ -85,7 +85,7 @@ from dualanodiff.synthetic import (
     world_words,
 )
 
-__all__ = ["Architecture", "PretrainOptions", "Preset", "PRESETS", "pretrain_base", "measure_base"]
+__all__ = ["Architecture", "PretrainOptions", "Preset", "PRESETS", "pretrain_base", "measure_base", "profile_unet_step"]
 
 CHECKPOINT = "checkpoint/state.pt"
 BASE_FILES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
@@ -286,6 +286,44 @@ def diffusion_loss(
         return rows.mean()
     snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
     return (rows * snr.clamp(max=snr_gamma) / snr).mean()
+
+
+def profile_unet_step(options: PretrainOptions, resolution: int, device: str | torch.device, steps: int = 6) -> str:
+    """Where a UNet training step's time goes (torch.profiler's op table, slowest first), on random latents
+    at the options' batch: GPU steps ran far slower than these model sizes need, and a table says why."""
+    device = torch.device(device)
+    mixed = device.type == "cuda"
+    tokenizer, unet, _, text_encoder = build_base(options.architecture, resolution)
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    trainable = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=mixed or None)
+    size, batch = resolution // 4, options.unet_batch
+    ids = tokenizer(["a nut with hole"] * batch, padding="max_length", return_tensors="pt").input_ids.to(device)
+    alphas_cumprod = sd_scheduler().alphas_cumprod.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else nullcontext()
+
+    def step() -> None:
+        latents, noise = torch.randn(2, batch, 4, size, size, device=device)
+        timesteps = torch.randint(len(alphas_cumprod), (batch,), device=device)
+        with autocast:
+            loss = diffusion_loss(unet, text_encoder, latents, ids, noise, timesteps, alphas_cumprod, options.snr_gamma)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if mixed else [])
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        if mixed:
+            torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    table = profiler.key_averages().table(sort_by=f"self_{'cuda' if mixed else 'cpu'}_time_total", row_limit=20)
+    return f"UNet step at batch {batch}, {resolution} px on {device.type}: {1000 * seconds:.1f} ms (profiled)\n{table}"
 
 
 @torch.no_grad()
