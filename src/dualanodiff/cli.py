@@ -318,19 +318,21 @@ def train(
     if not resume and not (cfg.data.data and cfg.data.defect):
         raise UserError("--data and --defect are required for a new run (or set data.data/data.defect in --config)")
     check_writable(out)
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch only rank 0 reports
-    with progress_bars(enabled=main_process) as bars:
-        bar = bars("training")
+    from dualanodiff.devices import is_main_process
 
+    with progress_bars() as bars:  # train() reports on the main process only: other ranks draw no bar
         notes = [note] if note else []  # said once training has started: every input check has passed
+        bar = []
 
         def report(step: int, total: int, losses: dict) -> None:
             while notes:
                 _log(notes.pop())
-            bar(step, total, " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
+            if not bar:  # the first report: the main process, after every input check
+                bar.append(bars("training"))
+            bar[0](step, total, " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
 
         run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log)
-    if main_process:
+    if is_main_process():
         console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
 
 # --- generation: generate -------------------------------------------------------------------------

@@ -39,3 +39,11 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         if not param.requires_grad:
             param.data = param.data.to(dtype)
     return module
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` / torchrun, or the only process: the one that reports and writes.
+    Accelerate's shared process state answers it, the same state every `Accelerator` reads."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
