@@ -108,16 +108,19 @@ def test_object_region_excludes_a_frame_so_border_masks_are_off_object():
     from dualanodiff.generation import object_region
     from dualanodiff.masks import filter_verdict
 
-    flat = np.full((100, 100, 3), 150, np.uint8)  # no object to find: the foreground falls back to the image
+    image = np.full((100, 100, 3), 150, np.uint8)
+    image[10:80, 10:80] = (90, 60, 30)
     frame = np.zeros((100, 100), bool)
-    frame[:2], frame[:, :2] = True, True
-    region = object_region(flat, "object")
-    assert region.sum() == 94 * 94 and not region[:3].any() and region[3:97, 3:97].all()
+    frame[:2], frame[:, :2] = True, True  # a border-hugging mask, as a faint frame in a decoded part image gives
+    region = object_region(image, "object")
+    assert not region[:3].any() and not region[:, :3].any() and region[12:78, 12:78].all() and not region[85:].any()
     assert filter_verdict(frame, region) == "off_object"
     spot = np.zeros((100, 100), bool)
     spot[40:45, 40:45] = True
     assert filter_verdict(spot, region) == "kept"
-    assert object_region(flat, "texture") is None and filter_verdict(frame, None) == "kept"
+    assert object_region(image, "texture") is None and filter_verdict(frame, None) == "kept"
+    flat = np.full((100, 100, 3), 150, np.uint8)  # no object stands out: nowhere for a defect to be
+    assert not object_region(flat, "object").any() and filter_verdict(spot, object_region(flat, "object")) == "no_object"
 
 
 def test_a_folder_with_other_settings_is_refused_unless_forced(run, tmp_path):

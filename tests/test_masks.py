@@ -206,7 +206,8 @@ def test_filter_verdict_gives_each_verdict_in_order():
     assert filter_verdict(mask, foreground, min_on_object=0.5) == "off_object"
     assert filter_verdict(mask, foreground, min_on_object=0.4) == "kept"
     assert filter_verdict(mask, None) == "kept"  # textures: no foreground check
-    assert filter_verdict(mask, np.zeros((10, 10), bool), min_on_object=0.0) == "no_object"
+    assert filter_verdict(mask, np.zeros((10, 10), bool)) == "no_object"
+    assert filter_verdict(mask, np.zeros((10, 10), bool), min_on_object=0.0) == "kept"  # 0: no object asked for
 
 
 def test_a_generated_object_image_without_an_object_has_an_empty_region():

@@ -109,9 +109,10 @@ def filter_verdict(
 ) -> str:
     """Quality-filter verdict for a generated mask, checked in this order.
 
-    ``"empty"``: no pixel; ``"too_large"``: more than ``max_area`` of the image; ``"no_object"``: a
-    foreground mask is given and it is empty (the generated image lost its object); ``"off_object"``: less
-    than ``min_on_object`` of the mask's pixels lie on the foreground; else ``"kept"``.
+    ``"empty"``: no pixel; ``"too_large"``: more than ``max_area`` of the image; with a foreground mask and
+    ``min_on_object`` > 0 (0 asks nothing of where the mask lies), ``"no_object"``: the foreground is empty
+    (the generated image lost its object), ``"off_object"``: less than ``min_on_object`` of the mask's pixels
+    lie on it; else ``"kept"``.
     """
     mask = np.asarray(mask, dtype=bool)
     area = int(mask.sum())
@@ -119,7 +120,7 @@ def filter_verdict(
         return "empty"
     if area / mask.size > max_area:
         return "too_large"
-    if foreground is not None:
+    if foreground is not None and min_on_object > 0:
         foreground = np.asarray(foreground, dtype=bool)
         if foreground.shape != mask.shape:
             raise ValueError(f"foreground shape {foreground.shape} differs from mask shape {mask.shape}")
