@@ -104,6 +104,34 @@ def test_cli_generate_writes_pairs_and_a_bad_scheduler_is_one_line(run, tmp_path
     assert "\n" not in err and "--scheduler nope" in err
 
 
+def test_an_object_much_smaller_than_the_few_shot_objects_is_no_object(synthetic_root):
+    """Two dark dots on an empty background stand out, but they are not a nut: a generated object must cover
+    at least OBJECT_FLOOR of the few-shot images' mean object share."""
+    from dualanodiff.generation import OBJECT_FLOOR, object_floor, object_region
+    from dualanodiff.masks import filter_verdict, foreground_mask
+
+    cfg = Config()
+    cfg.data.data, cfg.data.defect = str(synthetic_root / "nut"), "hole"
+    train = sorted(p.stem for p in (synthetic_root / "nut" / "test" / "hole").glob("*.png"))[:3]
+    cfg.split = {"train": train, "test": []}
+    shares = [foreground_mask(load_image(synthetic_root / "nut" / "test" / "hole" / f"{stem}.png"), "object").mean()
+              for stem in train]
+    floor = object_floor(cfg, "object")
+    assert floor == pytest.approx(OBJECT_FLOOR * np.mean(shares)) and 0.02 < floor < 0.2
+    assert object_floor(cfg, "texture") == 0.0
+    cfg.data.data = str(synthetic_root / "gone")
+    assert object_floor(cfg, "object") == 0.0
+    specks = np.full((64, 64, 3), 150, np.uint8)
+    specks[20:23, 20:23], specks[40:43, 30:33] = 20, 20
+    mask = np.zeros((64, 64), bool)
+    mask[20:23, 20:23] = True
+    assert 0 < object_region(specks, "object").mean() < floor  # the dots alone stand out ...
+    assert filter_verdict(mask, object_region(specks, "object", min_share=floor)) == "no_object"  # ... not an object
+    nut = np.full((64, 64, 3), 150, np.uint8)
+    nut[12:52, 12:52] = (120, 80, 40)
+    assert filter_verdict(mask, object_region(nut, "object", min_share=floor)) == "kept"
+
+
 def test_object_region_excludes_a_frame_so_border_masks_are_off_object():
     from dualanodiff.generation import object_region
     from dualanodiff.masks import filter_verdict

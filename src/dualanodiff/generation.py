@@ -57,21 +57,36 @@ def generate_config(run: Path, config_file: Path | None = None, **overrides) -> 
 
 
 BORDER_SHARE = 0.03  # of the image side: the frame where an object's defect is not expected
+OBJECT_FLOOR = 0.25  # of the few-shot images' mean object share: a foreground smaller than this is a speck
 
 
-def object_region(image: np.ndarray, kind: str, u2net_weights: str = "") -> np.ndarray | None:
+def object_region(image: np.ndarray, kind: str, u2net_weights: str = "", min_share: float = 0.0) -> np.ndarray | None:
     """Where an object's defect may lie: its foreground mask without a thin frame along the image border.
 
     Decoded part images sometimes carry a faint frame that thresholds into a border-hugging mask, which
-    the frame rule rejects. An image in which no object stands out gets an empty region (its pairs are
-    dropped as "no_object"), not the whole image. Textures: None (anywhere).
+    the frame rule rejects. An image in which no object stands out, or only one smaller than `min_share`
+    of the image (stray dots on an empty background), gets an empty region: its pairs are dropped as
+    "no_object". Textures: None (anywhere).
     """
     if kind == "texture":
         return None
     region = foreground_mask(image, kind, u2net_weights or None, whole_if_none=False).copy()
     band = max(1, round(BORDER_SHARE * min(region.shape)))
     region[:band], region[-band:], region[:, :band], region[:, -band:] = False, False, False, False
+    if region.mean() < min_share:
+        region[:] = False
     return region
+
+
+def object_floor(run_cfg: Config, kind: str, u2net_weights: str | None = None) -> float:
+    """`object_region`'s `min_share` for a run: OBJECT_FLOOR times the mean foreground share of its few-shot
+    training images; 0 for textures, or when the dataset is no longer where the run found it."""
+    if kind == "texture" or not Path(run_cfg.data.data).is_dir():
+        return 0.0
+    train = set(run_cfg.split.get("train", []))
+    pairs = [p for p in open_category(run_cfg.data.data).defects.get(run_cfg.data.defect, []) if p.stem in train]
+    shares = [foreground_mask(load_image(p.image), kind, u2net_weights).mean() for p in pairs]
+    return OBJECT_FLOOR * float(np.mean(shares)) if shares else 0.0
 
 
 def check_config(cfg: GenerateConfig) -> GenerateConfig:
@@ -143,13 +158,14 @@ def generate(
             pipe.use_config(cfg)
             pipe.u2net_weights = u2net_weights
             kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
+            floor = object_floor(run_cfg, kind, fg_weights)
             inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
                     out = pipe(seeds=[cfg.seed + a for a in range(attempt, attempt + count)], output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
-                    region = object_region(image, kind, fg_weights)
+                    region = object_region(image, kind, fg_weights, floor)
                     verdict = filter_verdict(pair_mask, region, cfg.max_area, cfg.min_on_object)
                     verdicts[verdict] += 1
                     record = {
