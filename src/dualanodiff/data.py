@@ -255,6 +255,14 @@ def few_shot_split(pairs: list[Pair], rounding: str = "floor") -> tuple[list[Pai
     return ordered[:k], ordered[k:]
 
 
+def recorded_split(category_dir: Path | str, defect: str, train_stems: list[str]) -> tuple[list[Pair], list[Pair]]:
+    """A run's few-shot split as its config records it (`Config.split["train"]`): the defect type's pairs
+    named there, and the others, each in the category's order."""
+    train = set(train_stems)
+    pairs = open_category(category_dir).defects.get(defect, [])
+    return [p for p in pairs if p.stem in train], [p for p in pairs if p.stem not in train]
+
+
 def empty_masks(pairs: list[Pair]) -> list[Pair]:
     """The pairs whose mask marks no pixel: a few-shot pair without its defect marked teaches the
     anomaly branch a blank part image (and crop-paste has nothing to cut)."""

@@ -416,15 +416,14 @@ def few_shot_reproduction(out: Path, cfg: Config) -> dict:
     """How close our generated images come to the few-shot training images (mean nearest-training PSNR),
     beside real images of the same defect type that were not in the few-shot set: the base's few-shot
     fidelity, which the embedded base caps (issue: within 0.5 dB of the real images)."""
-    from dualanodiff.data import load_image, open_category
+    from dualanodiff.data import load_image, recorded_split
     from dualanodiff.evaluation.metrics import nearest_psnr
     from dualanodiff.images import resize_image
 
-    pairs = open_category(cfg.data.data).defects[cfg.data.defect]
-    train = set(_split(out))
-    references = np.stack([load_image(p.image) for p in pairs if p.stem in train])
+    train, others = recorded_split(cfg.data.data, cfg.data.defect, _split(out))
+    references = np.stack([load_image(p.image) for p in train])
     side = references.shape[1]
-    real = np.stack([load_image(p.image) for p in pairs if p.stem not in train])
+    real = np.stack([load_image(p.image) for p in others])
     folder = out / "generated" / OURS / Path(cfg.data.data).name / cfg.data.defect
     generated = np.stack([resize_image(load_image(folder / row["image"]), side) for row in kept_rows(folder)])
     return {"generated": float(nearest_psnr(generated, references).mean()), "real": float(nearest_psnr(real, references).mean()),

@@ -22,7 +22,7 @@ import yaml
 
 from dualanodiff.alignment import alignment_score
 from dualanodiff.config import Config, GenerateConfig, validated
-from dualanodiff.data import load_image, load_mask, open_category
+from dualanodiff.data import load_image, load_mask, open_category, recorded_split
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
@@ -83,9 +83,8 @@ def object_floor(run_cfg: Config, kind: str, u2net_weights: str | None = None) -
     training images; 0 for textures, or when the dataset is no longer where the run found it."""
     if kind == "texture" or not Path(run_cfg.data.data).is_dir():
         return 0.0
-    train = set(run_cfg.split.get("train", []))
-    pairs = [p for p in open_category(run_cfg.data.data).defects.get(run_cfg.data.defect, []) if p.stem in train]
-    shares = [foreground_mask(load_image(p.image), kind, u2net_weights).mean() for p in pairs]
+    train, _ = recorded_split(run_cfg.data.data, run_cfg.data.defect, run_cfg.split.get("train", []))
+    shares = [foreground_mask(load_image(p.image), kind, u2net_weights).mean() for p in train]
     return OBJECT_FLOOR * float(np.mean(shares)) if shares else 0.0
 
 
