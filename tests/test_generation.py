@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -12,7 +13,8 @@ from PIL import Image
 from dualanodiff.cli import main
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import load_image, load_mask, open_category
-from dualanodiff.generation import generate, generate_config
+from dualanodiff.generation import REGION_MARGIN, generate, generate_config
+from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -188,3 +190,32 @@ def test_generate_writes_pairs_at_the_asked_size_and_exports_them_for_anomalib(r
     exported = category.defects["hole"]
     assert [p.stem for p in exported] == ["000", "001"]
     assert all(np.array_equal(load_image(p.image), load_image(native / r["image"])) for p, r in zip(exported, manifest(native)))
+
+
+def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_shape_is_placed(run, synthetic_root, tmp_path):
+    from dualanodiff.baselines import NormalPool, place_defect, training_defects
+    from dualanodiff.errors import OtherSettings, UserError
+
+    main(["generate", str(run), "--out", str(tmp_path), "--num", "3", "--steps", "2", "--scheduler", "ddim",
+          "--batch-size", "2", "--device", "cpu", "--no-filter", "--on-normals"])
+    folder = tmp_path / "nut" / "hole"
+    category = open_category(synthetic_root / "nut")
+    normals = NormalPool(category)
+    defects = [d for d in training_defects(category, "hole") if d.stem in Config.from_yaml(run / "config.yaml").split["train"]]
+    rows = manifest(folder)
+    assert len(rows) == 3
+    for row in rows:
+        target, _, placed, placement = place_defect(np.random.default_rng(row["seed"]), defects, normals, category.kind)
+        assert (row["on_normals"], row["onto"], row["background"], row["shape_of"]) == (True, target.stem, target.stem, placement["source"])
+        normal = resize_image(target.image, 32)
+        image, mask = load_image(folder / row["image"]), load_mask(folder / row["mask"])
+        assert np.array_equal(image[~mask], normal[~mask])
+        margin = max(1, round(REGION_MARGIN * placed.shape[0]))
+        grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
+        assert not (mask & ~resize_mask(grown, 32)).any()
+    with pytest.raises(OtherSettings, match="on_normals True -> None"):
+        generate(run, tmp_path, fast(num=4, filter=False))
+    started = generate(run, tmp_path / "started", fast(num=2, filter=False, on_normals=True, on_normals_strength=0.5))
+    assert [row["on_normals_strength"] for row in manifest(started.folder)] == [0.5, 0.5]
+    with pytest.raises(UserError, match="--on-normals"):
+        generate(run, tmp_path / "other", fast(num=1, on_normals=True), background=category.train_good[0])

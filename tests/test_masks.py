@@ -19,6 +19,7 @@ from dualanodiff.masks import (
     filter_verdict,
     mask_overlay,
     pair_consistency,
+    part_onto,
     part_to_mask,
     u2net_part_mask,
 )
@@ -309,3 +310,19 @@ def test_mask_overlay_tints_the_mask_and_draws_its_contour():
     contour[6:14, 6:14] = False
     assert (overlay[contour] == (255, 0, 0)).all()
     assert (overlay[6:14, 6:14] == overlay[10, 10]).all()
+
+
+
+def test_part_onto_lays_the_defect_on_with_its_opacity_and_leaves_the_rest_exact():
+    rng = np.random.default_rng(0)
+    normal = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    part = grey_part(32, 32)
+    part[10:14, 10:14] = (20, 30, 40)  # the defect's core: as far from grey as the mask's median pixel
+    part[9, 10:14] = (74, 79, 84)  # a rim half as far: half opaque
+    mask = np.zeros((32, 32), bool)
+    mask[9:14, 10:14] = True
+    out = part_onto(normal, part, mask)
+    assert np.array_equal(out[~mask], normal[~mask])
+    assert np.array_equal(out[10:14, 10:14], part[10:14, 10:14])
+    np.testing.assert_allclose(out[9, 10:14], (normal[9, 10:14].astype(float) + part[9, 10:14]) / 2, atol=1)
+    assert np.array_equal(part_onto(normal, part, np.zeros_like(mask)), normal)

@@ -14,8 +14,8 @@ from dualanodiff.config import GenerateConfig, ModelConfig
 from dualanodiff.data import load_image, load_mask
 from dualanodiff.errors import UserError
 from dualanodiff.generation import generate
-from dualanodiff.images import resize_image, to_uint8
-from dualanodiff.masks import part_to_mask
+from dualanodiff.images import resize_image
+from dualanodiff.masks import part_onto, part_to_mask
 from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,23 +92,46 @@ def test_guided_noise_of_one_batched_call_equals_two_separate_calls(tiny_run):
     torch.testing.assert_close(eps_anomaly, uncond[1] + guidance * (cond[1] - uncond[1]), atol=1e-5, rtol=1e-5)
 
 
-def test_inpainting_keeps_pixels_outside_the_mask_and_labels_only_inside(pipe, synthetic_root):
-    normal = resize_image(load_image(sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))[0]), 32)
-    mask = np.zeros((32, 32), bool)
-    mask[9:20, 11:22] = True  # not aligned with the 2-pixel latent cells
-    with torch.inference_mode():
-        reconstruction = to_uint8(pipe.model.vae.decode(pipe.encode([normal]) / pipe.scaling).sample[0])
-
-    def error_outside(image):
-        return np.abs(image.astype(float) - normal)[~mask].mean()
-
-    out = using(pipe, "pndm")(seeds=[0, 1], num_inference_steps=4, normal_image=normal, mask=mask, output_type="np")
-    for image, pair_mask, part in zip(out.images, out.masks, out.parts):
-        assert error_outside(image) <= error_outside(reconstruction) + 1.0
-        assert np.abs(image.astype(float) - reconstruction)[mask].mean() > 2  # a defect was drawn inside
-        assert np.array_equal(pair_mask, part_to_mask(part) & mask)
+def test_inpainting_keeps_the_normal_image_outside_the_defect_and_labels_only_inside(pipe, synthetic_root):
+    normals = [resize_image(load_image(p), 32) for p in sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))[:2]]
+    region = np.zeros((32, 32), bool)
+    region[9:20, 11:22] = True  # not aligned with the 2-pixel latent cells
+    sampler = using(pipe, "pndm")
+    alone = sampler(seeds=[0, 1], num_inference_steps=4, normal_image=normals[0], mask=region, output_type="np")
+    each = sampler(seeds=[0, 1], num_inference_steps=4, normal_image=normals, mask=[region, region], output_type="np")
+    assert np.array_equal(alone.images[0], each.images[0]) and np.array_equal(alone.masks[0], each.masks[0])
+    drawn = 0
+    for image, pair_mask, part, normal in zip(each.images, each.masks, each.parts, normals):
+        assert np.array_equal(pair_mask, part_to_mask(part) & region)
+        assert np.array_equal(image, part_onto(normal, part, pair_mask))
+        assert np.array_equal(image[~pair_mask], normal[~pair_mask])
+        drawn += int(pair_mask.any() and np.abs(image.astype(int) - normal)[pair_mask].mean() > 2)
+    assert drawn >= 1  # a defect was drawn inside
     with pytest.raises(ValueError, match="go together"):
-        pipe(seeds=[0], num_inference_steps=1, normal_image=normal)
+        pipe(seeds=[0], num_inference_steps=1, normal_image=normals[0])
+    with pytest.raises(ValueError, match="one per pair"):
+        pipe(seeds=[0], num_inference_steps=1, normal_image=normals, mask=region)
+
+
+def test_a_strength_below_one_starts_from_the_init_images_noised_to_that_share_of_the_schedule(pipe, synthetic_root, monkeypatch):
+    image = resize_image(load_image(sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))[0]), 32)
+    part = np.full_like(image, 128)
+    part[10:18, 12:20] = 30
+    calls = []
+    monkeypatch.setattr(pipe, "guided_noise", lambda *args, wrapped=pipe.guided_noise: calls.append(args) or wrapped(*args))
+    sampler = using(pipe, "ddim")  # 10 steps: timesteps 901, 801, ..., 1; DDIM does not scale its input
+    sampler(seeds=[7], num_inference_steps=10, init_image=image, init_part=part, strength=0.35, output_type="np")
+    assert [int(args[2]) for args in calls] == [301, 201, 101, 1]  # int(10 * 0.65) = 6 steps skipped
+    with torch.inference_mode():
+        clean = pipe.encode([image, part])
+    draw = torch.randn((1, *clean.shape[1:]), generator=torch.Generator().manual_seed(7))  # shared by both rows
+    alpha = pipe.scheduler.alphas_cumprod[301]
+    expected = alpha.sqrt() * clean + (1 - alpha).sqrt() * draw
+    torch.testing.assert_close(torch.cat([calls[0][0], calls[0][1]]), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="strength 0"):
+        sampler(seeds=[0], num_inference_steps=2, init_image=image, init_part=part, strength=0.0)
+    with pytest.raises(ValueError, match="go together"):
+        sampler(seeds=[0], num_inference_steps=2, init_image=image)
 
 
 def test_shared_initial_noise_starts_both_rows_from_one_draw():

@@ -140,6 +140,12 @@ class GenerateConfig:
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels
+    # draw each defect into a real train/good image, in a few-shot defect's shape placed on it (ours, not the
+    # paper's: the pairs then differ from real images only at their defects); false: whole images (paper)
+    on_normals: bool = False
+    # with on_normals: sampling starts from the placed real defect noised to this share of the schedule (as
+    # img2img's strength); 1 starts from pure noise, where the defect rarely lands inside its small region
+    on_normals_strength: Annotated[float, Range(0, 1, open_low=True)] = 1.0
 
 
 @dataclass

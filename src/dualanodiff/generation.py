@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 
 from dualanodiff.alignment import alignment_score
+from dualanodiff.baselines import NormalPool, anomaly_part, load_defects, place_defect
 from dualanodiff.config import Config, GenerateConfig, validated
 from dualanodiff.data import load_image, load_mask, open_category, recorded_split
 from dualanodiff.devices import resolve_device, resolve_dtype
@@ -58,6 +60,7 @@ def generate_config(run: Path, config_file: Path | None = None, **overrides) -> 
 
 BORDER_SHARE = 0.03  # of the image side: the frame where an object's defect is not expected
 OBJECT_FLOOR = 0.25  # of the few-shot images' mean object share: a foreground smaller than this is a speck
+REGION_MARGIN = 1 / 32  # of the image side (a latent cell): how far --on-normals lets a defect outgrow its shape
 
 
 def object_region(image: np.ndarray, kind: str, u2net_weights: str = "", min_share: float = 0.0) -> np.ndarray | None:
@@ -96,11 +99,52 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
     return cfg
 
 
-def check_inputs(cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None) -> None:
+def check_inputs(
+    cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None, background: Path | None = None,
+) -> None:
     if cfg.mask_method == "u2net" and not (u2net_weights and Path(u2net_weights).is_file()):
         raise UserError(f"--u2net-weights {u2net_weights or '(none)'}: --mask-method u2net needs a local TorchScript U²-Net file")
     if (normal is None) != (mask is None):
         raise UserError("--normal/--mask: give both, the normal image and the mask of where to put the defect")
+    if cfg.on_normals and (normal is not None or background is not None):
+        raise UserError("--on-normals picks each pair's normal image and background itself; drop --normal/--mask/--background")
+
+
+class NormalCanvas:
+    """``--on-normals``: each pair's defect is drawn into a real ``train/good`` image of the run's dataset,
+    inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the
+    pair's seed), grown by `REGION_MARGIN` of the image side so the model may draw it larger; the image's own
+    background feeds BCM. The pairs then differ from real normal images only at their defects."""
+
+    def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
+        category = open_category(run_cfg.data.data)
+        if not category.train_good:
+            raise UserError(f"--on-normals: {category.root} has no train/good images to draw defects into")
+        train, _ = recorded_split(category.root, run_cfg.data.defect, run_cfg.split.get("train", []))
+        self.defects = load_defects([pair for pair in train if load_mask(pair.mask).any()])
+        if not self.defects:
+            raise UserError(f"--on-normals: the run's few-shot pairs of {run_cfg.data.defect} are no longer in {category.root}")
+        self.normals, self.kind, self.u2net_weights = NormalPool(category), kind, u2net_weights
+
+    def inputs(self, seeds: list[int], strength: float) -> tuple[dict, list[dict]]:
+        """The pipeline's per-pair inputs for `seeds` (normal images, regions, backgrounds and, below strength 1,
+        the placed real defects as image and part to start from), and what each pair used."""
+        inputs, records = {"normal_image": [], "mask": [], "background": [], "init_image": [], "init_part": []}, []
+        for seed in seeds:
+            target, pasted, placed, placement = place_defect(np.random.default_rng(seed), self.defects, self.normals, self.kind)
+            margin = max(1, round(REGION_MARGIN * min(placed.shape)))
+            grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
+            inputs["normal_image"].append(target.image)
+            inputs["mask"].append(grown & target.foreground)
+            inputs["background"].append(prepared_background(target.image, self.kind, self.u2net_weights))
+            inputs["init_image"].append(pasted)
+            inputs["init_part"].append(anomaly_part(pasted, placed))
+            records.append({"background": target.stem, "onto": target.stem, "shape_of": placement["source"]})
+        if strength < 1:
+            inputs["strength"] = strength
+        else:
+            del inputs["init_image"], inputs["init_part"]
+        return inputs, records
 
 
 def foreground_kind(run_cfg: Config) -> str:
@@ -133,13 +177,14 @@ def generate(
     run_cfg = RunFolder(run).load_config()
     u2net_weights = str(u2net_weights or "")
     check_config(cfg)
-    check_inputs(cfg, u2net_weights, normal, mask)
+    check_inputs(cfg, u2net_weights, normal, mask, background)
     settings = {
         "run": str(Path(run).resolve()),
         "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
         "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
         "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
-        "normal": None if normal is None else str(normal), "filter": cfg.filter,
+        "normal": None if normal is None else str(normal), "on_normals": cfg.on_normals or None,
+        "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None, "filter": cfg.filter,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
@@ -153,16 +198,21 @@ def generate(
         if progress is not None:
             progress(kept, cfg.num)
         if kept < cfg.num and attempt < cap:
+            kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
+            canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
             pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
             pipe.use_config(cfg)
             pipe.u2net_weights = u2net_weights
-            kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
             floor = object_floor(run_cfg, kind, fg_weights)
             inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
+                seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
+                canvases = [{}] * count
+                if canvas is not None:
+                    inputs, canvases = canvas.inputs(seeds, cfg.on_normals_strength)
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
-                    out = pipe(seeds=[cfg.seed + a for a in range(attempt, attempt + count)], output_type="np", **inputs)
+                    out = pipe(seeds=seeds, output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
                     region = object_region(image, kind, fg_weights, floor)
                     verdict = filter_verdict(pair_mask, region, cfg.max_area, cfg.min_on_object)
@@ -172,6 +222,7 @@ def generate(
                         "seed": seed,
                         **settings,
                         "background": _background_name(pipe, source, seed),
+                        **canvases[offset],
                         "mask_area": round(float(pair_mask.mean()), 6),
                         "consistency": round(pair_consistency(image, part, pair_mask), 4),
                         "alignment": round(alignment_score(image, pair_mask, region, seed=seed), 4),

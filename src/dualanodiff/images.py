@@ -45,3 +45,4 @@ def batch_to_model_range(images: torch.Tensor) -> torch.Tensor:
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(N x) 3 x H x W float in [-1, 1] -> (N x) H x W x 3 uint8 (rounded, clipped)."""
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+

@@ -20,12 +20,15 @@ from its own ``torch.Generator``, so a pair does not depend on the batch it was 
 the same device. The two rows of a pair start from one draw (``initial_noise="shared"``, ours: it
 couples where the two branches put the defect) or from independent ones (the paper and reference code).
 
-Inpainting (``normal_image`` + ``mask``): after every step the global branch's latents outside the mask
-(downsampled to latent cells by max-pooling, so it covers the mask) are replaced by the normal image's
-latents noised to the next step. The decoded image is taken from the VAE reconstruction of the normal
-image outside those latent cells, so it stays within VAE reconstruction error of the input there. The
-pair's mask is the part mask intersected with the user mask: a defect the anomaly branch did not draw
-inside the region is not labelled.
+Inpainting (``normal_image`` + ``mask``, one for all pairs or a list with one per pair): after every step
+the global branch's latents outside the mask (downsampled to latent cells by max-pooling, so it covers
+the mask) are replaced by the normal image's latents noised to the next step, and the anomaly branch's by
+a flat grey image's (the part image is grey wherever there is no defect), so the part's defect, and through
+SAIM the image's, lands inside the mask. The pair's mask is the part
+mask intersected with the user mask (a defect the anomaly branch did not draw inside the region is not
+labelled), and the image is the normal image itself with the part's defect laid on inside the pair's mask
+(`part_onto`: the paper's part image is ``I * M``, the image inside the mask): no VAE texture anywhere
+else. The global branch shapes that defect through SAIM, from the normal image it is held to.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uin
 from dualanodiff.masks import (
     attention_to_mask,
     foreground_mask,
+    part_onto,
     part_to_mask,
     u2net_part_mask,
 )
@@ -75,6 +79,7 @@ SCHEDULER_ALIASES = {
 # Stable Diffusion 1.5's scheduler settings where the base's own config does not say (a DDPM config)
 SD_SCHEDULER_DEFAULTS = {"skip_prk_steps": True, "set_alpha_to_one": False}
 OUTPUT_TYPES = ("pil", "np")
+PerPair = np.ndarray | Image.Image | list  # an image for every pair of a call, or a list of one per pair
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -89,6 +94,14 @@ def make_scheduler(name: str, base_config: dict):
         return getattr(diffusers, class_name).from_config({**SD_SCHEDULER_DEFAULTS, **dict(base_config)})
     except ImportError:  # e.g. DPMSolverSDEScheduler needs torchsde
         raise UserError(f"--scheduler {name}: a package it needs is not installed; pick another scheduler") from None
+
+
+def per_pair(value, pairs: int, name: str) -> list[np.ndarray]:
+    """One array per pair from an image given once (used by every pair) or as a list of one per pair."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * pairs
+    if len(values) != pairs:
+        raise ValueError(f"{name}: {len(values)} given for {pairs} pairs; give one, or one per pair")
+    return [np.asarray(v) for v in values]
 
 
 def prepared_background(image: np.ndarray, kind: str, u2net_weights: str | None = None) -> np.ndarray:
@@ -109,6 +122,18 @@ class DualAnoDiffPipelineOutput(BaseOutput):
     parts: list
     seeds: list[int | None]
     attention: list[np.ndarray] | None = None
+
+
+@dataclass
+class Inpainting:
+    """A call's inpainting inputs at the pipeline's resolution: the normal images and masks, and the latents
+    both branches keep outside the masks' latent cells (``free``, 1 inside): the normal images' for the
+    image rows, flat grey's for the part rows."""
+
+    normals: list[np.ndarray]
+    masks: list[np.ndarray]
+    known: torch.Tensor
+    free: torch.Tensor
 
 
 class DualAnoDiffPipeline:
@@ -200,6 +225,13 @@ class DualAnoDiffPipeline:
         with torch.inference_mode():
             self.background_latents = self.encode(self.backgrounds) if self.backgrounds else None
 
+    def _inpainting(self, normal_image: PerPair, mask: PerPair, pairs: int) -> Inpainting:
+        normals = [resize_image(n, self.resolution) for n in per_pair(normal_image, pairs, "normal_image")]
+        masks = [resize_mask(m > 0, self.resolution) for m in per_pair(mask, pairs, "mask")]
+        free = F.adaptive_max_pool2d(torch.from_numpy(np.stack(masks)).float()[:, None], (self.latent_size,) * 2)
+        grey = self.encode([np.full((self.resolution, self.resolution, 3), 128, np.uint8)]).expand(pairs, -1, -1, -1)
+        return Inpainting(normals, masks, torch.cat([self.encode(normals), grey]), free.repeat(2, 1, 1, 1).to(self.device))
+
     def background_index(self, seed: int) -> int:
         """Which few-shot background a pair uses: chosen by its seed, so regeneration picks the same one."""
         return seed % len(self.backgrounds)
@@ -276,26 +308,34 @@ class DualAnoDiffPipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        background: np.ndarray | Image.Image | None = None,
-        normal_image: np.ndarray | Image.Image | None = None,
-        mask: np.ndarray | Image.Image | None = None,
+        background: PerPair | None = None,
+        normal_image: PerPair | None = None,
+        mask: PerPair | None = None,
         output_type: str = "pil",
         *,
         seeds: list[int] | None = None,
         initial_noise: str | None = None,
         return_attention: bool = False,
+        init_image: PerPair | None = None,
+        init_part: PerPair | None = None,
+        strength: float = 1.0,
     ) -> DualAnoDiffPipelineOutput:
         """Sample `num_images` aligned (image, mask, part) pairs; `background` replaces the few-shot ones for
-        BCM; `normal_image` + `mask` put the defect into a given normal image inside `mask` (inpainting).
-        Arguments left None come from ``self.config`` (steps, guidance, initial noise)."""
+        BCM; `normal_image` + `mask` put the defect into a given normal image inside `mask` (inpainting);
+        `init_image` + `init_part` with `strength` < 1 start both branches from those images noised to that
+        share of the schedule (as diffusers' img2img), e.g. a real defect pasted where it should go. Each
+        image argument is one image for all pairs or a list of one per pair. Arguments left None come from
+        ``self.config`` (steps, guidance, initial noise)."""
         cfg = self.config
         steps = cfg.steps if num_inference_steps is None else num_inference_steps
         guidance = cfg.guidance if guidance_scale is None else guidance_scale
         initial_noise = initial_noise or cfg.initial_noise
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
-        if (normal_image is None) != (mask is None):
-            raise ValueError("normal_image and mask go together")
+        if (normal_image is None) != (mask is None) or (init_image is None) != (init_part is None):
+            raise ValueError("normal_image and mask go together, as do init_image and init_part")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength {strength}: must lie in (0, 1]")
         if steps < 1:
             raise UserError(f"--steps {steps}: must be at least 1")
         generators, pair_seeds = self._generators(num_images, generator, seeds)
@@ -308,26 +348,29 @@ class DualAnoDiffPipeline:
             draws = [torch.randn((rows_per_pair, *shape), generator=g) for g in generators]
             return torch.stack(draws, 1).flatten(0, 1).to(self.device)  # (rows_per_pair * pairs, ...) row-blocked
 
-        latents = (noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)) * sampler.init_noise_sigma
+        latents = noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)
+        if init_image is not None and strength < 1:  # start part-way, from the init images noised to that step
+            start = int(len(timesteps) * (1 - strength))
+            timesteps = timesteps[start:]
+            if hasattr(sampler, "set_begin_index"):
+                sampler.set_begin_index(start)
+            init = [per_pair(init_image, pairs, "init_image"), per_pair(init_part, pairs, "init_part")]
+            latents = sampler.add_noise(self.encode(init[0] + init[1]), latents, timesteps[:1].expand(2 * pairs))
+        else:
+            latents = latents * sampler.init_noise_sigma
         step_kwargs = {"generator": generators + generators} if "generator" in inspect.signature(sampler.step).parameters else {}
 
         clean_background = None
         if self.model.cfg.bcm:
             if background is not None:
-                clean_background = self.encode([np.asarray(background)]).expand(pairs, -1, -1, -1)
+                clean_background = self.encode(per_pair(background, pairs, "background"))
             elif self.background_latents is not None:  # by seed, else by position in the call
                 chosen = [self.background_index(k if s is None else s) for k, s in enumerate(pair_seeds)]
                 clean_background = self.background_latents[chosen]
             else:
                 raise UserError("background: the model uses BCM but the run has no backgrounds/; pass --background IMAGE")
 
-        inpaint = user_mask = None
-        if normal_image is not None:
-            known = self.encode([np.asarray(normal_image)])
-            user_mask = resize_mask(np.asarray(mask) > 0, self.resolution)
-            free = F.adaptive_max_pool2d(torch.from_numpy(user_mask).float()[None, None], shape[1:]).to(self.device)
-            inpaint = (known, free)  # free: the latent cells touching the mask
-
+        inpaint = None if normal_image is None else self._inpainting(normal_image, mask, pairs)
         capture = return_attention or cfg.mask_method == "attention"
         attention = torch.zeros((pairs, *shape[1:]), device=self.device) if capture else None
         late = len(timesteps) // 2
@@ -345,24 +388,19 @@ class DualAnoDiffPipeline:
             else:
                 eps = self.guided_noise(x_global, x_anomaly, t, x_background, guidance)
             latents = sampler.step(torch.cat(eps), t, latents, **step_kwargs).prev_sample
-            if inpaint is not None:
-                known, free = inpaint
-                target = known.expand(pairs, -1, -1, -1)
+            if inpaint is not None:  # both branches: the image is the normal one, the part grey, outside `free`
+                target = inpaint.known
                 if i + 1 < len(timesteps):
-                    target = sampler.add_noise(target, noise(1), timesteps[i + 1].expand(pairs))
-                latents = torch.cat([free * latents[:pairs] + (1 - free) * target, latents[pairs:]])
+                    target = sampler.add_noise(target, noise(2), timesteps[i + 1].expand(2 * pairs))
+                latents = inpaint.free * latents + (1 - inpaint.free) * target
 
-        decode = [latents] if inpaint is None else [latents, inpaint[0]]
-        pixels = self.model.vae.decode((torch.cat(decode) / self.scaling).to(self.dtype)).sample.float()
-        images, parts = pixels[:pairs], pixels[pairs : 2 * pairs]
-        if inpaint is not None:
-            free_pixels = F.interpolate(inpaint[1], size=images.shape[-2:], mode="nearest").bool()
-            images = torch.where(free_pixels, images, pixels[2 * pairs :])
+        pixels = self.model.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
         maps = None if attention is None else list((attention / (len(timesteps) - late)).cpu().numpy())
-        images, parts = list(to_uint8(images)), list(to_uint8(parts))
+        images, parts = list(to_uint8(pixels[:pairs])), list(to_uint8(pixels[pairs:]))
         masks = [self.part_mask(part, None if maps is None else maps[k]) for k, part in enumerate(parts)]
-        if user_mask is not None:
-            masks = [m & user_mask for m in masks]
+        if inpaint is not None:
+            masks = [m & user for m, user in zip(masks, inpaint.masks)]
+            images = [part_onto(normal, part, m) for normal, part, m in zip(inpaint.normals, parts, masks)]
         if output_type == "pil":
             images, parts = [Image.fromarray(i) for i in images], [Image.fromarray(p) for p in parts]
             masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]

@@ -30,11 +30,13 @@ from dualanodiff.baselines.common import (
     Normal,
     NormalPool,
     anomaly_part,
+    load_defects,
     training_defects,
 )
 from dualanodiff.baselines.crop_paste import (
     crop_paste,
     crop_paste_pair,
+    place_defect,
     transform_patch,
 )
 from dualanodiff.baselines.perlin import (
@@ -49,6 +51,6 @@ from dualanodiff.baselines.perlin import (
 
 __all__ = [
     "PART_GREY", "BaselinePair", "Defect", "Normal", "NormalPool", "anomaly_part", "blend", "crop_paste",
-    "crop_paste_pair", "gradient_noise", "perlin", "perlin_mask", "perlin_noise", "perlin_pair", "procedural_texture",
-    "training_defects", "transform_patch",
+    "crop_paste_pair", "gradient_noise", "load_defects", "perlin", "perlin_mask", "perlin_noise", "perlin_pair",
+    "place_defect", "procedural_texture", "training_defects", "transform_patch",
 ]

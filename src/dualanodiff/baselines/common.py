@@ -17,6 +17,7 @@ import numpy as np
 from dualanodiff.alignment import alignment_score
 from dualanodiff.data import (
     Category,
+    Pair,
     few_shot_split,
     load_image,
     load_mask,
@@ -67,8 +68,13 @@ def training_defects(
     """The few-shot training pairs of `defect` (never its test images), loaded; a pair whose mask is
     empty is refused, or skipped with ``allow_empty``, as `train` does (`with_marked_masks`)."""
     train, _ = few_shot_split(defect_pairs(category, defect), rounding)
+    return load_defects(with_marked_masks(train, allow_empty, warn))
+
+
+def load_defects(pairs: Sequence[Pair]) -> list[Defect]:
+    """`Defect`s of few-shot pairs, read from their files."""
     defects = []
-    for pair in with_marked_masks(train, allow_empty, warn):
+    for pair in pairs:
         image = load_image(pair.image)
         defects.append(Defect(pair.stem, image, load_mask(pair.mask, shape=image.shape[:2])))
     return defects

@@ -85,14 +85,15 @@ def _placements(foreground: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(overlap >= min(best, float(mask.sum())) - 0.5)
 
 
-def crop_paste_pair(
+def place_defect(
     rng: np.random.Generator, defects: Sequence[Defect], normals: Sequence[Normal], kind: str
-) -> BaselinePair:
-    """Paste one randomly transformed training defect onto a random normal image.
+) -> tuple[Normal, np.ndarray, np.ndarray, dict]:
+    """One randomly transformed training defect pasted onto a random normal image: (the normal image,
+    the pasted image, the mask of the pasted pixels, how it was made).
 
     Objects: any rotation, and the pasted pixels are those of the transformed mask that land on the
     target's foreground, at a position where that share is largest. Textures: rotations by multiples
-    of 90 degrees (their structure is axis-aligned), anywhere. The mask is exactly the pasted pixels.
+    of 90 degrees (their structure is axis-aligned), anywhere.
     """
     for _ in range(MAX_DRAWS):
         source = defects[int(rng.integers(len(defects)))]
@@ -122,11 +123,19 @@ def crop_paste_pair(
             "source": source.stem, "target": target.stem, "angle": angle, "scale": scale,
             "flip_x": flip_x, "flip_y": flip_y, "top": top, "left": left,
         }
-        return BaselinePair(image, mask, anomaly_part(image, mask), record, target.foreground)
+        return target, image, mask, record
     raise UserError(
         f"crop-paste: no transformed defect could be placed on the object after {MAX_DRAWS} draws; "
         "check the train/good images show the object"
     )
+
+
+def crop_paste_pair(
+    rng: np.random.Generator, defects: Sequence[Defect], normals: Sequence[Normal], kind: str
+) -> BaselinePair:
+    """A `place_defect` pair: its mask is exactly the pasted pixels."""
+    target, image, mask, record = place_defect(rng, defects, normals, kind)
+    return BaselinePair(image, mask, anomaly_part(image, mask), record, target.foreground)
 
 
 def crop_paste(

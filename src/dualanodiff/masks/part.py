@@ -48,17 +48,35 @@ def part_to_mask(
     >>> int(part_to_mask(part).sum())
     96
     """
-    pixels = np.atleast_3d(np.asarray(part)).astype(np.float32) / 255.0
-    if pixels.ndim != 3:
-        raise ValueError(f"part image must be HxW or HxWxC, got shape {np.shape(part)}")
-    median = np.median(pixels.reshape(-1, pixels.shape[2]), axis=0)
-    level = median if np.abs(median - 0.5).max() <= MAX_TINT else np.full_like(median, 0.5)
-    distance = np.abs(pixels - level).max(axis=2)
+    distance = distance_from_flat(part)
     if distance.max() <= floor:
         return np.zeros(distance.shape, dtype=bool)
     noise_ceiling = _NOISE_CEILING * float(np.median(distance))
     threshold = max(min(float(threshold_otsu(distance)), noise_ceiling), floor)
     return clean_mask(distance > threshold, min_component, radius)
+
+
+def distance_from_flat(part: np.ndarray) -> np.ndarray:
+    """HxW ``max_c |part_c / 255 - level_c|``, the flat level being the part's per-channel median (mid-grey
+    when that median is further than ``MAX_TINT`` from it): how much of the defect each pixel shows."""
+    pixels = np.atleast_3d(np.asarray(part)).astype(np.float32) / 255.0
+    if pixels.ndim != 3:
+        raise ValueError(f"part image must be HxW or HxWxC, got shape {np.shape(part)}")
+    median = np.median(pixels.reshape(-1, pixels.shape[2]), axis=0)
+    level = median if np.abs(median - 0.5).max() <= MAX_TINT else np.full_like(median, 0.5)
+    return np.abs(pixels - level).max(axis=2)
+
+
+def part_onto(normal: np.ndarray, part: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The part image's defect laid onto a normal image (HxWx3 uint8 each): the paper's ``I * M`` is the
+    image inside the mask, so there the pair's image is the part, with an opacity that grows with the
+    pixel's distance from the flat grey (full from the median distance of the mask's pixels on): the
+    grey the decoder blurs into a defect's rim stays out. Outside the mask it is `normal` exactly."""
+    distance = distance_from_flat(part)
+    if not mask.any():
+        return normal.copy()
+    opacity = np.where(mask, np.clip(distance / max(float(np.median(distance[mask])), 1e-6), 0, 1), 0)[..., None]
+    return np.clip(np.round(normal + opacity * (part.astype(np.float32) - normal)), 0, 255).astype(np.uint8)
 
 
 def attention_to_mask(
