@@ -35,9 +35,10 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     text = report.read_text()
     results = json.loads((out / "evaluation.json").read_text())
     names = [row["name"] for row in results["generators"]]
-    assert names == ["dualanodiff", "no-saim", "no-bcm", "crop-paste", "perlin", "crop-paste+dualanodiff"]
-    combined = results["generators"][-1]
-    assert combined["metrics"]["pairs"] == results["generators"][0]["metrics"]["pairs"] + results["generators"][3]["metrics"]["pairs"]
+    assert names == ["dualanodiff", "no-saim", "no-bcm", "dualanodiff-on-normals", "crop-paste", "perlin",
+                     "crop-paste+dualanodiff-on-normals"]
+    pairs = {row["name"]: row["metrics"]["pairs"] for row in results["generators"]}
+    assert pairs["crop-paste+dualanodiff-on-normals"] == pairs["dualanodiff-on-normals"] + pairs["crop-paste"] == 4
     for row in results["generators"]:
         assert f"| {row['name']} | " in text
         ap = row["metrics"]["pixel_ap"]
@@ -47,6 +48,10 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert f"mean {ours['alignment_mean']:.2f}, median {ours['alignment_median']:.2f}" in text
     assert f"{ours['consistency_mean']:.2f} dB" in text
     assert "2 of 2 generation attempts kept (100 %)" in text
+    on_normals = [json.loads(line) for line in (out / "generated" / "dualanodiff-on-normals" / "nut" / "hole" / "manifest.jsonl").open()]
+    assert [(row["run"], row["on_normals"], row["on_normals_strength"]) for row in on_normals] == [
+        (str((out / "runs" / "dualanodiff").resolve()), True, 0.7)] * 2
+    assert "`generate --on-normals`" in text and "at strength 0.7" in text
     from dualanodiff.demo import few_shot_reproduction
 
     reproduction = few_shot_reproduction(out, Config.from_yaml(out / "runs" / "dualanodiff" / "config.yaml"))
@@ -56,6 +61,7 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pixel_ap"] == {row["name"]: row["metrics"]["pixel_ap"] for row in results["generators"]}
     assert summary["kept"] == 2 and summary["few_shot_reproduction"] == reproduction
+    assert (summary["on_normals"]["kept"], summary["on_normals"]["attempts"]) == (2, 2)
     held_out = json.loads((out / "held-out" / "summary.json").read_text())
     assert (held_out["category"], held_out["defect"]) == ("bottle", "contamination")
     held_out_cfg = Config.from_yaml(out / "held-out" / "config.yaml")
@@ -63,12 +69,13 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert "## Held-out category: bottle / contamination" in text
     assert f"perlin {100 * held_out['pixel_ap']['perlin']:.1f}" in text and "(held-out/report.md)" in text
     assert (out / "held-out" / "generated" / "dualanodiff" / "bottle" / "contamination").is_dir()
-    for figure in ("pairs_dualanodiff", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "alignment"):
+    for figure in ("pairs_dualanodiff", "pairs_dualanodiff-on-normals", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "alignment"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()
     assert "<table>" in html and 'src="figures/pairs_dualanodiff.png"' in html
     stages = json.loads((out / "stages.json").read_text())
-    assert {"data", "train dualanodiff", "generate no-bcm", "baselines", "evaluate", "held-out", "report"} <= set(stages)
+    assert {"data", "train dualanodiff", "generate no-bcm", "generate dualanodiff-on-normals", "baselines", "evaluate",
+            "held-out", "report"} <= set(stages)
 
     adapters = (out / "runs" / "dualanodiff" / "adapters.safetensors").read_bytes()
     evaluation = (out / "evaluation.json").read_bytes()

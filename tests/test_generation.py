@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -219,3 +220,11 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
     assert [row["on_normals_strength"] for row in manifest(started.folder)] == [0.5, 0.5]
     with pytest.raises(UserError, match="--on-normals"):
         generate(run, tmp_path / "other", fast(num=1, on_normals=True), background=category.train_good[0])
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run, moved)
+    saved = Config.from_yaml(moved / "config.yaml")
+    saved.data.data = str(tmp_path / "gone")
+    saved.to_yaml(moved / "config.yaml")
+    with pytest.raises(UserError, match="--on-normals: the run's dataset .*gone"):
+        generate(moved, tmp_path / "other", fast(num=1, on_normals=True))
+    assert not (tmp_path / "other").exists()

@@ -5,9 +5,11 @@ Stages (each reused when a re-run finds it finished, recorded in ``OUT/stages.js
     data        synthetic MVTec-format category            OUT/data/<category>/
     train       few-shot DualAnoDiff on one defect type    OUT/runs/dualanodiff/
     generate    aligned image-mask pairs                   OUT/generated/dualanodiff/<category>/<defect>/
+                and the same run's defects drawn into real normal images (generate --on-normals)
+                                                           OUT/generated/dualanodiff-on-normals/...
     baselines   crop-paste and Perlin pairs                OUT/generated/{crop-paste,perlin}/...
     evaluate    U-Net localization protocol, all rows      OUT/evaluation.json
-                (ours, the baselines, and crop-paste + ours together)
+                (ours both ways, the baselines, and crop-paste + ours on normals together)
     held-out    with --ablation: the whole demo on synthetic.HELD_OUT  OUT/held-out/
     report      OUT/report.md and OUT/report.html (figures in OUT/figures/), OUT/summary.json
 
@@ -41,9 +43,11 @@ from dualanodiff.runs import RunFolder
 from dualanodiff.synthetic import HELD_OUT, write_dataset
 
 OURS = "dualanodiff"
+ON_NORMALS = "dualanodiff-on-normals"  # the same run's defects drawn into real normal images
 BASELINES = ("crop-paste", "perlin")
-COMBINED = "crop-paste+dualanodiff"  # how users will use it: the few-shot real pairs plus generated ones
+COMBINED = f"crop-paste+{ON_NORMALS}"  # how users will use it: the few-shot real pairs plus generated ones
 ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
+ON_NORMALS_STRENGTH = 0.7  # measured in experiments/ON_NORMALS.md
 HELD_OUT_DEFECT = "contamination"  # of synthetic.HELD_OUT: a small dark blob on the object, as nut/hole is
 
 
@@ -51,7 +55,8 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     """The demo's settings: the defaults, the embedded base's own few-shot recipe (its ``recipe.yaml``:
     300 training steps at lr 1e-3 instead of 5000 at 2e-5, prompts that name the category and the defect,
     DPM-Solver++ with 25 steps instead of PNDM with 100), and what a 2-core CPU budget demands: 30 pairs,
-    a localization U-Net trained 200 steps at 128 px. The choices come from `experiments/ABLATION.md`.
+    a localization U-Net trained 200 steps at 128 px. The choices come from `experiments/ABLATION.md`. The
+    on-normals pairs start from the placed real defect at `ON_NORMALS_STRENGTH` of the schedule.
     """
     cfg = Config.from_layers([(base_recipe("tiny"), "tiny recipe")])
     cfg.data.data = category  # resolved against OUT/data by `run_demo`
@@ -59,6 +64,7 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     cfg.model.base_model = "tiny"
     cfg.generate.num = 30
     cfg.generate.batch_size = 6
+    cfg.generate.on_normals_strength = ON_NORMALS_STRENGTH
     # crop-paste plateaus by 80 steps (pixel AP 92 at 40, 98 at 80, 99 at 400); generated pairs need more:
     # on the demo's pairs 4.0 at 80 steps, 22.4 at 200 (crop-paste 97.1 and 97.2, Perlin 74.0 and 77.4)
     cfg.evaluate.steps = 200
@@ -127,18 +133,24 @@ def run_demo(
         if not stages.done(f"generate {name}"):
             with stages.run(f"generate {name}"):
                 _generate(runs[name], out / "generated" / name, variant, hooks, name)
+    if not stages.done(f"generate {ON_NORMALS}"):
+        with stages.run(f"generate {ON_NORMALS}"):
+            on_normals = Config.from_dict(cfg.to_dict())
+            on_normals.generate.on_normals = True
+            _generate(runs[OURS], out / "generated" / ON_NORMALS, on_normals, hooks, ON_NORMALS)
+    pair_sets = [*variants, ON_NORMALS]
     if not stages.done("baselines"):
         with stages.run("baselines"):
             _baselines(cfg, out / "generated", hooks)
     if not stages.done("evaluate"):
         with stages.run("evaluate"):
-            _evaluate(cfg, out, list(variants), hooks)
+            _evaluate(cfg, out, pair_sets, hooks)
     if ablation and category_name != HELD_OUT and not stages.done("held-out"):
         with stages.run("held-out"):
             hooks.log(f"the held-out category {HELD_OUT}, which no embedded base saw in pretraining")
             run_demo(out / "held-out", held_out_config(cfg), hooks=hooks)
     with stages.run("report"):
-        report = write_demo_report(out, cfg, list(variants), stages, time.perf_counter() - clock)
+        report = write_demo_report(out, cfg, pair_sets, stages, time.perf_counter() - clock)
     return report
 
 
@@ -204,11 +216,11 @@ def _baselines(cfg: Config, root: Path, hooks: DemoHooks) -> None:
     baselines.perlin(category, defect, num, root / "perlin", cfg.generate.seed, progress=advance)
 
 
-def _evaluate(cfg: Config, out: Path, variants: list[str], hooks: DemoHooks) -> None:
+def _evaluate(cfg: Config, out: Path, pair_sets: list[str], hooks: DemoHooks) -> None:
     from dualanodiff.evaluation import evaluate_generators, write_report
 
-    rows: dict[str, Path | list[Path]] = {name: out / "generated" / name for name in variants + list(BASELINES)}
-    rows[COMBINED] = [rows["crop-paste"], rows[OURS]]
+    rows: dict[str, Path | list[Path]] = {name: out / "generated" / name for name in pair_sets + list(BASELINES)}
+    rows[COMBINED] = [rows["crop-paste"], rows[ON_NORMALS]]
     hooks.log(f"evaluating {', '.join(rows)} with the localization protocol ({cfg.evaluate.steps} steps each)")
     results = evaluate_generators(
         cfg.data.data,
@@ -252,7 +264,7 @@ def pair_figures(defect_dir: Path) -> dict:
     }
 
 
-def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stages, seconds: float) -> Path:
+def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stages, seconds: float) -> Path:
     """report.md and report.html from the files the stages wrote (nothing here is recomputed)."""
     from dualanodiff.evaluation.report import COLUMNS, markdown_table, table_rows
 
@@ -260,9 +272,10 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
     for row in results["generators"]:  # JSON null -> nan for the formatters
         row["metrics"] = {k: math.nan if v is None else v for k, v in row["metrics"].items()}
     category, defect = Path(cfg.data.data).name, cfg.data.defect
-    figures_of = _write_figures(out, category, defect, variants, results)
+    figures_of = _write_figures(out, category, defect, pair_sets, results)
     ap = {row["name"]: row["metrics"]["pixel_ap"] for row in results["generators"]}
-    stats = figures_of[OURS]
+    stats, on_normals = figures_of[OURS], figures_of[ON_NORMALS]
+    variants = [name for name in pair_sets if name != ON_NORMALS]
     reproduction = few_shot_reproduction(out, cfg)
 
     def compare(first: str, second: str) -> str:
@@ -280,8 +293,8 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
         "",
         "## Result",
         "",
-        f"Pixel AP of a localizer trained on each set: {compare(OURS, 'perlin')}; {compare(COMBINED, 'crop-paste')} "
-        f"({', '.join(f'{n} {100 * ap[n]:.1f}' for n in ap)}). Mean image-mask alignment of our pairs "
+        f"Pixel AP of a localizer trained on each set: {compare(ON_NORMALS, 'perlin')}; {compare(OURS, 'perlin')}; "
+        f"{compare(COMBINED, 'crop-paste')} ({', '.join(f'{n} {100 * ap[n]:.1f}' for n in ap)}). Mean image-mask alignment of our pairs "
         f"{stats['alignment_mean']:.2f} (crop-paste of the real defects {figures_of['crop-paste']['alignment_mean']:.2f}, "
         f"Perlin {figures_of['perlin']['alignment_mean']:.2f}; about 1 means the mask is no more on a defect than "
         f"anywhere else); {stats['kept']} of {stats['kept'] + stats['dropped']} generation attempts kept "
@@ -304,6 +317,7 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
         "",
         "![alignment](figures/alignment.png)",
         "",
+        *_on_normals_section(cfg, on_normals),
         "## Downstream localization (real test split)",
         "",
         f"{results['protocol']['localization']}.",
@@ -330,6 +344,8 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
     summary = {
         "category": category, "defect": defect, "pixel_ap": ap, "alignment_mean": stats["alignment_mean"],
         "kept": stats["kept"], "attempts": stats["kept"] + stats["dropped"], "few_shot_reproduction": reproduction,
+        "on_normals": {"alignment_mean": on_normals["alignment_mean"], "kept": on_normals["kept"],
+                       "attempts": on_normals["kept"] + on_normals["dropped"]},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     lines += _ablation_section(variants, figures_of, ap) if len(variants) > 1 else []
@@ -346,20 +362,35 @@ def write_demo_report(out: Path, cfg: Config, variants: list[str], stages: Stage
     return _write_markdown_and_html(out, "\n".join(lines))
 
 
-def _write_figures(out: Path, category: str, defect: str, variants: list[str], results: dict) -> dict[str, dict]:
+def _write_figures(out: Path, category: str, defect: str, pair_sets: list[str], results: dict) -> dict[str, dict]:
     """figures/: contact sheets, loss, metrics and alignment charts; returns each pair set's figures."""
     from dualanodiff.evaluation.report import bar_chart_png
 
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    generated = {name: out / "generated" / name / category / defect for name in variants + list(BASELINES)}
+    generated = {name: out / "generated" / name / category / defect for name in pair_sets + list(BASELINES)}
     for name, folder in generated.items():
         shutil.copyfile(folder / "contact_sheet.png", figures / f"pairs_{name}.png")
     shutil.copyfile(RunFolder(out / "runs" / OURS).loss_png, figures / "loss.png")
     atomic_write_bytes(figures / "metrics.png", bar_chart_png(results))
-    figures_of = {name: pair_figures(generated[name]) for name in variants + list(BASELINES)}
-    atomic_write_bytes(figures / "alignment.png", _histogram_png({name: figures_of[name] for name in (*variants, "crop-paste")}))
+    figures_of = {name: pair_figures(generated[name]) for name in pair_sets + list(BASELINES)}
+    atomic_write_bytes(figures / "alignment.png", _histogram_png({name: figures_of[name] for name in (*pair_sets, "crop-paste")}))
     return figures_of
+
+
+def _on_normals_section(cfg: Config, figures: dict) -> list[str]:
+    return [
+        "## The same run's defects on real normal images (`generate --on-normals`)",
+        "",
+        f"![{ON_NORMALS} pairs](figures/pairs_{ON_NORMALS}.png)",
+        "",
+        f"Each defect is drawn by the same run into a real `train/good` image, inside the shape of a few-shot defect "
+        f"placed on the object as crop-paste places it (sampling starts from that pasted defect at strength "
+        f"{cfg.generate.on_normals_strength:g}); outside its mask the image is the normal image itself. "
+        f"{figures['kept']} of {figures['kept'] + figures['dropped']} attempts kept; alignment mean "
+        f"{figures['alignment_mean']:.2f}, median {figures['alignment_median']:.2f}.",
+        "",
+    ]
 
 
 def _held_out_section(held_out: Path) -> list[str]:

@@ -117,6 +117,9 @@ class NormalCanvas:
     background feeds BCM. The pairs then differ from real normal images only at their defects."""
 
     def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
+        if not Path(run_cfg.data.data).is_dir():
+            raise UserError(f"--on-normals: the run's dataset {run_cfg.data.data} is gone; its train/good images are "
+                            "where the defects go: put it back there, or generate whole images")
         category = open_category(run_cfg.data.data)
         if not category.train_good:
             raise UserError(f"--on-normals: {category.root} has no train/good images to draw defects into")
@@ -183,11 +186,13 @@ def generate(
         "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
         "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
         "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
-        "normal": None if normal is None else str(normal), "on_normals": cfg.on_normals or None,
-        "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None, "filter": cfg.filter,
+        "normal": None if normal is None else str(normal), "filter": cfg.filter, "on_normals": cfg.on_normals or None,
+        "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
+    kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
+    canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
             writer.clear()
@@ -198,8 +203,6 @@ def generate(
         if progress is not None:
             progress(kept, cfg.num)
         if kept < cfg.num and attempt < cap:
-            kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
-            canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
             pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
             pipe.use_config(cfg)
             pipe.u2net_weights = u2net_weights

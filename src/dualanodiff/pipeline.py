@@ -225,6 +225,17 @@ class DualAnoDiffPipeline:
         with torch.inference_mode():
             self.background_latents = self.encode(self.backgrounds) if self.backgrounds else None
 
+    def _start(self, sampler, draw: torch.Tensor, init: list[np.ndarray] | None, strength: float):
+        """(x_T, timesteps to run): the noise draw at the first step, or below strength 1 the init images
+        (all image rows, then all part rows) noised with it to the step that share of the schedule from its end."""
+        if init is None or strength >= 1:
+            return draw * sampler.init_noise_sigma, sampler.timesteps
+        start = int(len(sampler.timesteps) * (1 - strength))
+        if hasattr(sampler, "set_begin_index"):
+            sampler.set_begin_index(start)
+        timesteps = sampler.timesteps[start:]
+        return sampler.add_noise(self.encode(init), draw, timesteps[:1].expand(len(init))), timesteps
+
     def _inpainting(self, normal_image: PerPair, mask: PerPair, pairs: int) -> Inpainting:
         normals = [resize_image(n, self.resolution) for n in per_pair(normal_image, pairs, "normal_image")]
         masks = [resize_mask(m > 0, self.resolution) for m in per_pair(mask, pairs, "mask")]
@@ -341,23 +352,15 @@ class DualAnoDiffPipeline:
         generators, pair_seeds = self._generators(num_images, generator, seeds)
         sampler = copy.deepcopy(self.scheduler)  # set_timesteps and multistep solvers keep state per call
         sampler.set_timesteps(steps, device=self.device)
-        timesteps = sampler.timesteps
         pairs, shape = len(generators), (self.latent_channels, self.latent_size, self.latent_size)
 
         def noise(rows_per_pair: int) -> torch.Tensor:  # each pair's draws come from its own generator
             draws = [torch.randn((rows_per_pair, *shape), generator=g) for g in generators]
             return torch.stack(draws, 1).flatten(0, 1).to(self.device)  # (rows_per_pair * pairs, ...) row-blocked
 
-        latents = noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)
-        if init_image is not None and strength < 1:  # start part-way, from the init images noised to that step
-            start = int(len(timesteps) * (1 - strength))
-            timesteps = timesteps[start:]
-            if hasattr(sampler, "set_begin_index"):
-                sampler.set_begin_index(start)
-            init = [per_pair(init_image, pairs, "init_image"), per_pair(init_part, pairs, "init_part")]
-            latents = sampler.add_noise(self.encode(init[0] + init[1]), latents, timesteps[:1].expand(2 * pairs))
-        else:
-            latents = latents * sampler.init_noise_sigma
+        draw = noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)
+        init = None if init_image is None else per_pair(init_image, pairs, "init_image") + per_pair(init_part, pairs, "init_part")
+        latents, timesteps = self._start(sampler, draw, init, strength)
         step_kwargs = {"generator": generators + generators} if "generator" in inspect.signature(sampler.step).parameters else {}
 
         clean_background = None
