@@ -193,7 +193,7 @@ def test_generate_writes_pairs_at_the_asked_size_and_exports_them_for_anomalib(r
     assert all(np.array_equal(load_image(p.image), load_image(native / r["image"])) for p, r in zip(exported, manifest(native)))
 
 
-def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_shape_is_placed(run, synthetic_root, tmp_path):
+def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_shape_is_placed(run, synthetic_root, tmp_path, capsys):
     from dualanodiff.baselines import NormalPool, place_defect, training_defects
     from dualanodiff.errors import OtherSettings, UserError
 
@@ -216,8 +216,15 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
         assert not (mask & ~resize_mask(grown, 32)).any()
     with pytest.raises(OtherSettings, match="on_normals True -> None"):
         generate(run, tmp_path, fast(num=4, filter=False))
-    started = generate(run, tmp_path / "started", fast(num=2, filter=False, on_normals=True, on_normals_strength=0.5))
-    assert [row["on_normals_strength"] for row in manifest(started.folder)] == [0.5, 0.5]
+    started = ["generate", str(run), "--out", str(tmp_path / "started"), "--num", "2", "--steps", "2", "--device", "cpu",
+               "--no-filter", "--on-normals", "--on-normals-strength"]
+    main(started + ["0.5"])
+    assert [row["on_normals_strength"] for row in manifest(tmp_path / "started" / "nut" / "hole")] == [0.5, 0.5]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(started + ["0"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "on_normals_strength" in err and "above 0" in err
     with pytest.raises(UserError, match="--on-normals"):
         generate(run, tmp_path / "other", fast(num=1, on_normals=True), background=category.train_good[0])
     moved = tmp_path / "moved-run"
