@@ -47,7 +47,6 @@ ON_NORMALS = "dualanodiff-on-normals"  # the same run's defects drawn into real 
 BASELINES = ("crop-paste", "perlin")
 COMBINED = f"crop-paste+{ON_NORMALS}"  # how users will use it: the few-shot real pairs plus generated ones
 ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
-ON_NORMALS_STRENGTH = 0.7  # measured in experiments/ON_NORMALS.md
 HELD_OUT_DEFECT = "contamination"  # of synthetic.HELD_OUT: a small dark blob on the object, as nut/hole is
 
 
@@ -55,8 +54,7 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     """The demo's settings: the defaults, the embedded base's own few-shot recipe (its ``recipe.yaml``:
     300 training steps at lr 1e-3 instead of 5000 at 2e-5, prompts that name the category and the defect,
     DPM-Solver++ with 25 steps instead of PNDM with 100), and what a 2-core CPU budget demands: 30 pairs,
-    a localization U-Net trained 200 steps at 128 px. The choices come from `experiments/ABLATION.md`. The
-    on-normals pairs start from the placed real defect at `ON_NORMALS_STRENGTH` of the schedule.
+    a localization U-Net trained 200 steps at 128 px. The choices come from `experiments/ABLATION.md`.
     """
     cfg = Config.from_layers([(base_recipe("tiny"), "tiny recipe")])
     cfg.data.data = category  # resolved against OUT/data by `run_demo`
@@ -64,7 +62,6 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     cfg.model.base_model = "tiny"
     cfg.generate.num = 30
     cfg.generate.batch_size = 6
-    cfg.generate.on_normals_strength = ON_NORMALS_STRENGTH
     # crop-paste plateaus by 80 steps (pixel AP 92 at 40, 98 at 80, 99 at 400); generated pairs need more:
     # on the demo's pairs 4.0 at 80 steps, 22.4 at 200 (crop-paste 97.1 and 97.2, Perlin 74.0 and 77.4)
     cfg.evaluate.steps = 200
