@@ -20,6 +20,7 @@ from pathlib import Path
 from dualanodiff.config import Config
 from dualanodiff.demo import OURS, pair_figures
 from dualanodiff.evaluation import evaluate_generators
+from dualanodiff.evaluation.report import markdown_table
 from dualanodiff.generation import generate
 
 
@@ -53,21 +54,16 @@ def evaluation(demo: Path, out: Path, sets: dict[str, Path], seed: int) -> dict[
 
 def table(demo: Path, sets: dict[str, Path], by_seed: dict[int, dict[str, dict]]) -> str:
     data = Config.from_yaml(demo / "runs" / OURS / "config.yaml").data
-    category, defect = Path(data.data).name, data.defect
     seeds = sorted(by_seed)
-    lines = [
-        f"| pairs | kept / attempts | alignment | pixel AP at seeds {', '.join(map(str, seeds))} | mean AP | mean AUROC |",
-        "|---|---:|---:|---|---:|---:|",
-    ]
+    rows = []
     for name, folder in sets.items():
-        figures = pair_figures(folder / category / defect)
+        figures = pair_figures(folder / Path(data.data).name / data.defect)
         aps = [100 * by_seed[s][name]["pixel_ap"] for s in seeds]
         aurocs = [100 * by_seed[s][name]["pixel_auroc"] for s in seeds]
-        lines.append(
-            f"| {name} | {figures['kept']} / {figures['kept'] + figures['dropped']} | {figures['alignment_mean']:.2f} | "
-            f"{' / '.join(f'{a:.1f}' for a in aps)} | {statistics.fmean(aps):.1f} | {statistics.fmean(aurocs):.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([name, f"{figures['kept']} / {figures['kept'] + figures['dropped']}", f"{figures['alignment_mean']:.2f}",
+                     " / ".join(f"{a:.1f}" for a in aps), f"{statistics.fmean(aps):.1f}", f"{statistics.fmean(aurocs):.1f}"])
+    headers = ["pairs", "kept / attempts", "alignment", f"pixel AP at seeds {', '.join(map(str, seeds))}", "mean AP", "mean AUROC"]
+    return markdown_table(headers, rows) + "\n"
 
 
 def main() -> None:
