@@ -235,3 +235,15 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
     with pytest.raises(UserError, match="--on-normals: the run's dataset .*gone"):
         generate(moved, tmp_path / "other", fast(num=1, on_normals=True))
     assert not (tmp_path / "other").exists()
+
+
+def test_on_normals_pairs_resume_byte_identical_to_one_uninterrupted_run(run, tmp_path):
+    cfg = fast(num=3, filter=False, on_normals=True)
+    generate(run, tmp_path / "whole", cfg)
+    generate(run, tmp_path / "resumed", fast(num=1, filter=False, on_normals=True))
+    generate(run, tmp_path / "resumed", cfg)
+    whole, resumed = tmp_path / "whole" / "nut" / "hole", tmp_path / "resumed" / "nut" / "hole"
+    assert [(r["onto"], r["shape_of"]) for r in manifest(whole)] == [(r["onto"], r["shape_of"]) for r in manifest(resumed)]
+    for row in manifest(whole):
+        for key in ("image", "mask", "part"):
+            assert (whole / row[key]).read_bytes() == (resumed / row[key]).read_bytes()
