@@ -23,12 +23,12 @@ couples where the two branches put the defect) or from independent ones (the pap
 Inpainting (``normal_image`` + ``mask``, one for all pairs or a list with one per pair): after every step
 the global branch's latents outside the mask (downsampled to latent cells by max-pooling, so it covers
 the mask) are replaced by the normal image's latents noised to the next step, and the anomaly branch's by
-a flat grey image's (the part image is grey wherever there is no defect), so the part's defect, and through
-SAIM the image's, lands inside the mask. The pair's mask is the part
-mask intersected with the user mask (a defect the anomaly branch did not draw inside the region is not
-labelled), and the image is the normal image itself with the part's defect laid on inside the pair's mask
-(`part_onto`: the paper's part image is ``I * M``, the image inside the mask): no VAE texture anywhere
-else. The global branch shapes that defect through SAIM, from the normal image it is held to.
+a flat grey image's (the part image is grey wherever there is no defect), so the part's defect lands inside
+the mask. The pair's mask is the part mask intersected with the user mask (a defect the anomaly branch did
+not draw inside the region is not labelled), and the image is the normal image itself with the part's defect
+laid on inside the pair's mask (`part_onto`: the paper's part image is ``I * M``, the image inside the mask):
+no VAE texture anywhere else. The global branch shapes that defect through SAIM, from the normal image it is
+held to.
 """
 
 from __future__ import annotations
