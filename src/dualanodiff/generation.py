@@ -100,7 +100,7 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
 
 
 def check_inputs(
-    cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None, background: Path | None = None,
+    cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None, background: Path | None
 ) -> None:
     if cfg.mask_method == "u2net" and not (u2net_weights and Path(u2net_weights).is_file()):
         raise UserError(f"--u2net-weights {u2net_weights or '(none)'}: --mask-method u2net needs a local TorchScript U²-Net file")

@@ -9,7 +9,6 @@ from dualanodiff.masks.foreground import foreground_mask
 from dualanodiff.masks.part import (
     attention_to_mask,
     clean_mask,
-    distance_from_flat,
     filter_verdict,
     mask_overlay,
     pair_consistency,
@@ -20,6 +19,6 @@ from dualanodiff.masks.part import (
 from dualanodiff.masks.u2net import load_u2net, u2net_saliency
 
 __all__ = [
-    "attention_to_mask", "clean_mask", "distance_from_flat", "filter_verdict", "foreground_mask", "load_u2net",
-    "mask_overlay", "pair_consistency", "part_onto", "part_to_mask", "u2net_part_mask", "u2net_saliency",
+    "attention_to_mask", "clean_mask", "filter_verdict", "foreground_mask", "load_u2net", "mask_overlay",
+    "pair_consistency", "part_onto", "part_to_mask", "u2net_part_mask", "u2net_saliency",
 ]

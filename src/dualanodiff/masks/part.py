@@ -72,9 +72,9 @@ def part_onto(normal: np.ndarray, part: np.ndarray, mask: np.ndarray) -> np.ndar
     image inside the mask, so there the pair's image is the part, with an opacity that grows with the
     pixel's distance from the flat grey (full from the median distance of the mask's pixels on): the
     grey the decoder blurs into a defect's rim stays out. Outside the mask it is `normal` exactly."""
-    distance = distance_from_flat(part)
     if not mask.any():
         return normal.copy()
+    distance = distance_from_flat(part)
     opacity = np.where(mask, np.clip(distance / max(float(np.median(distance[mask])), 1e-6), 0, 1), 0)[..., None]
     return np.clip(np.round(normal + opacity * (part.astype(np.float32) - normal)), 0, 255).astype(np.uint8)
 
