@@ -3,8 +3,9 @@
 Takes a finished demo folder (its trained run, its data and its baseline pairs), generates the run's
 pairs on normal images at each strength, and trains the demo's localizer on every set at several
 evaluation seeds (the localizer at 200 steps is noisy: one seed decides nothing). Writes a Markdown table
-of pixel AP / AUROC per set and seed, their mean, kept/attempts and alignment; finished folders and
-evaluations are reused::
+of pixel AP / AUROC per set and seed, their mean, kept/attempts, alignment and, for the on-normals sets, how
+far the drawn defects are from the pasted real defects they started from (PSNR inside each pair's region);
+finished folders and evaluations are reused::
 
     python experiments/on_normals.py --demo demo_out --out runs/on-normals --strengths 1,0.85,0.7,0.5 \
         --seeds 0,1,2 --table experiments/ON_NORMALS.md
@@ -17,11 +18,16 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from dualanodiff.config import Config
+from dualanodiff.data import load_image
 from dualanodiff.demo import OURS, pair_figures
 from dualanodiff.evaluation import evaluate_generators
+from dualanodiff.evaluation.metrics import psnr
 from dualanodiff.evaluation.report import markdown_table
-from dualanodiff.generation import generate
+from dualanodiff.generation import NormalCanvas, foreground_kind, generate
+from dualanodiff.pairs import kept_rows
 
 
 def pair_sets(demo: Path, out: Path, strengths: list[float]) -> dict[str, Path]:
@@ -52,17 +58,32 @@ def evaluation(demo: Path, out: Path, sets: dict[str, Path], seed: int) -> dict[
     return cached
 
 
+def distance_from_pasted(cfg: Config, folder: Path) -> float:
+    """Mean PSNR, inside each kept pair's region, between the pair's image and the pasted real defect its
+    sampling started from (recomputed from the row's seed): high means the model changed little."""
+    canvas = NormalCanvas(cfg, foreground_kind(cfg), None)
+    values = []
+    for row in kept_rows(folder):
+        inputs, _ = canvas.inputs([row["seed"]], strength=0.5)
+        region = inputs["mask"][0]
+        values.append(psnr(load_image(folder / row["image"])[None], inputs["init_image"][0][None], region[None])[0])
+    return float(np.mean(values))
+
+
 def table(demo: Path, sets: dict[str, Path], by_seed: dict[int, dict[str, dict]]) -> str:
-    data = Config.from_yaml(demo / "runs" / OURS / "config.yaml").data
+    cfg = Config.from_yaml(demo / "runs" / OURS / "config.yaml")
+    data = cfg.data
     seeds = sorted(by_seed)
     rows = []
     for name, folder in sets.items():
-        figures = pair_figures(folder / Path(data.data).name / data.defect)
+        pairs = folder / Path(data.data).name / data.defect
+        figures = pair_figures(pairs)
+        started = f"{distance_from_pasted(cfg, pairs):.1f}" if name.startswith("on-normals") else "–"
         aps = [100 * by_seed[s][name]["pixel_ap"] for s in seeds]
         aurocs = [100 * by_seed[s][name]["pixel_auroc"] for s in seeds]
-        rows.append([name, f"{figures['kept']} / {figures['kept'] + figures['dropped']}", f"{figures['alignment_mean']:.2f}",
+        rows.append([name, f"{figures['kept']} / {figures['kept'] + figures['dropped']}", f"{figures['alignment_mean']:.2f}", started,
                      " / ".join(f"{a:.1f}" for a in aps), f"{statistics.fmean(aps):.1f}", f"{statistics.fmean(aurocs):.1f}"])
-    headers = ["pairs", "kept / attempts", "alignment", f"pixel AP at seeds {', '.join(map(str, seeds))}", "mean AP", "mean AUROC"]
+    headers = ["pairs", "kept / attempts", "alignment", "PSNR to pasted (dB)", f"pixel AP at seeds {', '.join(map(str, seeds))}", "mean AP", "mean AUROC"]
     return markdown_table(headers, rows) + "\n"
 
 

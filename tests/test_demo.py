@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dualanodiff.config import Config
+from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.demo import DemoHooks, demo_config, pair_figures, run_demo
 from dualanodiff.errors import UserError
 
@@ -50,8 +50,8 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert "2 of 2 generation attempts kept (100 %)" in text
     on_normals = [json.loads(line) for line in (out / "generated" / "dualanodiff-on-normals" / "nut" / "hole" / "manifest.jsonl").open()]
     assert [(row["run"], row["on_normals"], row["on_normals_strength"]) for row in on_normals] == [
-        (str((out / "runs" / "dualanodiff").resolve()), True, 0.7)] * 2
-    assert "`generate --on-normals`" in text and "at strength 0.7" in text
+        (str((out / "runs" / "dualanodiff").resolve()), True, GenerateConfig().on_normals_strength)] * 2
+    assert "`generate --on-normals`" in text and f"at strength {GenerateConfig().on_normals_strength:g}" in text
     from dualanodiff.demo import few_shot_reproduction
 
     reproduction = few_shot_reproduction(out, Config.from_yaml(out / "runs" / "dualanodiff" / "config.yaml"))
