@@ -124,6 +124,7 @@ def test_a_strength_below_one_starts_from_the_init_images_noised_to_that_share_o
     assert [int(args[2]) for args in calls] == [301, 201, 101, 1]  # int(10 * 0.65) = 6 steps skipped
     with torch.inference_mode():
         clean = pipe.encode([image, part])
+        assert torch.equal(clean, torch.cat([pipe.encode([image]), pipe.encode([part])]))  # no batch-size path
     draw = torch.randn((1, *clean.shape[1:]), generator=torch.Generator().manual_seed(7))  # shared by both rows
     alpha = pipe.scheduler.alphas_cumprod[301]
     expected = alpha.sqrt() * clean + (1 - alpha).sqrt() * draw

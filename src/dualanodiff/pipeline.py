@@ -250,10 +250,11 @@ class DualAnoDiffPipeline:
     # --- the pieces of a step ----------------------------------------------------------------------
 
     def encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        """VAE latent means (scaled), float32, of HxWx3 uint8 images at the pipeline's resolution."""
-        pixels = torch.stack([to_model_range(resize_image(i, self.resolution)) for i in images])
-        latents = self.model.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
-        return latents.float() * self.scaling
+        """VAE latent means (scaled), float32, of HxWx3 uint8 images at the pipeline's resolution, one image at a
+        time: convolution kernels take another path for a batch of one than for more, and a pair's inputs must
+        not depend on how many pairs share its batch (resumed generation is byte-identical to one run)."""
+        pixels = [to_model_range(resize_image(i, self.resolution))[None].to(self.device, self.dtype) for i in images]
+        return torch.cat([self.model.vae.encode(p).latent_dist.mean for p in pixels]).float() * self.scaling
 
     def guided_noise(
         self, x_global: torch.Tensor, x_anomaly: torch.Tensor, t: torch.Tensor, x_background: torch.Tensor | None,
