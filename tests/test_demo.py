@@ -7,7 +7,13 @@ import json
 import pytest
 
 from dualanodiff.config import Config, GenerateConfig
-from dualanodiff.demo import DemoHooks, demo_config, pair_figures, run_demo
+from dualanodiff.demo import (
+    DemoHooks,
+    demo_config,
+    demo_settings,
+    pair_figures,
+    run_demo,
+)
 from dualanodiff.errors import UserError
 
 
@@ -25,6 +31,19 @@ def tiny_demo_config(defect: str = "hole"):
     cfg.evaluate.resolution = 32
     cfg.evaluate.base_width = 4
     return cfg
+
+
+def test_a_config_file_changes_only_its_own_keys_of_the_demos_settings(tmp_path):
+    (tmp_path / "ff.yaml").write_text("model:\n  lora_targets: attention+ff+conv\ngenerate:\n  num: 12\n")
+    cfg = demo_settings("bottle", "contamination", tmp_path / "ff.yaml")
+    expected = demo_config("bottle", "contamination")
+    assert (cfg.model.lora_targets, cfg.generate.num) == ("attention+ff+conv", 12)
+    expected.model.lora_targets, expected.generate.num = "attention+ff+conv", 12
+    assert cfg.to_dict() == expected.to_dict()  # the recipe's 300 steps at lr 1e-3, the demo's category ...
+    assert demo_settings("nut", "hole", None).to_dict() == demo_config("nut", "hole").to_dict()
+    (tmp_path / "bad.yaml").write_text("model:\n  lora_targets: everything\n")
+    with pytest.raises(UserError, match="bad.yaml"):
+        demo_settings("nut", "hole", tmp_path / "bad.yaml")
 
 
 @pytest.mark.slow

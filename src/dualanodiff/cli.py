@@ -543,15 +543,13 @@ def demo(
     defect: str = typer.Option("hole", "--defect", help="Defect type of that category to learn."),
     ablation: bool = typer.Option(False, "--ablation", help="Also run with SAIM off and with BCM off, side by side, and the whole demo on the held-out category "
                                   "(bottle / contamination, never in the embedded bases' pretraining) in OUT/held-out."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config replacing the demo's settings."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config whose keys replace the demo's settings (the rest stay the demo's)."),
     force: bool = typer.Option(False, "--force", help="Delete OUT and start over."),
 ) -> None:
     """The whole method on a CPU in minutes: synthetic data, few-shot training, generation, baselines, evaluation."""
-    from dualanodiff.demo import DemoHooks, demo_config, run_demo
+    from dualanodiff.demo import DemoHooks, demo_settings, run_demo
 
-    cfg = load_config(config) if config else demo_config(category, defect)
-    if config:
-        cfg.data.data, cfg.data.defect = cfg.data.data or category, cfg.data.defect or defect
+    cfg = demo_settings(category, defect, config)
     check_writable(out)
     start = time.perf_counter()
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dualanodiff.config import Config
+from dualanodiff.config import Config, read_yaml
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
 from dualanodiff.model.base import base_recipe
@@ -67,6 +67,14 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     cfg.evaluate.steps = 200
     cfg.evaluate.resolution = 128
     return cfg
+
+
+def demo_settings(category: str, defect: str, config: Path | None) -> Config:
+    """`demo_config`, with a --config file's keys on top (the options it leaves out stay the demo's)."""
+    cfg = demo_config(category, defect)
+    if config is None:
+        return cfg
+    return Config.from_layers([(cfg.to_dict(), "the demo's settings"), (read_yaml(config), str(config))])
 
 
 @dataclass
