@@ -64,7 +64,7 @@ def distance_from_pasted(cfg: Config, folder: Path) -> float:
     canvas = NormalCanvas(cfg, foreground_kind(cfg), None)
     values = []
     for row in kept_rows(folder):
-        inputs, _ = canvas.inputs([row["seed"]], strength=0.5)
+        inputs, _ = canvas.inputs([row["seed"]], strength=0.5)  # any strength below 1 returns the init image
         region = inputs["mask"][0]
         values.append(psnr(load_image(folder / row["image"])[None], inputs["init_image"][0][None], region[None])[0])
     return float(np.mean(values))
