@@ -80,3 +80,26 @@ def test_gpu_script_dry_run_writes_every_row(tmp_path):
     compiled = [e["cells"][4] for e in rows if e["section"] == "torch.compile"]
     assert compiled[0].startswith("dual step") and compiled[1].startswith("sampling")
     assert "done: 14 rows" in (out / "log.txt").read_text()
+
+
+def test_localizer_benchmark_records_one_row_of_both_layouts(tmp_path, monkeypatch, capsys):
+    import json
+
+    import localizer
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text(_common.RESULTS.read_text())
+    monkeypatch.setattr(_common, "RESULTS", results)
+    before = results.read_text().splitlines()
+    monkeypatch.setattr(sys, "argv", ["localizer.py", "--device", "cpu", "--batch-size", "2", "--size", "32",
+                                      "--base-width", "2", "--steps", "2"])
+    localizer.main()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ratio"] == pytest.approx(printed["contiguous s/step"] / printed["channels-last s/step"])
+    after = results.read_text().splitlines()
+    assert len(after) == len(before) + 1
+    row = next(line for line in after if line not in before)
+    cells = row.strip("| ").split(" | ")
+    assert len(cells) == _columns("Localizer") and cells[3] == "b2 32 px w2" and float(cells[6]) > 0
+    heading = max(i for i in range(after.index(row)) if after[i].startswith("## "))
+    assert after[heading] == "## Localizer"
