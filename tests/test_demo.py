@@ -34,11 +34,12 @@ def tiny_demo_config(defect: str = "hole"):
 
 
 def test_a_config_file_changes_only_its_own_keys_of_the_demos_settings(tmp_path):
-    (tmp_path / "ff.yaml").write_text("model:\n  lora_targets: attention+ff+conv\ngenerate:\n  num: 12\n")
-    cfg = demo_settings("bottle", "contamination", tmp_path / "ff.yaml")
+    (tmp_path / "mine.yaml").write_text("model:\n  lora_targets: attention\ngenerate:\n  num: 12\n")
+    cfg = demo_settings("bottle", "contamination", tmp_path / "mine.yaml")
     expected = demo_config("bottle", "contamination")
-    assert (cfg.model.lora_targets, cfg.generate.num) == ("attention+ff+conv", 12)
-    expected.model.lora_targets, expected.generate.num = "attention+ff+conv", 12
+    assert expected.model.lora_targets == "attention+ff+conv"  # the embedded base's recipe
+    assert (cfg.model.lora_targets, cfg.generate.num) == ("attention", 12)
+    expected.model.lora_targets, expected.generate.num = "attention", 12
     assert cfg.to_dict() == expected.to_dict()  # the recipe's 300 steps at lr 1e-3, the demo's category ...
     assert demo_settings("nut", "hole", None).to_dict() == demo_config("nut", "hole").to_dict()
     (tmp_path / "bad.yaml").write_text("model:\n  lora_targets: everything\n")
@@ -88,6 +89,8 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert "## Held-out category: bottle / contamination" in text
     assert f"perlin {100 * held_out['pixel_ap']['perlin']:.1f}" in text and "(held-out/report.md)" in text
     assert (out / "held-out" / "generated" / "dualanodiff" / "bottle" / "contamination").is_dir()
+    held_out_rows = [row["name"] for row in json.loads((out / "held-out" / "evaluation.json").read_text())["generators"]]
+    assert held_out_rows == ["dualanodiff", "dualanodiff-on-normals", "crop-paste", "perlin"]  # no --ablation: no combined row
     for figure in ("pairs_dualanodiff", "pairs_dualanodiff-on-normals", "pairs_crop-paste", "pairs_perlin", "loss", "metrics", "alignment"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()

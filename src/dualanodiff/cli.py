@@ -541,7 +541,8 @@ def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the data, runs, pairs and report."),
     category: str = typer.Option("nut", "--category", help="Synthetic category: nut, pill or weave, or another renderable one (synthetic.FAMILIES)."),
     defect: str = typer.Option("hole", "--defect", help="Defect type of that category to learn."),
-    ablation: bool = typer.Option(False, "--ablation", help="Also run with SAIM off and with BCM off, side by side, and the whole demo on the held-out category "
+    ablation: bool = typer.Option(False, "--ablation", help="Also run with SAIM off and with BCM off, side by side, score crop-paste + our on-normals pairs together, "
+                                  "and run the whole demo on the held-out category "
                                   "(bottle / contamination, never in the embedded bases' pretraining) in OUT/held-out."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config whose keys replace the demo's settings (the rest stay the demo's)."),
     force: bool = typer.Option(False, "--force", help="Delete OUT and start over."),
