@@ -1,6 +1,6 @@
 """Training step of the evaluation's localization U-Net in the two memory layouts, measured in one run.
 
-The demo trains five of these networks (200 steps each), the largest share of its run time; the evaluation
+The demo trains four of these networks (200 steps each), the largest share of its run time; the evaluation
 trains them channels-last (`evaluation.localization`). Steps alternate between the layouts, so that both
 see the same machine load; the figure is the median per layout. Prints JSON and appends one row to
 RESULTS.md::

@@ -14,7 +14,8 @@ Stages (each reused when a re-run finds it finished, recorded in ``OUT/stages.js
     report      OUT/report.md and OUT/report.html (figures in OUT/figures/), OUT/summary.json
 
 ``--ablation`` adds the same run with SAIM off and with BCM off (rows ``no-saim`` / ``no-bcm``), the row of
-crop-paste and our on-normals pairs together, and the few-shot regime on a category no embedded base saw in pretraining (``bottle``), as a section of the report.
+crop-paste and our on-normals pairs together, and the few-shot regime on a category no embedded base saw in
+pretraining (``bottle``), as a section of the report.
 The settings are one `Config` (``demo_config``) saved as ``OUT/config.yaml``; a re-run with other
 settings is refused rather than mixing results.
 """
