@@ -224,7 +224,7 @@ def _baselines(cfg: Config, root: Path, hooks: DemoHooks) -> None:
 
 def _evaluate(cfg: Config, out: Path, pair_sets: list[str], hooks: DemoHooks, combined: bool) -> None:
     """Every pair set's localization row; ``combined`` adds crop-paste + our on-normals pairs as one more row
-    (with --ablation: a sixth localizer would take the plain demo past 10 minutes)."""
+    (with --ablation only: a fifth localizer would take the plain demo past 10 minutes)."""
     from dualanodiff.evaluation import evaluate_generators, write_report
 
     rows: dict[str, Path | list[Path]] = {name: out / "generated" / name for name in pair_sets + list(BASELINES)}
