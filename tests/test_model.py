@@ -147,6 +147,17 @@ def test_extra_lora_targets_add_per_branch_adapters_with_peft_keys():
     assert any(n.endswith(".conv1.base_layer.weight") for n in frozen)
 
 
+def test_conv_blocks_up_adapts_only_the_up_paths_convolutions():
+    everywhere, up = (build(lora_targets="attention+ff+conv", conv_blocks=blocks)[0] for blocks in ("all", "up"))
+    assert {n.split(".")[0] for n in _adapted(everywhere, ".conv1", ".conv2")} == {"down_blocks", "mid_block", "up_blocks"}
+    assert _adapted(up, ".conv1", ".conv2") == {n for n in _adapted(everywhere, ".conv1", ".conv2") if n.startswith("up_blocks.")}
+    assert _adapted(up, ".conv1") and _adapted(up, ".ff.net.2") == _adapted(everywhere, ".ff.net.2")  # the ff LoRA stays
+
+
+def _adapted(model: DualAnoDiffModel, *endings: str) -> set[str]:
+    return {name for name, module in model.unet.named_modules() if name.endswith(endings) and hasattr(module, "lora_A")}
+
+
 def test_extra_lora_adapts_each_branch_on_its_own_rows_only():
     """After changing only the anomaly adapters of the conv/ff layers, the global rows are unchanged."""
     model, _ = build(saim=False, bcm=False, lora_targets="attention+ff+conv")

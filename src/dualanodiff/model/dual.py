@@ -96,7 +96,7 @@ class DualAnoDiffModel(nn.Module):
                 )
         self.processors = list(processors.values())
         self.unet.set_attn_processor(processors)  # pops the entries of `processors`
-        for parent, child, layer in _extra_lora_layers(self.unet, cfg.lora_targets):
+        for parent, child, layer in _extra_lora_layers(self.unet, cfg.lora_targets, cfg.conv_blocks):
             setattr(parent, child, BranchLoRALayer(layer, self.layout, cfg.rank, cfg.lora_alpha))
         if cfg.text_rank > 0:
             lora = LoraConfig(r=cfg.text_rank, lora_alpha=cfg.text_rank, target_modules=TEXT_TARGETS, init_lora_weights=True)
@@ -228,15 +228,17 @@ class DualAnoDiffModel(nn.Module):
         return [float(p.bcm.gamma) for p in self.processors if p.bcm is not None]
 
 
-def _extra_lora_layers(unet: nn.Module, targets: str) -> list[tuple[nn.Module, str, nn.Module]]:
+def _extra_lora_layers(unet: nn.Module, targets: str, conv_blocks: str) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, layer) of the UNet layers beyond attention that `lora_targets` adapts:
-    the transformer blocks' feed-forward linears (``ff``) and the ResNet blocks' two convolutions (``conv``)."""
+    the transformer blocks' feed-forward linears (``ff``) and the ResNet blocks' two convolutions (``conv``),
+    those of every block or (`conv_blocks` "up") of the up path's."""
     from diffusers.models.resnet import ResnetBlock2D
 
     found = []
     for name, module in unet.named_modules():
         if "ff" in targets and name.endswith(".ff.net"):
             found += [(module[0], "proj", module[0].proj), (module, "2", module[2])]
-        if "conv" in targets and isinstance(module, ResnetBlock2D):
+        on_path = conv_blocks == "all" or name.startswith("up_blocks.")
+        if "conv" in targets and on_path and isinstance(module, ResnetBlock2D):
             found += [(module, "conv1", module.conv1), (module, "conv2", module.conv2)]
     return found
