@@ -230,8 +230,8 @@ class DualAnoDiffModel(nn.Module):
 
 def _extra_lora_layers(unet: nn.Module, targets: str, conv_blocks: str) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, layer) of the UNet layers beyond attention that `lora_targets` adapts:
-    the transformer blocks' feed-forward linears (``ff``) and the ResNet blocks' two convolutions (``conv``),
-    those of every block or (`conv_blocks` "up") of the up path's."""
+    the transformer blocks' feed-forward linears (``ff``) and the ResNet blocks' two convolutions (``conv``), in
+    every block or, with `conv_blocks` "up", in the up path's blocks only."""
     from diffusers.models.resnet import ResnetBlock2D
 
     found = []
