@@ -107,23 +107,28 @@ def test_cli_generate_writes_pairs_and_a_bad_scheduler_is_one_line(run, tmp_path
     assert "\n" not in err and "--scheduler nope" in err
 
 
-def test_an_object_much_smaller_than_the_few_shot_objects_is_no_object(synthetic_root):
-    """Two dark dots on an empty background stand out, but they are not a nut: a generated object must cover
-    at least OBJECT_FLOOR of the few-shot images' mean object share."""
-    from dualanodiff.generation import OBJECT_FLOOR, object_floor, object_region
-    from dualanodiff.masks import filter_verdict, foreground_mask
-
+def _nut_hole_config(synthetic_root) -> tuple[Config, list[np.ndarray]]:
+    """A run config of nut/hole on the synthetic set with its first three hole images as the few-shot split."""
     cfg = Config()
     cfg.data.data, cfg.data.defect = str(synthetic_root / "nut"), "hole"
     train = sorted(p.stem for p in (synthetic_root / "nut" / "test" / "hole").glob("*.png"))[:3]
     cfg.split = {"train": train, "test": []}
-    shares = [foreground_mask(load_image(synthetic_root / "nut" / "test" / "hole" / f"{stem}.png"), "object").mean()
-              for stem in train]
-    floor = object_floor(cfg, "object")
+    return cfg, [load_image(synthetic_root / "nut" / "test" / "hole" / f"{stem}.png") for stem in train]
+
+
+def test_an_object_much_smaller_than_the_few_shot_objects_is_no_object(synthetic_root):
+    """Two dark dots on an empty background stand out, but they are not a nut: a generated object must cover
+    at least OBJECT_FLOOR of the few-shot images' mean object share."""
+    from dualanodiff.generation import OBJECT_FLOOR, few_shot_objects, object_region
+    from dualanodiff.masks import filter_verdict, foreground_mask
+
+    cfg, images = _nut_hole_config(synthetic_root)
+    shares = [foreground_mask(image, "object").mean() for image in images]
+    floor = few_shot_objects(cfg, "object").floor
     assert floor == pytest.approx(OBJECT_FLOOR * np.mean(shares)) and 0.02 < floor < 0.2
-    assert object_floor(cfg, "texture") == 0.0
+    assert few_shot_objects(cfg, "texture").floor == 0.0
     cfg.data.data = str(synthetic_root / "gone")
-    assert object_floor(cfg, "object") == 0.0
+    assert few_shot_objects(cfg, "object").floor == 0.0
     specks = np.full((64, 64, 3), 150, np.uint8)
     specks[20:23, 20:23], specks[40:43, 30:33] = 20, 20
     mask = np.zeros((64, 64), bool)
@@ -133,6 +138,39 @@ def test_an_object_much_smaller_than_the_few_shot_objects_is_no_object(synthetic
     nut = np.full((64, 64, 3), 150, np.uint8)
     nut[12:52, 12:52] = (120, 80, 40)
     assert filter_verdict(mask, object_region(nut, "object", min_share=floor)) == "kept"
+
+
+def test_a_defect_on_the_part_of_an_object_the_detector_missed_is_judged_on_the_few_shot_footprint(synthetic_root):
+    """A generated object found only in part (its other half as pale as the background) keeps a defect on the
+    missed half when the few-shot objects, flipped as training flips them, covered that place; a defect
+    outside both stays off the object, and an image without an object stays "no_object"."""
+    from dualanodiff.generation import few_shot_objects, object_region
+    from dualanodiff.images import resize_mask
+    from dualanodiff.masks import filter_verdict
+
+    cfg, images = _nut_hole_config(synthetic_root)
+    union = np.any([object_region(image, "object") for image in images], axis=0)
+    objects = few_shot_objects(cfg, "object")
+    assert np.array_equal(objects.footprint, union | union[:, ::-1] | union[::-1] | union[::-1, ::-1])
+    cfg.data.flips = False
+    assert np.array_equal(few_shot_objects(cfg, "object").footprint, union)
+    footprint = resize_mask(objects.footprint, (96, 96))  # the generated image need not have the dataset's size
+    half = np.full((96, 96, 3), 150, np.uint8)
+    half[18:78, 18:48] = (120, 80, 40)  # the found half of the object
+    own = object_region(half, "object", min_share=objects.floor)
+    on_missed_half = np.zeros((96, 96), bool)
+    on_missed_half[45:51, 58:64] = True
+    assert footprint[on_missed_half].all() and not own[on_missed_half].any()
+    assert filter_verdict(on_missed_half, own) == "off_object"
+    assert filter_verdict(on_missed_half, objects.widen(own)) == "kept"
+    outside = np.zeros((96, 96), bool)
+    outside[3:7, 88:92] = True
+    assert not footprint[outside].any() and filter_verdict(outside, objects.widen(own)) == "off_object"
+    flat = np.full((96, 96, 3), 150, np.uint8)
+    assert filter_verdict(on_missed_half, objects.widen(object_region(flat, "object"))) == "no_object"
+    assert few_shot_objects(cfg, "texture").widen(None) is None
+    cfg.data.data = str(synthetic_root / "gone")
+    assert few_shot_objects(cfg, "object").widen(own) is own
 
 
 def test_object_region_excludes_a_frame_so_border_masks_are_off_object():

@@ -81,14 +81,41 @@ def object_region(image: np.ndarray, kind: str, u2net_weights: str = "", min_sha
     return region
 
 
-def object_floor(run_cfg: Config, kind: str, u2net_weights: str | None = None) -> float:
-    """`object_region`'s `min_share` for a run: OBJECT_FLOOR times the mean foreground share of its few-shot
-    training images; 0 for textures, or when the dataset is no longer where the run found it."""
+@dataclass
+class FewShotObjects:
+    """What a run's few-shot training images say about its objects, for judging generated ones.
+
+    `floor` is `object_region`'s `min_share`: OBJECT_FLOOR times their mean foreground share (0 for textures
+    or when the dataset is gone). `footprint` is the union of their object regions, flipped as training saw
+    them (None: textures, dataset gone). A generated object the detector finds only in part (a low-contrast
+    ring seen as a C-shaped arc) otherwise gets defects on its missed part judged off the object, and those
+    were the images closest to the few-shot ones (experiments/ON_NORMALS.md).
+    """
+
+    floor: float = 0.0
+    footprint: np.ndarray | None = None
+
+    def widen(self, own: np.ndarray | None) -> np.ndarray | None:
+        """The filter's region for a generated image whose `object_region` (at `floor`) is `own`: united with
+        the footprint when an object stands out in it (an image without one stays empty: "no_object")."""
+        if own is None or not own.any() or self.footprint is None:
+            return own
+        return own | resize_mask(self.footprint, own.shape)
+
+
+def few_shot_objects(run_cfg: Config, kind: str, u2net_weights: str | None = None) -> FewShotObjects:
     if kind == "texture" or not Path(run_cfg.data.data).is_dir():
-        return 0.0
+        return FewShotObjects()
     train, _ = recorded_split(run_cfg.data.data, run_cfg.data.defect, run_cfg.split.get("train", []))
-    shares = [foreground_mask(load_image(p.image), kind, u2net_weights).mean() for p in train]
-    return OBJECT_FLOOR * float(np.mean(shares)) if shares else 0.0
+    if not train:
+        return FewShotObjects()
+    images = [load_image(p.image) for p in train]
+    shares = [foreground_mask(image, kind, u2net_weights).mean() for image in images]
+    size = images[0].shape[:2]
+    regions = [resize_mask(object_region(image, kind, u2net_weights or ""), size) for image in images]
+    if run_cfg.data.flips:
+        regions += [flipped for r in regions for flipped in (r[:, ::-1], r[::-1], r[::-1, ::-1])]
+    return FewShotObjects(OBJECT_FLOOR * float(np.mean(shares)), np.any(regions, axis=0))
 
 
 def check_config(cfg: GenerateConfig) -> GenerateConfig:
@@ -206,7 +233,7 @@ def generate(
             pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
             pipe.use_config(cfg)
             pipe.u2net_weights = u2net_weights
-            floor = object_floor(run_cfg, kind, fg_weights)
+            objects = few_shot_objects(run_cfg, kind, fg_weights)
             inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
@@ -217,8 +244,8 @@ def generate(
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
                     out = pipe(seeds=seeds, output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
-                    region = object_region(image, kind, fg_weights, floor)
-                    verdict = filter_verdict(pair_mask, region, cfg.max_area, cfg.min_on_object)
+                    region = object_region(image, kind, fg_weights, objects.floor)
+                    verdict = filter_verdict(pair_mask, objects.widen(region), cfg.max_area, cfg.min_on_object)
                     verdicts[verdict] += 1
                     record = {
                         "attempt": attempt + offset,
