@@ -110,3 +110,35 @@ def test_each_row_reports_the_mean_alignment_of_its_pairs(synthetic_root, roots,
                                   defects=["hole"], classification=False)  # fmt: skip
     assert results["generators"][0]["metrics"]["alignment"] == pytest.approx(3.0)
     assert results["generators"][0]["metrics"]["pairs"] == 4
+
+
+def test_several_seeds_give_the_mean_of_one_training_per_seed(synthetic_root, roots, recorded_bars):
+    """`seeds: 2` trains each row at seed and seed + 1: its figures equal the mean of two one-seed evaluations,
+    each training's own figures are kept, and the protocol and the report say so."""
+    import dataclasses
+
+    from dualanodiff.evaluation.report import markdown
+
+    cfg = EvaluateConfig(steps=2, batch_size=4, resolution=64, base_width=4, seed=3)
+    rows = {"full": roots["full"]}
+    single = {
+        seed: evaluate_generators(synthetic_root / "nut", rows, dataclasses.replace(cfg, seed=seed), device="cpu")
+        ["generators"][0] for seed in (3, 4)
+    }
+    results = evaluate_generators(synthetic_root / "nut", rows, dataclasses.replace(cfg, seeds=2), device="cpu",
+                                  bars=recorded_bars)
+    row = results["generators"][0]
+    for key in (*METRIC_KEYS, "accuracy"):
+        assert row["metrics"][key] == pytest.approx((single[3]["metrics"][key] + single[4]["metrics"][key]) / 2)
+    for defect in results["defects"]:
+        expected = (single[3]["per_defect"][defect]["pixel_ap"] + single[4]["per_defect"][defect]["pixel_ap"]) / 2
+        assert row["per_defect"][defect]["pixel_ap"] == pytest.approx(expected)
+    assert [one["seed"] for one in row["per_seed"]] == [3, 4]
+    assert all(row["per_seed"][k]["pixel_ap"] == single[seed]["metrics"]["pixel_ap"] for k, seed in enumerate((3, 4)))
+    assert single[3]["metrics"]["pixel_ap"] != single[4]["metrics"]["pixel_ap"]  # the seeds do differ
+    assert results["protocol"]["seeds"] == 2
+    assert "the mean of 2 trainings at seeds 3 to 4" in results["protocol"]["localization"]
+    assert set(recorded_bars.totals) == {f"full, seed {s}: {what}" for s in (3, 4)
+                                         for what in ("localization U-Net", "classification ResNet-34")}
+    ap = [f"{100 * single[s]['metrics']['pixel_ap']:.1f}" for s in (3, 4)]
+    assert f"- full: 3: {ap[0]}, 4: {ap[1]}" in markdown(results)

@@ -471,6 +471,10 @@ def evaluate(
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing.", show_default=config_default("evaluate.resolution")),
     base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64).", show_default=config_default("evaluate.base_width")),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings.", show_default=config_default("evaluate.seed")),
+    seeds: Optional[int] = typer.Option(
+        None, "--seeds", help="Train each row's localizer and classifier at this many seeds (--seed, --seed + 1, ...) "
+        "and report their mean: one seed's pixel AP can be off by tens of points.", show_default=config_default("evaluate.seeds"),
+    ),
     split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
     inception_weights: Optional[Path] = typer.Option(
         None, "--inception-weights", help="For IS: torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
@@ -506,7 +510,7 @@ def evaluate(
         table_rows,
     )
 
-    options = {"steps": steps, "resolution": resolution, "seed": seed, "base_width": base_width}
+    options = {"steps": steps, "resolution": resolution, "seed": seed, "seeds": seeds, "base_width": base_width}
     cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
     roots = dict(parse_generated(spec) for spec in generated)
     if len(roots) != len(generated):

@@ -163,6 +163,9 @@ class EvaluateConfig:
     resolution: Count = 256
     base_width: Count = 16  # localization U-Net width (DRAEM uses 64; 16 keeps CPU runs short)
     seed: int = 0
+    # trainings per row, at seed, seed + 1, ...; the figures are their mean. One localizer seed can move pixel
+    # AP by 40 points on a hard category (experiments/ON_NORMALS.md), so comparisons want 3 or more
+    seeds: Count = 1
 
 
 @dataclass

@@ -9,6 +9,7 @@ generator, with the few-shot real pairs (crop-paste) beside the generated ones::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Callable
@@ -62,10 +63,13 @@ def evaluate_generators(
 
     ``defects`` defaults to the category's defect types that every generator has pairs for. Returns
     ``{"category", "defects", "protocol", "notes", "generators": [{"name", "roots", "pairs",
-    "metrics", "per_defect"}]}``; metric values are fractions (``nan`` where not computed), with
+    "metrics", "per_defect", "per_seed"}]}``; metric values are fractions (``nan`` where not computed), with
     keys `METRIC_KEYS` + ``is``, ``is_std``, ``ic_lpips``, ``accuracy``, ``alignment`` (the mean
-    `alignment_score` of the row's pairs, a ratio) and ``pairs`` (their number). Each row's trainings
-    advance bars of ``bars`` labelled with the row's name (``crop-paste: localization U-Net``).
+    `alignment_score` of the row's pairs, a ratio) and ``pairs`` (their number). With ``cfg.seeds`` > 1 each
+    row's localizer and classifier are trained at seeds ``cfg.seed``, ``cfg.seed + 1``, ... and their figures
+    are the mean; ``per_seed`` lists each training's `METRIC_KEYS` and ``accuracy``. Each row's trainings
+    advance bars of ``bars`` labelled with the row's name (``crop-paste: localization U-Net``; with several
+    seeds ``crop-paste, seed 1: localization U-Net``).
     """
     category = open_category(category_dir)
     check_resolution(cfg.resolution)
@@ -97,12 +101,22 @@ def evaluate_generators(
         alignments = {defect: pair_alignments(by_defect[defect], category.kind) for defect in defects}
         alignment = _mean([score for defect in defects for score in alignments[defect]])
         log(f"{name}: {len(flat)} generated pairs over {len(defects)} defect types, mean alignment {alignment:.2f}")
-        row_bars = _labelled(bars, name)
-        localization = evaluate_localization(category, flat, cfg, rounding, defects, cfg.base_width, device, row_bars)
-        accuracy = (
-            evaluate_classification(category, by_defect, cfg, rounding, resnet_weights, device, row_bars)
-            if classify else None
-        )
+
+        each_seed = []
+        for k in range(cfg.seeds):
+            seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+            row_bars = _labelled(bars, name if cfg.seeds == 1 else f"{name}, seed {seed_cfg.seed}")
+            each_seed.append({
+                "localization": evaluate_localization(
+                    category, flat, seed_cfg, rounding, defects, cfg.base_width, device, row_bars
+                ),
+                "accuracy": (
+                    evaluate_classification(category, by_defect, seed_cfg, rounding, resnet_weights, device, row_bars)
+                    if classify else None
+                ),
+            })
+        localization = _mean_tree([result["localization"] for result in each_seed])
+        accuracy = _mean_tree([result["accuracy"] for result in each_seed]) if classify else None
         per_defect = {}
         for defect in defects:
             scores = _generation_scores(category, defect, by_defect[defect], rounding, cfg.resolution, inception, lpips)
@@ -125,6 +139,14 @@ def evaluate_generators(
                 "pairs": {d: len(by_defect[d]) for d in defects},
                 "metrics": metrics,
                 "per_defect": per_defect,
+                "per_seed": [
+                    {
+                        "seed": cfg.seed + k,
+                        **{key: result["localization"][key] for key in METRIC_KEYS},
+                        "accuracy": result["accuracy"]["accuracy"] if classify else math.nan,
+                    }
+                    for k, result in enumerate(each_seed)
+                ],
             }
         )
     return {
@@ -208,9 +230,22 @@ def _lpips_input(paths: list[Path], size: int) -> torch.Tensor:
     return batch_to_model_range(load_images(paths, size))
 
 
+def _mean_tree(results: list):
+    """Several seeds' results (equal nested dicts of numbers) as one: each number's nan-skipping mean; numbers
+    every seed agrees on (test-image counts) stay as they are."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {key: _mean_tree([result[key] for result in results]) for key in first}
+    return first if all(value == first for value in results) else _mean(results)
+
+
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(sum(finite) / len(finite)) if finite else math.nan
+
+
+def _seeds_text(cfg: EvaluateConfig) -> str:
+    return "" if cfg.seeds == 1 else f"; the mean of {cfg.seeds} trainings at seeds {cfg.seed} to {cfg.seed + cfg.seeds - 1}"
 
 
 def _protocol(
@@ -228,12 +263,12 @@ def _protocol(
         "localization": (
             f"DRAEM-shaped U-Net (base width {cfg.base_width}), focal loss (gamma 2), batches of 50 % generated pairs "
             f"and 50 % train/good with empty masks, {cfg.steps} optimizer steps at batch {cfg.batch_size}, the same "
-            f"for every set, at {cfg.resolution} px, {SELECTION}"
+            f"for every set, at {cfg.resolution} px, {SELECTION}{_seeds_text(cfg)}"
         ),
         "classification": (
             f"ResNet-34 ({'weights from ' + str(resnet_weights) if resnet_weights else 'random init'}), "
             f"{cfg.steps} optimizer steps at batch {cfg.batch_size} on the generated images, the same for every set, "
-            f"labels = defect types, {SELECTION}"
+            f"labels = defect types, {SELECTION}{_seeds_text(cfg)}"
             if classify
             else "not run"
         ),
@@ -252,6 +287,7 @@ def _protocol(
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "seed": cfg.seed,
+        "seeds": cfg.seeds,
         "base_width": cfg.base_width,
         "torch": torch.__version__,
     }

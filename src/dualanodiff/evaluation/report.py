@@ -111,6 +111,11 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
         f"Percent except IS, IC-LPIPS and alignment; {NOT_COMPUTED} = not computed.",
     ]
     lines += [""] + [f"- {note}" for note in results["notes"]] if results["notes"] else []
+    if protocol.get("seeds", 1) > 1:
+        lines += ["", "Pixel AP of each training (seed: value):", ""] + [
+            f"- {row['name']}: " + ", ".join(f"{one['seed']}: {format_value(one['pixel_ap'], True)}" for one in row["per_seed"])
+            for row in results["generators"]
+        ]
     if chart_name:
         lines += ["", f"![metrics per generator]({chart_name})"]
     lines += ["", "## Per defect type"]
