@@ -73,7 +73,12 @@ def object_region(image: np.ndarray, kind: str, u2net_weights: str = "", min_sha
     """
     if kind == "texture":
         return None
-    region = foreground_mask(image, kind, u2net_weights or None, whole_if_none=False).copy()
+    return _without_frame(foreground_mask(image, kind, u2net_weights or None, whole_if_none=False), min_share)
+
+
+def _without_frame(foreground: np.ndarray, min_share: float) -> np.ndarray:
+    """`object_region` from an image's foreground mask (``whole_if_none=False``)."""
+    region = foreground.copy()
     band = max(1, round(BORDER_SHARE * min(region.shape)))
     region[:band], region[-band:], region[:, :band], region[:, -band:] = False, False, False, False
     if region.mean() < min_share:
@@ -110,9 +115,10 @@ def few_shot_objects(run_cfg: Config, kind: str, u2net_weights: str | None = Non
     if not train:
         return FewShotObjects()
     images = [load_image(p.image) for p in train]
-    shares = [foreground_mask(image, kind, u2net_weights).mean() for image in images]
+    foregrounds = [foreground_mask(image, kind, u2net_weights or None, whole_if_none=False) for image in images]
+    shares = [fg.mean() if fg.any() else 1.0 for fg in foregrounds]  # nothing stands out: the whole image
     size = images[0].shape[:2]
-    regions = [resize_mask(object_region(image, kind, u2net_weights or ""), size) for image in images]
+    regions = [resize_mask(_without_frame(fg, 0.0), size) for fg in foregrounds]
     if run_cfg.data.flips:
         regions += [flipped for r in regions for flipped in (r[:, ::-1], r[::-1], r[::-1, ::-1])]
     return FewShotObjects(OBJECT_FLOOR * float(np.mean(shares)), np.any(regions, axis=0))
