@@ -288,14 +288,15 @@ def test_a_signal_during_evaluate_writes_nothing_or_every_file(synthetic_root, p
 
 def test_sigint_during_pretrain_base_checkpoints_at_a_step_and_resume_gives_the_same_base(tmp_path, run_cli, monkeypatch):
     """Only tiny runs in a temporary folder (never a real pretraining): a real SIGINT lands at a random step
-    after the VAE's first checkpoint, in the VAE or the UNet stage (not at the very last step, after which
-    nothing is left to stop). A tiny run can finish faster than any timer, so the step, not a delay, is drawn."""
-    args = ["pretrain-base", "--preset", "tiny", "--resolution", "32", "--steps-vae", "4", "--steps-unet", "10",
-            "--workers", "1", "--device", "cpu"]
+    after the VAE's first checkpoint, in the VAE, the decoder or the UNet stage (not at the very last step, after
+    which nothing is left to stop). A tiny run can finish faster than any timer, so the step, not a delay, is drawn."""
+    args = ["pretrain-base", "--preset", "tiny", "--resolution", "32", "--steps-vae", "4", "--steps-decoder", "4",
+            "--steps-unet", "10", "--workers", "1", "--device", "cpu"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     log = cli._log
-    target = random.choice(["VAE step 2/", "VAE step 4/", "UNet step 2/", "UNet step 4/", "UNet step 6/", "UNet step 8/"])
+    target = random.choice(["VAE step 2/", "VAE step 4/", "decoder step 2/", "decoder step 4/", "UNet step 2/",
+                            "UNet step 4/", "UNet step 6/", "UNet step 8/"])
 
     def armed(message: str) -> None:
         log(message)
@@ -308,9 +309,10 @@ def test_sigint_during_pretrain_base_checkpoints_at_a_step_and_resume_gives_the_
         monkeypatch.setattr(cli, "_log", log)
         state = torch.load(tmp_path / "stopped" / "checkpoint" / "state.pt", weights_only=True)
         assert code == EXIT_INTERRUPTED and not (tmp_path / "stopped" / "unet").exists(), err
-        assert last_line(err) == (f"stopped by SIGINT at VAE step {state['vae_step']}, UNet step {state['unet_step']}; "
+        steps = state["vae_step"], state["decoder_step"], state["unet_step"]
+        assert last_line(err) == (f"stopped by SIGINT at VAE step {steps[0]}, decoder step {steps[1]}, UNet step {steps[2]}; "
                                   "checkpoint saved, continue with the same command and --resume")
-        assert (state["vae_step"], state["unet_step"]) < (4, 10)
+        assert steps < (4, 4, 10)
         assert run_cli(*args, "--out", tmp_path / "stopped", "--resume")[0] == 0
         assert run_cli(*args, "--out", tmp_path / "whole")[0] == 0
     finally:

@@ -67,7 +67,7 @@ def test_run_writes_a_directory_that_loads_as_a_base_model(finished):
     assert base.vae.config.scaling_factor != 0.18215  # measured, not SD's constant
     assert all(not p.requires_grad for p in base.unet.parameters())
     on_disk = json.loads((out / "training.json").read_text())
-    assert on_disk["steps"] == {"vae": 3, "unet": 4}
+    assert on_disk["steps"] == {"vae": 3, "unet": 4, "decoder": 0} and on_disk["init_from_record"] is None
     assert [step for step, _ in on_disk["losses"]["unet"]] == [2, 4]
     assert on_disk["compute"]["device"] == "cpu" and on_disk["compute"]["precision"] == "fp32"
     assert on_disk["wall_seconds"] > 0 and on_disk["data"]["held_out_category"] == HELD_OUT
@@ -125,6 +125,45 @@ def test_vae_loss_decreases_on_a_fixed_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0]
     assert np.mean(losses[-5:]) < np.mean(losses[5:10])
+
+
+def test_the_weighted_l1_term_is_the_mean_of_each_pixels_error_times_its_weight():
+    """Hand check: with a weight of 1 + w on some pixels, the loss grows by w times those pixels' L1 share."""
+    vae = pretrain.build_base(TINY.architecture, 32)[2].eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    weight = torch.ones(2, 1, 16, 16)
+    weight[0, :, 4:8, 4:8] = 10.0
+
+    def loss(w):
+        return vae_loss(vae, images, 1e-5, torch.Generator().manual_seed(0), w)
+
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0))).sample
+        extra = 9.0 * (recon - images).abs()[0, :, 4:8, 4:8].sum() / recon.numel()
+        assert loss(torch.ones(2, 1, 16, 16)).item() == pytest.approx(loss(None).item(), abs=1e-6)
+        assert loss(weight).item() == pytest.approx(loss(None).item() + extra.item(), rel=1e-5)
+
+
+def test_a_decoder_refinement_changes_the_decoder_alone_and_records_its_base(finished, tmp_path):
+    """From a finished base, decoder steps only: encoder, latent scale, UNet and text encoder stay bit for bit
+    (so the UNet's latents are the same), the decoder moves, and training.json carries the base's own record."""
+    base_dir, base_record = finished
+    out = tmp_path / "refined"
+    record = run(out, steps_vae=0, steps_unet=0, options=dataclasses.replace(TINY, init_from=str(base_dir)),
+                 steps_decoder=4)
+    assert record["steps"] == {"vae": 0, "unet": 0, "decoder": 4}
+    assert [step for step, _ in record["losses"]["decoder"]] == [2, 4]
+    assert record["init_from_record"]["steps"] == base_record["steps"]
+    assert record["latent_scaling_factor"] == base_record["latent_scaling_factor"]
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        before, after = load_file(base_dir / part), load_file(out / part)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
+    before, after = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (base_dir, out))
+    same = {k for k in before if torch.equal(before[k], after[k])}
+    assert {k for k in before if k.startswith(("encoder.", "quant_conv."))} <= same
+    assert any(k.startswith("decoder.") and k not in same for k in before)
+    with pytest.raises(UserError, match="at least one step of either"):
+        run(tmp_path / "none", steps_vae=0, steps_unet=0, options=dataclasses.replace(TINY, init_from=str(base_dir)))
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(finished, tmp_path):
@@ -194,7 +233,7 @@ def test_every_stage_takes_a_step_even_when_the_budget_is_spent(tmp_path, monkey
     ticks = iter(range(10**9))
     monkeypatch.setattr(pretrain, "_now", lambda: next(ticks) * 100.0)
     record = run(tmp_path / "late", steps_vae=50, steps_unet=50, time_budget=1.0)
-    assert record["steps"] == {"vae": 1, "unet": 1}
+    assert record["steps"] == {"vae": 1, "unet": 1, "decoder": 0}
     assert set(record["stopped_early"]) == {"vae", "unet"}
 
 

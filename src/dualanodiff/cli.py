@@ -13,6 +13,7 @@ SIGTERM; a reader that goes away (``| head -1``) ends the command quietly with e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -571,11 +572,15 @@ def demo(
 @app.command("pretrain-base")
 def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
-    preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, cpu, warm, v1 (the earlier base's sizes) or "
-                               "tiny; auto: "
+    preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, cpu, warm, v1 (the earlier base's sizes), "
+                               "decoder (refine a base's VAE decoder) or tiny; auto: "
                                "gpu when a CUDA GPU is visible, else cpu."),
     steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
     steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),
+    steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder alone, "
+                                                "its defect pixels weighted (default: the preset's)."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this base (tiny or a pretrain-base "
+                                            "folder) instead of the preset's; it keeps that base's VAE encoder."),
     time_budget: Optional[float] = typer.Option(
         None, "--time-budget", help="Seconds from the start after which no training step begins; the step counts "
         "become maxima. Measuring and export follow.",
@@ -597,17 +602,23 @@ def pretrain_base_command(
     if preset not in PRESETS:
         raise UserError(f"--preset {preset}: unknown; choose auto, {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
+    options = chosen.options if init_from is None else dataclasses.replace(chosen.options, init_from=init_from)
+    if init_from not in (None, "tiny") and not (Path(init_from).expanduser() / "unet").is_dir():
+        raise UserError(f"--init-from {init_from}: not a base model folder (no unet/ in it); give tiny or a "
+                        "pretrain-base output folder")
     check_writable(out)
     _log(f"preset {preset}: {chosen.about}")
     with progress_bars() as bars:
         record = pretrain_base(
-            out, steps_vae or chosen.steps_vae, steps_unet or chosen.steps_unet, resolution, seed, chosen.options,
+            out, chosen.steps_vae if steps_vae is None else steps_vae,
+            chosen.steps_unet if steps_unet is None else steps_unet, resolution, seed, options,
             resume=resume, force=force, device=device, time_budget=time_budget,
             workers=workers or min(os.cpu_count() or 1, 16), preset=preset, log=_log, bars=bars,
+            steps_decoder=chosen.steps_decoder if steps_decoder is None else steps_decoder,
         )
     console.print(
         f"wrote {out}: VAE held-out PSNR {record['heldout']['vae_psnr_db']:.2f} dB, "
-        f"{record['steps']['unet']} UNet steps in {record['wall_seconds']:.0f} s on {record['compute']['device']}, "
+        f"{record['steps']['unet']} UNet and {record['steps']['decoder']} decoder steps in {record['wall_seconds']:.0f} s on {record['compute']['device']}, "
         f"samples in {out / 'samples.png'}"
     )
 

@@ -68,6 +68,7 @@ from dualanodiff.model.base import (
     IDENTIFIER_WORDS,
     VOCAB_WORDS,
     Architecture,
+    base_folder,
     build_base,
     load_base_model,
     sd_scheduler,
@@ -122,6 +123,10 @@ class PretrainOptions:
     # warm start: a base ('tiny' or a directory) whose VAE, tokenizer and text encoder are kept and whose UNet
     # weights seed the architecture's UNet (new attention blocks start as the identity); no VAE stage then
     init_from: str = ""
+    # decoder refinement (after the UNet; the encoder, and so the latents the UNet learned, stay as they are):
+    # half of each batch part images, whose defect pixels weigh 1 + defect_weight in the L1 term
+    decoder_lr: float = 2e-4
+    defect_weight: float = 9.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class Preset:
     steps_vae: int
     steps_unet: int
     about: str
+    steps_decoder: int = 0
 
 
 _GPU = PretrainOptions(
@@ -159,6 +165,12 @@ PRESETS: dict[str, Preset] = {
         steps_vae=0, steps_unet=8000,
         about="the shipped base plus attention at the full latent level, trained on from its weights on the wider "
               "world (CPU: hours at 0.6 s per step on 2 free cores; give --time-budget)",
+    ),
+    "decoder": Preset(
+        PretrainOptions(architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=3000, storage="fp32"),
+        steps_vae=0, steps_unet=0, steps_decoder=2200,
+        about="the VAE decoder of a base (the shipped one, or --init-from DIR) refined on the wider world, its "
+              "defect pixels weighted; encoder, latents, UNet and text encoder unchanged (CPU: about 15 minutes)",
     ),
     "tiny": Preset(
         PretrainOptions(
@@ -218,14 +230,17 @@ def tokenizer_words(arch: Architecture, families: tuple[str, ...]) -> tuple[str,
 # ------------------------------------------------------------------------------------------------ VAE
 
 
-def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """L1 + image-gradient L1 (keeps edges and weave threads sharp) + L1 of 4x4 means (colour, which a small VAE
-    otherwise learns last) + KL per latent element, on [-1, 1] images."""
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L1 (each pixel times `weight`, N x 1 x H x W, where given) + image-gradient L1 (keeps edges and weave
+    threads sharp) + L1 of 4x4 means (colour, which a small VAE otherwise learns last) + KL per latent element,
+    on [-1, 1] images."""
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator)
     recon = vae.decode(latents).sample.float()
     images = images.float()
-    l1 = (recon - images).abs().mean()
+    l1 = (recon - images).abs() if weight is None else (recon - images).abs() * weight
+    l1 = l1.mean()
     gradient = sum(
         (torch.diff(recon, dim=d) - torch.diff(images, dim=d)).abs().mean() for d in (2, 3)
     )
@@ -432,8 +447,8 @@ class _Run:
     started: float
     deadline: float | None
     state: dict | None  # the checkpoint resumed from
-    history: dict = field(default_factory=lambda: {"vae_loss": [], "unet_loss": [], "seconds": {}})
-    steps: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
+    history: dict = field(default_factory=lambda: {"vae_loss": [], "unet_loss": [], "decoder_loss": [], "seconds": {}})
+    steps: dict = field(default_factory=lambda: {"vae": 0, "unet": 0, "decoder": 0})
     plans: dict = field(default_factory=dict)  # stage -> planned steps under a time budget
     stopped: dict = field(default_factory=dict)  # stage -> why it stopped before its step count
     stop: Callable[[], int] = lambda: 0  # a SIGINT/SIGTERM received (`deferred_signals`): stop at the next step
@@ -450,6 +465,7 @@ class _Run:
             "settings": self.settings, "generator": self.generator.get_state(), "generator_device": self.device.type,
             "host_generator": self.host_generator.get_state(),
             "history": self.history, "vae_step": self.steps["vae"], "unet_step": self.steps["unet"],
+            "decoder_step": self.steps["decoder"],
             "plans": self.plans, **parts,
         }
         buffer = io.BytesIO()
@@ -503,8 +519,9 @@ def _start_run(out, resolution, seed, options, resume, force, device, time_budge
     if state is not None:
         run.host_generator.set_state(state["host_generator"])
         run.history, run.plans = state["history"], state.get("plans", {})
-        run.steps = {"vae": state["vae_step"], "unet": state["unet_step"]}
-        log(f"resuming at VAE step {run.steps['vae']}, UNet step {run.steps['unet']}")
+        run.steps = {"vae": state["vae_step"], "unet": state["unet_step"], "decoder": state["decoder_step"]}
+        log(f"resuming at VAE step {run.steps['vae']}, UNet step {run.steps['unet']}"
+            + (f", decoder step {run.steps['decoder']}" if run.steps["decoder"] else ""))
     return run
 
 
@@ -665,8 +682,8 @@ class _Stage:
 def _raise_if_stopped(run: _Run) -> None:
     """`Stopped` once a training stage has saved at the step where a signal stopped it."""
     if run.stop():
-        raise Stopped(run.stop(), f"at VAE step {run.steps['vae']}, UNet step {run.steps['unet']}; checkpoint saved, "
-                                  "continue with the same command and --resume")
+        where = f"VAE step {run.steps['vae']}, decoder step {run.steps['decoder']}, UNet step {run.steps['unet']}"
+        raise Stopped(run.stop(), f"at {where}; checkpoint saved, continue with the same command and --resume")
 
 
 def _mean_loss(window: list[torch.Tensor], stage: str, step: int) -> float:
@@ -718,6 +735,55 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars
             checkpoint()
     if stage.finish():
         checkpoint()
+
+
+def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars) -> None:
+    """Stage 2b: only the VAE's decoder, on crops of the training images, half of them part images whose
+    defect pixels weigh more: the small dark or pale defect the anomaly branch draws on grey is what a
+    small VAE reconstructs worst, and every generated pixel passes through the decoder. The encoder is
+    frozen, so the latents (and a UNet trained on them) do not change. Skipped once the UNet stage began."""
+    opts, vae = run.options, models.vae
+    if max_steps < 1 or (run.state is not None and run.state.get("unet") is not None):
+        return
+    resolution = data.train.images.shape[-1]
+    crop = min(opts.vae_crop, resolution)
+    images = data.train.images.to(run.device)
+    parts = torch.tensor([i for i, kind in enumerate(data.train.kinds) if kind == "part"], device=run.device,
+                         dtype=torch.long)
+    vae.requires_grad_(False)
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for parameter in decoder:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=opts.decoder_lr, weight_decay=0.0, fused=run.mixed or None)
+    if run.state is not None and "decoder_optimizer" in run.state:
+        optimizer.load_state_dict(run.state["decoder_optimizer"])
+
+    def checkpoint() -> None:
+        run.checkpoint(vae=vae.state_dict(), decoder_optimizer=optimizer.state_dict())
+
+    vae.train()
+    half = max(opts.vae_batch // 2, 1) if len(parts) else 0  # rows of part images at the batch's end
+    stage = _Stage(run, "decoder", "decoder", run.deadline, max_steps, bars)
+    while stage.running():
+        index = torch.randint(len(images), (opts.vae_batch - half,), generator=run.generator, device=run.device)
+        if half:
+            index = torch.cat([index, parts[torch.randint(len(parts), (half,), generator=run.generator, device=run.device)]])
+        y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
+        batch = images[index, :, y : y + crop, x : x + crop]
+        is_part = torch.zeros(len(index), 1, 1, 1, device=run.device)
+        is_part[opts.vae_batch - half :] = 1.0
+        defect = (batch != 128).any(1, keepdim=True).float() * is_part  # a part image's defect: its non-grey pixels
+        with run.autocast():
+            loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator, 1 + opts.defect_weight * defect)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        optimizer.step()
+        if stage.record(loss):
+            checkpoint()
+    if stage.finish():
+        checkpoint()
+    vae.requires_grad_(False).eval()
 
 
 def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -947,6 +1013,12 @@ def _export(out: Path, models: Models, record: dict, options: PretrainOptions) -
     atomic_write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
 
 
+def _base_record(spec: str) -> dict | None:
+    """The training.json of the base `spec` ('tiny' or a directory), if it has one."""
+    path = base_folder(spec) / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _record(run: _Run, models: Models, data: Data, scale: float, figures: dict, preset: str | None,
             workers: int) -> dict:
     import diffusers
@@ -989,8 +1061,11 @@ def _record(run: _Run, models: Models, data: Data, scale: float, figures: dict, 
         "seconds_per_step": {
             "vae": history["seconds"].get("vae", 0.0) / max(run.steps["vae"], 1),
             "unet": history["seconds"].get("unet", 0.0) / max(run.steps["unet"], 1),
+            "decoder": history["seconds"].get("decoder", 0.0) / max(run.steps["decoder"], 1),
         },
-        "losses": {"vae": history["vae_loss"], "unet": history["unet_loss"]},
+        "losses": {"vae": history["vae_loss"], "unet": history["unet_loss"], "decoder": history["decoder_loss"]},
+        # a warm start's provenance: the training.json of the base it started from
+        "init_from_record": _base_record(opts.init_from) if opts.init_from else None,
         "heldout": figures,
         "samples": {"scheduler": "DDIM", "steps": opts.sample_steps, "guidance": opts.guidance,
                     "rows": sample_prompts(opts.families)},
@@ -1015,8 +1090,11 @@ def pretrain_base(
     preset: str | None = None,
     log: Callable[[str], None] = lambda message: None,
     bars: Bars = no_bars,
+    steps_decoder: int = 0,
 ) -> dict:
-    """Train the VAE, then the UNet + text encoder; write the diffusers directory `out`; return training.json.
+    """Train the VAE, refine its decoder (`steps_decoder`), then train the UNet + text encoder; write the
+    diffusers directory `out`; return training.json. With `options.init_from` the base's VAE is the start
+    and either later stage may be skipped (0 steps).
 
     A re-run with `resume` continues from ``out/checkpoint/state.pt`` (written every
     `options.checkpoint_every` steps, at each stage's end, and at the step where SIGINT or SIGTERM stopped a
@@ -1028,24 +1106,31 @@ def pretrain_base(
     `log` lines every `options.log_every` steps.
     """
     out = Path(out)
-    if (steps_vae < 1 and not options.init_from) or steps_unet < 1:
+    if options.init_from:
+        if steps_unet < 0 or steps_decoder < 0 or steps_unet + steps_decoder < 1:
+            raise UserError("--steps-unet/--steps-decoder: a warm start needs at least one step of either")
+    elif steps_vae < 1 or steps_unet < 1:
         raise UserError("--steps-vae/--steps-unet: need at least one step of each (no VAE steps with init_from)")
     run = _start_run(out, resolution, seed, options, resume, force, device, time_budget, log)
     data = _render_data(run, resolution, seed, workers)
     models = _build_models(run, resolution, seed)
+    scale = models.vae.config.scaling_factor
     with deferred_signals() as run.stop:
         if not options.init_from:  # a warm start keeps its base's VAE
             _train_vae(run, models, data, steps_vae, bars)
             _raise_if_stopped(run)
-        latents = _encode_corpus(run, models, data)
-        ema = _train_unet(run, models, data, latents, steps_unet, bars)
+        _refine_decoder(run, models, data, steps_decoder, bars)
         _raise_if_stopped(run)
-    ema.copy_to(models.trainable())  # the EMA weights are the model
+        if steps_unet:  # a warm start without UNet steps keeps its base's UNet and text encoder
+            latents = _encode_corpus(run, models, data)
+            scale = latents[2]
+            _train_unet(run, models, data, latents, steps_unet, bars).copy_to(models.trainable())  # the EMA weights
+            _raise_if_stopped(run)
     models.unet.eval()
     models.text_encoder.eval()
     figures, sheets = _measure(run, models, data, seed)
     _write_sheets(run, models, seed, sheets, figures["vae_psnr_db"])
-    record = _record(run, models, data, latents[2], figures, preset, workers)
+    record = _record(run, models, data, scale, figures, preset, workers)
     _export(out, models, record, options)
     load_base_model(str(out))  # the directory must load the way users will load it
     return record

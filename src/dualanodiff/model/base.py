@@ -62,12 +62,17 @@ class BaseModel:
         return self
 
 
+def base_folder(spec: str) -> Path:
+    """The directory of the base `spec` ('tiny': the embedded one)."""
+    return EMBEDDED_BASE if spec == "tiny" else Path(spec).expanduser()
+
+
 def base_recipe(spec: str) -> dict:
     """The few-shot settings stored with a base (``recipe.yaml`` in its directory: config sections), or {}.
 
     `train` and `run-all` put them between the defaults and the user's --config and flags, so the embedded
     base gets the learning rate and length it needs while Stable Diffusion keeps the paper's settings."""
-    folder = EMBEDDED_BASE if spec == "tiny" else Path(spec).expanduser()
+    folder = base_folder(spec)
     return read_yaml(folder / RECIPE) if (folder / RECIPE).is_file() else {}
 
 
