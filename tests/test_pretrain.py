@@ -220,9 +220,10 @@ def test_a_time_budget_stops_each_stage_by_the_clock_and_plans_its_steps(tmp_pat
     ticks = iter(range(10**9))
     monkeypatch.setattr(pretrain, "_now", lambda: next(ticks) * 0.05)  # a clock that moves only when read
     monkeypatch.setattr(_Stage, "CALIBRATE", (1, 3))
-    record = run(tmp_path / "timed", steps_vae=10**6, steps_unet=10**6, time_budget=2.0)
+    record = run(tmp_path / "timed", steps_vae=10**6, steps_unet=10**6, time_budget=2.0, steps_decoder=10**6)
     assert 3 <= record["steps"]["vae"] < record["steps"]["unet"] < 100, "the VAE has a fifth of the time"
-    assert set(record["planned_steps"]) == {"vae", "unet"}
+    assert 3 <= record["steps"]["decoder"] < record["steps"]["unet"], "the decoder a fifth of what is left"
+    assert set(record["planned_steps"]) == {"vae", "decoder", "unet"}
     assert all(record["steps"][stage] <= planned <= record["steps"][stage] + 1
                for stage, planned in record["planned_steps"].items()), "the plan is what fits"
     assert record["compute"]["time_budget_s"] == 2.0
@@ -261,6 +262,12 @@ def test_cli_refuses_a_non_empty_out_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain-base", "--out", str(tmp_path / "new"), "--preset", "huge"])
     assert exit_info.value.code == 2 and "--preset huge" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain-base", "--out", str(tmp_path / "new"), "--preset", "decoder", "--init-from", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].endswith(f"--init-from {tmp_path}: not a base model folder (no unet/ in "
+                                                          "it); give tiny or a pretrain-base output folder")
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_pretraining_corpus_leaves_the_held_out_category_out_and_renders_the_same_in_parallel():

@@ -123,8 +123,8 @@ class PretrainOptions:
     # warm start: a base ('tiny' or a directory) whose VAE, tokenizer and text encoder are kept and whose UNet
     # weights seed the architecture's UNet (new attention blocks start as the identity); no VAE stage then
     init_from: str = ""
-    # decoder refinement (after the UNet; the encoder, and so the latents the UNet learned, stay as they are):
-    # half of each batch part images, whose defect pixels weigh 1 + defect_weight in the L1 term
+    # decoder refinement (after the VAE stage; the encoder, and so the latents a UNet learns or learned, stay as
+    # they are): half of each batch part images, whose defect pixels weigh 1 + defect_weight in the L1 term
     decoder_lr: float = 2e-4
     defect_weight: float = 9.0
 
@@ -737,11 +737,12 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars
         checkpoint()
 
 
-def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars) -> None:
+def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars, share: float) -> None:
     """Stage 2b: only the VAE's decoder, on crops of the training images, half of them part images whose
     defect pixels weigh more: the small dark or pale defect the anomaly branch draws on grey is what a
     small VAE reconstructs worst, and every generated pixel passes through the decoder. The encoder is
-    frozen, so the latents (and a UNet trained on them) do not change. Skipped once the UNet stage began."""
+    frozen, so the latents (and a UNet trained on them) do not change. Skipped once the UNet stage began.
+    Under a time budget it takes `share` of the time left."""
     opts, vae = run.options, models.vae
     if max_steps < 1 or (run.state is not None and run.state.get("unet") is not None):
         return
@@ -763,7 +764,7 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
 
     vae.train()
     half = max(opts.vae_batch // 2, 1) if len(parts) else 0  # rows of part images at the batch's end
-    stage = _Stage(run, "decoder", "decoder", run.deadline, max_steps, bars)
+    stage = _Stage(run, "decoder", "decoder", _stage_deadline(run, share), max_steps, bars)
     while stage.running():
         index = torch.randint(len(images), (opts.vae_batch - half,), generator=run.generator, device=run.device)
         if half:
@@ -1119,7 +1120,7 @@ def pretrain_base(
         if not options.init_from:  # a warm start keeps its base's VAE
             _train_vae(run, models, data, steps_vae, bars)
             _raise_if_stopped(run)
-        _refine_decoder(run, models, data, steps_decoder, bars)
+        _refine_decoder(run, models, data, steps_decoder, bars, options.vae_share if steps_unet else 1.0)
         _raise_if_stopped(run)
         if steps_unet:  # a warm start without UNet steps keeps its base's UNet and text encoder
             latents = _encode_corpus(run, models, data)
