@@ -764,6 +764,8 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
 
     vae.train()
     half = max(opts.vae_batch // 2, 1) if len(parts) else 0  # rows of part images at the batch's end
+    is_part = torch.zeros(opts.vae_batch, 1, 1, 1, device=run.device)
+    is_part[opts.vae_batch - half :] = 1.0
     stage = _Stage(run, "decoder", "decoder", _stage_deadline(run, share), max_steps, bars)
     while stage.running():
         index = torch.randint(len(images), (opts.vae_batch - half,), generator=run.generator, device=run.device)
@@ -771,8 +773,6 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
             index = torch.cat([index, parts[torch.randint(len(parts), (half,), generator=run.generator, device=run.device)]])
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         batch = images[index, :, y : y + crop, x : x + crop]
-        is_part = torch.zeros(len(index), 1, 1, 1, device=run.device)
-        is_part[opts.vae_batch - half :] = 1.0
         defect = (batch != 128).any(1, keepdim=True).float() * is_part  # a part image's defect: its non-grey pixels
         with run.autocast():
             loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator, 1 + opts.defect_weight * defect)
