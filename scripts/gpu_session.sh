@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# A whole GPU session's work in one device call (about 9.5 minutes): two base pretrainings side by side on the
-# one GPU (issue 13: preset gpu, the v2 architecture, and preset gpu-small, a base whose few-shot training
-# stays CPU-cheap), then the SD-1.5-scale benchmark rows alone on the GPU (issue 17).
+# A whole GPU session's work in one device call (about 9.5 minutes): base pretrainings side by side on the
+# one GPU (issue 13: by default preset gpu, the v2 architecture, and preset gpu-small, a base whose few-shot
+# training stays CPU-cheap), then the SD-1.5-scale benchmark rows alone on the GPU (issue 17).
 #
 #   bash scripts/pretrain_gpu.sh --fetch-wheels   # here, once: the pinned wheels into .whl/ (git-ignored)
 #   bash scripts/gpu_session.sh --tiny            # here: the whole path at test size on the CPU
 #   bash scripts/gpu_session.sh                   # there: run(command=..., carry=[".whl"], timeout_s=600)
 #
-# Environment: OUT (default ./gpu_session_out), PRETRAIN_BUDGET (seconds for both pretrainings, default 350),
-# BENCH_BUDGET (seconds for the benchmark, default 190), PYTHON, WHEELS (default .whl), WORK.
-# $OUT receives (at most 8 files, as the device tool brings back): gpu.tar.part-* and gpu-small.tar.part-*
+# Environment: OUT (default ./gpu_session_out), PRESETS (the pretrainings, side by side; default "gpu gpu-small"),
+# PRETRAIN_BUDGET (seconds for the pretrainings, default 350), BENCH_BUDGET (seconds for the benchmark, default
+# 190), TRAIN_CAP / GENERATE_CAP (the benchmark's parts, default 80 / 60), TRAIN_GROUPS (benchmarks/gpu.sh),
+# PYTHON, WHEELS (default .whl), WORK.
+# $OUT receives (at most 8 files, as the device tool brings back): PRESET.tar.part-* for each preset
 # (see scripts/pretrain_gpu.sh), rows.jsonl (python benchmarks/gpu_bench.py --record OUT/rows.jsonl) and
-# log.txt (the three parts' logs, one after the other).
+# log.txt (the parts' logs, one after the other).
 set -euo pipefail
 
 START=$(date +%s)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$PWD/gpu_session_out}
+PRESETS=${PRESETS:-gpu gpu-small}
 PRETRAIN_BUDGET=${PRETRAIN_BUDGET:-350}
 BENCH_BUDGET=${BENCH_BUDGET:-190}
 PYTHON=${PYTHON:-python3}
@@ -40,24 +43,28 @@ export PYTHON OUT
 
 pretrain_flags=() bench_flags=()
 [ "$tiny" = 0 ] || pretrain_flags=(--tiny) bench_flags=(--dry-run)
-half=$(( ($(nproc) + 1) / 2 ))
-say "pretraining gpu and gpu-small side by side, $PRETRAIN_BUDGET s"
-status=0
-PRESET=gpu BUDGET=$PRETRAIN_BUDGET RESERVE=90 WORKERS=$half WHEELS= WORK=$WORK/gpu \
-  bash "$REPO/scripts/pretrain_gpu.sh" ${pretrain_flags[@]+"${pretrain_flags[@]}"} >/dev/null 2>&1 &
-first=$!
-PRESET=gpu-small BUDGET=$PRETRAIN_BUDGET RESERVE=80 WORKERS=$half SKIP_BEFORE=1 WHEELS= WORK=$WORK/gpu-small \
-  bash "$REPO/scripts/pretrain_gpu.sh" ${pretrain_flags[@]+"${pretrain_flags[@]}"} >/dev/null 2>&1 || status=$?
-wait "$first" || status=$?
+read -ra presets <<<"$PRESETS"
+share=$(( ($(nproc) + ${#presets[@]} - 1) / ${#presets[@]} ))
+say "pretraining ${presets[*]} side by side, $PRETRAIN_BUDGET s"
+status=0 pids=() skip_before=0
+for preset in "${presets[@]}"; do  # the first measures the shipped base, the others share its images
+  PRESET=$preset BUDGET=$PRETRAIN_BUDGET RESERVE=90 WORKERS=$share SKIP_BEFORE=$skip_before WHEELS= \
+    WORK=$WORK/$preset bash "$REPO/scripts/pretrain_gpu.sh" ${pretrain_flags[@]+"${pretrain_flags[@]}"} \
+    >/dev/null 2>&1 &
+  pids+=($!) skip_before=1
+done
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 say "pretraining done (status $status); benchmark, $BENCH_BUDGET s"
 # the benchmark's rows.md repeats rows.jsonl: only rows.jsonl and the log come back
-OUT=$WORK/bench BUDGET=$BENCH_BUDGET TRAIN_CAP=80 GENERATE_CAP=60 WHEELS= \
+OUT=$WORK/bench BUDGET=$BENCH_BUDGET TRAIN_CAP=${TRAIN_CAP:-80} GENERATE_CAP=${GENERATE_CAP:-60} WHEELS= \
   bash "$REPO/benchmarks/gpu.sh" ${bench_flags[@]+"${bench_flags[@]}"} >/dev/null 2>&1 || status=$?
 cp "$WORK/bench/rows.jsonl" "$OUT/" 2>/dev/null || say "the benchmark wrote no rows"
-for part in "$LOG" "$OUT/gpu.log" "$OUT/gpu-small.log" "$WORK/bench/log.txt"; do
+logs=("$LOG")
+for preset in "${presets[@]}"; do logs+=("$OUT/$preset.log"); done
+for part in "${logs[@]}" "$WORK/bench/log.txt"; do
   [ -f "$part" ] && { echo "===== $(basename "$part")"; cat "$part"; }
 done >"$OUT/log.txt.tmp"
-rm -f "$OUT/gpu.log" "$OUT/gpu-small.log"
+for preset in "${presets[@]}"; do rm -f "$OUT/$preset.log"; done
 mv "$OUT/log.txt.tmp" "$OUT/log.txt"
 say "done in $(($(date +%s) - START)) s (status $status): $(ls "$OUT" | wc -l) files in $OUT" | tee -a "$OUT/log.txt"
 exit "$status"

@@ -154,6 +154,13 @@ PRESETS: dict[str, Preset] = {
         about="the v2-small architecture (v2-cpu's UNet, v2's VAE) at batch 128 on one GPU: a base whose few-shot "
               "training stays CPU-cheap",
     ),
+    "gpu-v1": Preset(
+        dataclasses.replace(_GPU, architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=32000,
+                            unet_lr=2e-4, warmup=200, storage="fp32"),
+        steps_vae=0, steps_unet=40000,
+        about="the shipped base trained on from its weights on the wider world at batch 128 on one GPU (bf16): "
+              "its architecture, so the demo's CPU cost, and its VAE (refined decoder) stay as they are",
+    ),
     "cpu": Preset(PretrainOptions(architecture=ARCHITECTURES["v2-cpu"], train_images=6000), steps_vae=2400,
                   steps_unet=8000, about="the v2-cpu architecture (attention at every level, v1's width) at batch 12 "
                   "on the CPU: about 2.5 hours on 2 cores; run it in the background, or give --time-budget"),
