@@ -16,7 +16,7 @@
 #
 # Environment: OUT (default ./gpu_bench_out), BUDGET (seconds, default 480), TRAIN_CAP (default 190),
 # GENERATE_CAP (default 115; compile gets what is left), TRAIN_GROUPS (the train part's groups, in order),
-# PYTHON (default python3), WHEELS (default .whl),
+# PYTHON (default python3), WHEELS (default .whl; empty: the installed packages),
 # WORK (scratch, default /tmp/dualanodiff-gpu-bench), TINY=1 (the same as --dry-run).
 # $OUT receives rows.md, rows.jsonl and log.txt.
 set -euo pipefail
@@ -29,7 +29,7 @@ TRAIN_CAP=${TRAIN_CAP:-190}
 TRAIN_GROUPS=${TRAIN_GROUPS:-steps,steps with checkpointing,cuts,cuts with checkpointing}
 GENERATE_CAP=${GENERATE_CAP:-115}
 PYTHON=${PYTHON:-python3}
-WHEELS=${WHEELS:-$REPO/.whl}
+WHEELS=${WHEELS-$REPO/.whl}
 WORK=${WORK:-/tmp/dualanodiff-gpu-bench}
 
 dry=${TINY:-0}

@@ -12,8 +12,9 @@
 #
 # Environment: OUT (results, default ./pretrain_out), BUDGET (seconds for the whole script, default 540),
 # RESERVE (seconds kept for measuring, samples, export and packing; default 75), PROFILE=0 (no step profile
-# in the log), PRESET (gpu or gpu-small, default gpu), NAME (the results' file names, default PRESET),
-# SKIP_BEFORE=1 (do not measure the shipped base, when a run beside this one does), WORKERS (data processes,
+# in the log), PRESET (gpu, gpu-small, gpu-v1 or gpu-v1-large, default gpu), NAME (the results' file names, default PRESET),
+# SKIP_BEFORE=1 (do not measure the shipped base, when a run beside this one does), INIT_FROM (a base directory
+# that a warm-starting preset trains on from, instead of the shipped one), WORKERS (data processes,
 # default all cores), PYTHON (default python3), WHEELS (default .whl; empty: the installed packages),
 # WORK (scratch, default /tmp/dualanodiff-pretrain).
 #
@@ -119,6 +120,7 @@ from dualanodiff.pretrain import PRESETS, profile_unet_step
 print(profile_unet_step(PRESETS[sys.argv[1]].options, int(sys.argv[2]), sys.argv[3]))
 EOF
 args=(--preset "$preset" --resolution "$resolution" --device "$device" --workers "$workers")
+[ -z "${INIT_FROM:-}" ] || args+=(--init-from "$INIT_FROM")
 left=$((BUDGET - ($(date +%s) - START) - RESERVE))
 if [ "$left" -lt 10 ]; then
   say "only $left s left for training after setup; raise BUDGET"

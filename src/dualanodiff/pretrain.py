@@ -161,6 +161,14 @@ PRESETS: dict[str, Preset] = {
         about="the shipped base trained on from its weights on the wider world at batch 128 on one GPU (bf16): "
               "its architecture, so the demo's CPU cost, and its VAE (refined decoder) stay as they are",
     ),
+    # the v1 UNet's step at batch 128 on an H100 is launch-bound (18 ms of GPU work in 113 ms): 8x the batch
+    # costs little more time per step
+    "gpu-v1-large": Preset(
+        dataclasses.replace(_GPU, architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=24000,
+                            unet_batch=1024, unet_lr=4e-4, warmup=100, storage="fp32"),
+        steps_vae=0, steps_unet=40000,
+        about="gpu-v1 at batch 1024 (give --init-from a gpu-v1 run to train that on)",
+    ),
     "cpu": Preset(PretrainOptions(architecture=ARCHITECTURES["v2-cpu"], train_images=6000), steps_vae=2400,
                   steps_unet=8000, about="the v2-cpu architecture (attention at every level, v1's width) at batch 12 "
                   "on the CPU: about 2.5 hours on 2 cores; run it in the background, or give --time-budget"),
