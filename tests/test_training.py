@@ -20,7 +20,8 @@ from dualanodiff.config import Config
 from dualanodiff.data import few_shot_split, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.runs import RunFolder
-from dualanodiff.training import train, training_targets
+from dualanodiff.config import TrainConfig
+from dualanodiff.training import train, training_noise, training_targets
 
 
 def tiny_config(synthetic_root, steps: int = 3, **train_options) -> Config:
@@ -56,6 +57,23 @@ def test_training_targets_follow_the_paper():
     assert part[:, 0, 0].tolist() == [-1.0] * 3 and part[:, 0, 1].tolist() == [1.0] * 3
     assert torch.count_nonzero(part) == 2 * 3  # zero ([-1, 1] mid-grey) outside the defect
     assert torch.count_nonzero(background[:, :2]) == 0 and torch.equal(background[:, 2:], whole[:, 2:])
+
+
+@pytest.mark.parametrize("mode", ["independent", "shared"])
+def test_offset_noise_adds_a_constant_per_row_and_channel(mode):
+    shape = torch.Size((2, 3, 4, 5, 5))
+    plain = training_noise(shape, torch.Generator().manual_seed(7), TrainConfig(noise=mode))
+    offset = training_noise(shape, torch.Generator().manual_seed(7), TrainConfig(noise=mode, noise_offset=0.5))
+    generator = torch.Generator().manual_seed(7)
+    base, constants = torch.randn(shape, generator=generator), torch.randn(shape[:3] + (1, 1), generator=generator)
+    expected = base + 0.5 * constants
+    if mode == "shared":
+        base, expected = (torch.cat([x[:, :1], x[:, :1], x[:, 2:]], 1) for x in (base, expected))
+        assert torch.equal(offset[:, 0], offset[:, 1])
+    assert torch.equal(plain, base)  # no offset: the random stream of earlier runs, draw for draw
+    assert torch.equal(offset, expected)
+    spatial = (offset - plain).flatten(3)
+    assert torch.allclose(spatial, spatial[..., :1].expand_as(spatial))
 
 
 def test_a_run_folder_holds_config_losses_plot_adapters_and_split(synthetic_root, tmp_path):

@@ -114,6 +114,9 @@ class TrainConfig:
     added_lr_scale: Positive = 1.0  # learning-rate multiplier for the modules the paper adds (SAIM, BCM, gamma)
     noise: Literal["independent", "shared"] = "independent"  # one noise draw for both rows of a pair, or two
     defect_loss_weight: NonNegative = 0.0  # anomaly branch: extra loss weight on the defect's latent cells (ours)
+    # offset noise: a constant per row and latent channel, this many standard deviations, added to the training
+    # noise, so the model can learn colours and brightness far from the base's mean (ours; 0: the paper)
+    noise_offset: NonNegative = 0.0
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False

@@ -272,6 +272,18 @@ def make_optimizer(model: DualAnoDiffModel, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def training_noise(shape: torch.Size, generator: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+    """The noise of a batch of pairs (B, rows, C, h, w): standard normal, plus `cfg.noise_offset` times a
+    constant per row and channel (offset noise: the low frequencies a few-shot model must move to learn colours
+    the base rarely draws), with the global row's draw in the anomaly row where `cfg.noise` is shared."""
+    noise = torch.randn(shape, generator=generator)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn(shape[:3] + (1, 1), generator=generator)
+    if cfg.noise == "shared":  # the anomaly row gets the global row's noise
+        noise = torch.cat([noise[:, :1], noise[:, :1], noise[:, 2:]], 1)
+    return noise
+
+
 def batch_losses(ddp_model, data: TrainingSet, generator: torch.Generator, cfg: Config, base: BaseModel, accelerator):
     """One batch drawn from `generator` (pairs, latents, shared timestep, noise) and its losses:
     (total, global, anomaly, anomaly on the defect's cells)."""
@@ -279,9 +291,7 @@ def batch_losses(ddp_model, data: TrainingSet, generator: torch.Generator, cfg: 
     indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
     latents = data.sample(indices, generator, base.vae.config.scaling_factor)  # (B, 3, C, h, w)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    if cfg.train.noise == "shared":  # the anomaly row gets the global row's noise
-        noise = torch.cat([noise[:, :1], noise[:, :1], noise[:, 2:]], 1)
+    noise = training_noise(latents.shape, generator, cfg.train)
     noisy = _add_noise(scheduler, latents, noise, timesteps)
     target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
     device = accelerator.device
