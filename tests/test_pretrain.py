@@ -390,3 +390,26 @@ def test_a_warm_start_adds_attention_blocks_that_start_as_the_identity(tmp_path)
     with pytest.raises(UserError, match="does not fit this architecture"):
         pretrain.warm_start(pretrain.build_base(dataclasses.replace(TINY.architecture, unet_channels=(16, 16, 32)), 32)[1],
                             str(base_dir))
+
+
+@pytest.mark.parametrize("preset", ["gpu-v1", "gpu-v1-large"])
+def test_the_gpu_v1_presets_train_on_from_the_shipped_base_itself(preset):
+    """Their architecture is the shipped base's to the last weight: the warm-started UNet computes what the
+    shipped one does, and the VAE, tokenizer and text encoder are the shipped ones (the demo's CPU cost stays)."""
+    options = PRESETS[preset].options
+    assert options.init_from == "tiny" and PRESETS[preset].steps_vae == 0
+    shipped = load_base_model("tiny")
+    tokenizer, unet, vae, text_encoder = pretrain.build_base(options.architecture, 128)
+    tokenizer, unet, vae, text_encoder = pretrain.warm_start(unet, "tiny")
+    assert unet.state_dict().keys() == shipped.unet.state_dict().keys()
+    x, t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    with torch.no_grad():
+        context = shipped.text_encoder(shipped.tokenizer(["a nut with hole"] * 2, padding="max_length",
+                                                         return_tensors="pt").input_ids)[0]
+        torch.testing.assert_close(unet(x, t, context).sample, shipped.unet(x, t, context).sample)
+        torch.testing.assert_close(text_encoder(tokenizer(["a gear with misprint"], padding="max_length",
+                                                          return_tensors="pt").input_ids)[0],
+                                   shipped.text_encoder(shipped.tokenizer(["a gear with misprint"], padding="max_length",
+                                                                          return_tensors="pt").input_ids)[0])
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), shipped.vae.state_dict().values()))
+

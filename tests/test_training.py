@@ -16,11 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dualanodiff.cli import main
-from dualanodiff.config import Config
+from dualanodiff.config import Config, TrainConfig
 from dualanodiff.data import few_shot_split, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.runs import RunFolder
-from dualanodiff.config import TrainConfig
 from dualanodiff.training import train, training_noise, training_targets
 
 
