@@ -16,6 +16,7 @@
 #
 # Environment: OUT (default ./gpu_bench_out), BUDGET (seconds, default 480), TRAIN_CAP (default 190),
 # GENERATE_CAP (default 115; compile gets what is left), TRAIN_GROUPS (the train part's groups, in order),
+# GENERATE_CELLS (the generate part's SCHEDULER:STEPS:BATCH cells, in order; default all),
 # PYTHON (default python3), WHEELS (default .whl; empty: the installed packages),
 # WORK (scratch, default /tmp/dualanodiff-gpu-bench), TINY=1 (the same as --dry-run).
 # $OUT receives rows.md, rows.jsonl and log.txt.
@@ -27,6 +28,7 @@ OUT=${OUT:-$PWD/gpu_bench_out}
 BUDGET=${BUDGET:-480}
 TRAIN_CAP=${TRAIN_CAP:-190}
 TRAIN_GROUPS=${TRAIN_GROUPS:-steps,steps with checkpointing,cuts,cuts with checkpointing}
+GENERATE_CELLS=${GENERATE_CELLS:-}
 GENERATE_CAP=${GENERATE_CAP:-115}
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS-$REPO/.whl}
@@ -74,6 +76,7 @@ run_part() {  # part, cap in seconds: the part stops measuring 20 s before its c
   fi
   say "$part: at most $cap s"
   timeout -k 10 "$cap" "$PYTHON" "$REPO/benchmarks/gpu_bench.py" --part "$part" --out "$OUT" --train-groups "$TRAIN_GROUPS" \
+    --generate-cells "$GENERATE_CELLS" \
     --deadline "$(($(date +%s) + cap - 20))" ${flags[@]+"${flags[@]}"} 2>&1 | tee -a "$LOG" || status=$?
   [ "$status" = 0 ] || say "$part: ended with status $status (124: stopped at its cap); the rows it wrote are kept"
 }

@@ -143,7 +143,8 @@ def train_part(settings: Settings, rows: Rows, clock: Clock, groups: tuple[str, 
 
 
 def generate_part(settings: Settings, rows: Rows, clock: Clock) -> None:
-    """Pairs per second of each sampling cell, skipping a cell its predicted time would not fit."""
+    """Pairs per second of each sampling cell, skipping a cell its predicted time would not fit (the first
+    one always runs: it is what the prediction comes from)."""
     device = resolve_device(settings.device)
     base = build_base(settings.config)
     pipe = pipeline(base, device, settings.dtype)
@@ -217,6 +218,11 @@ def record(path: Path) -> int:
     return len(entries)
 
 
+def _cell_name(cell: tuple[str, int, int, int]) -> str:
+    scheduler, steps, batch, _ = cell
+    return f"{scheduler}:{steps}:{batch}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=PARTS)
@@ -224,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline", type=float, default=math.inf, help="stop measuring at this Unix time")
     parser.add_argument("--train-groups", default=",".join(TRAIN_GROUPS),
                         help=f"the train part's groups, comma-separated, in order (default: {','.join(TRAIN_GROUPS)})")
+    parser.add_argument("--generate-cells", default="",
+                        help="the generate part's cells, comma-separated SCHEDULER:STEPS:BATCH, in order (default: "
+                             f"{','.join(_cell_name(cell) for cell in GPU.cells)}; with --dry-run its own sizes)")
     parser.add_argument("--dry-run", action="store_true", help="the test size on the CPU, seconds per part")
     parser.add_argument("--record", type=Path, help="append the rows of this rows.jsonl to RESULTS.md and exit")
     args = parser.parse_args(argv)
@@ -236,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(groups) - set(TRAIN_GROUPS):
         parser.error(f"--train-groups: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRAIN_GROUPS)}")
     settings = DRY_RUN if args.dry_run else GPU
+    if args.generate_cells:
+        cells = {_cell_name(cell): cell for cell in settings.cells}
+        wanted = [name.strip() for name in args.generate_cells.split(",") if name.strip()]
+        if unknown := [name for name in wanted if name not in cells]:
+            parser.error(f"--generate-cells: unknown {', '.join(unknown)}; choose from {', '.join(cells)}")
+        settings = dataclasses.replace(settings, cells=tuple(cells[name] for name in wanted))
     device = resolve_device(settings.device)
     limit_threads(device, 0)
     rows = Rows(args.out)

@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _common
-from gpu_bench import DRY_RUN, Rows, read_entries, record
+from gpu_bench import DRY_RUN, Rows, main, read_entries, record
 from train_step import CUTS
 
 
@@ -80,6 +80,15 @@ def test_gpu_script_dry_run_writes_every_row(tmp_path):
     compiled = [e["cells"][4] for e in rows if e["section"] == "torch.compile"]
     assert compiled[0].startswith("dual step") and compiled[1].startswith("sampling")
     assert "done: 14 rows" in (out / "log.txt").read_text()
+
+
+def test_generate_cells_measures_the_chosen_cells_in_their_order_and_refuses_others(tmp_path, capsys):
+    main(["--part", "generate", "--out", str(tmp_path), "--dry-run", "--generate-cells", "pndm:3:2, dpm:2:1"])
+    generation = [e["result"] for e in read_entries(tmp_path / "rows.jsonl") if e.get("section") == "Generation"]
+    assert [(g["scheduler"], g["steps"], g["batch_size"]) for g in generation] == [("pndm", 3, 2), ("dpm", 2, 1)]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--part", "generate", "--out", str(tmp_path), "--dry-run", "--generate-cells", "dpm:25:16"])
+    assert stopped.value.code == 2 and "--generate-cells: unknown dpm:25:16" in capsys.readouterr().err
 
 
 def test_localizer_benchmark_records_one_row_of_both_layouts(tmp_path, monkeypatch, capsys):
