@@ -403,13 +403,13 @@ def test_the_gpu_v1_presets_train_on_from_the_shipped_base_itself(preset):
     tokenizer, unet, vae, text_encoder = pretrain.warm_start(unet, "tiny")
     assert unet.state_dict().keys() == shipped.unet.state_dict().keys()
     x, t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
-    with torch.no_grad():
-        context = shipped.text_encoder(shipped.tokenizer(["a nut with hole"] * 2, padding="max_length",
-                                                         return_tensors="pt").input_ids)[0]
-        torch.testing.assert_close(unet(x, t, context).sample, shipped.unet(x, t, context).sample)
-        torch.testing.assert_close(text_encoder(tokenizer(["a gear with misprint"], padding="max_length",
-                                                          return_tensors="pt").input_ids)[0],
-                                   shipped.text_encoder(shipped.tokenizer(["a gear with misprint"], padding="max_length",
-                                                                          return_tensors="pt").input_ids)[0])
-    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), shipped.vae.state_dict().values()))
 
+    def encode(tokenizer, encoder, prompt):
+        return encoder(tokenizer([prompt], padding="max_length", return_tensors="pt").input_ids)[0]
+
+    with torch.no_grad():
+        context = encode(shipped.tokenizer, shipped.text_encoder, "a nut with hole").expand(2, -1, -1)
+        torch.testing.assert_close(unet(x, t, context).sample, shipped.unet(x, t, context).sample)
+        torch.testing.assert_close(encode(tokenizer, text_encoder, "a gear with misprint"),
+                                   encode(shipped.tokenizer, shipped.text_encoder, "a gear with misprint"))
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), shipped.vae.state_dict().values()))

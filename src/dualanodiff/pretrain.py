@@ -161,8 +161,8 @@ PRESETS: dict[str, Preset] = {
         about="the shipped base trained on from its weights on the wider world at batch 128 on one GPU (bf16): "
               "its architecture, so the demo's CPU cost, and its VAE (refined decoder) stay as they are",
     ),
-    # the v1 UNet's step at batch 128 on an H100 is launch-bound (18 ms of GPU work in 113 ms): 8x the batch
-    # costs little more time per step
+    # the v1 UNet's step at batch 128 on an H100 was launch-bound (18 ms of GPU work in 113 ms): 8x the batch
+    # should cost little more time per step (not measured yet)
     "gpu-v1-large": Preset(
         dataclasses.replace(_GPU, architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=24000,
                             unet_batch=1024, unet_lr=4e-4, warmup=100, storage="fp32"),
