@@ -144,6 +144,9 @@ _GPU = PretrainOptions(
     train_images=24000, heldout_images=256, vae_batch=32, vae_lr=1e-3, unet_batch=128, unet_lr=4e-4, warmup=500,
     ema_decay=0.9995, checkpoint_every=0, log_every=500, samples_per_prompt=4,
 )
+# the shipped base trained on: its architecture, VAE and tokenizer, stored in fp32 as it is
+_GPU_V1 = dataclasses.replace(_GPU, architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=32000,
+                              unet_lr=2e-4, warmup=200, storage="fp32")
 PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         _GPU, steps_vae=8000, steps_unet=40000,
@@ -155,8 +158,7 @@ PRESETS: dict[str, Preset] = {
               "training stays CPU-cheap",
     ),
     "gpu-v1": Preset(
-        dataclasses.replace(_GPU, architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=32000,
-                            unet_lr=2e-4, warmup=200, storage="fp32"),
+        _GPU_V1,
         steps_vae=0, steps_unet=40000,
         about="the shipped base trained on from its weights on the wider world at batch 128 on one GPU (bf16): "
               "its architecture, so the demo's CPU cost, and its VAE (refined decoder) stay as they are",
@@ -164,8 +166,7 @@ PRESETS: dict[str, Preset] = {
     # the v1 UNet's step at batch 128 on an H100 was launch-bound (18 ms of GPU work in 113 ms): 8x the batch
     # should cost little more time per step (not measured yet)
     "gpu-v1-large": Preset(
-        dataclasses.replace(_GPU, architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=24000,
-                            unet_batch=1024, unet_lr=4e-4, warmup=100, storage="fp32"),
+        dataclasses.replace(_GPU_V1, train_images=24000, unet_batch=1024, unet_lr=4e-4, warmup=100),
         steps_vae=0, steps_unet=40000,
         about="gpu-v1 at batch 1024 (give --init-from a gpu-v1 run to train that on)",
     ),
