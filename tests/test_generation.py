@@ -14,7 +14,7 @@ from PIL import Image
 from dualanodiff.cli import main
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import load_image, load_mask, open_category
-from dualanodiff.generation import REGION_MARGIN, generate, generate_config
+from dualanodiff.generation import REGION_MARGIN, generate, generate_config, pair_verdict
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 
@@ -286,3 +286,31 @@ def test_on_normals_pairs_resume_byte_identical_to_one_uninterrupted_run(run, tm
     for row in manifest(whole):
         for key in ("image", "mask", "part"):
             assert (whole / row[key]).read_bytes() == (resumed / row[key]).read_bytes()
+
+
+
+def test_pair_verdict_drops_a_mask_on_plain_surface_only_when_min_alignment_asks():
+    image = np.full((64, 64, 3), 128, np.uint8)
+    image[10:18, 10:18] = 40  # a dark defect on flat grey
+    on_defect, on_plain = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    on_defect[10:18, 10:18], on_plain[40:48, 40:48] = True, True
+    strict = GenerateConfig(min_alignment=2.0)
+    verdict, score = pair_verdict(image, on_defect, None, None, strict, seed=0)
+    assert verdict == "kept" and score > 2.0
+    # flat grey inpaints exactly: nothing differs under the mask (A = 0), so the score is 0
+    assert pair_verdict(image, on_plain, None, None, strict, seed=0) == ("unaligned", 0.0)
+    assert pair_verdict(image, on_plain, None, None, GenerateConfig(), seed=0) == ("kept", 0.0)
+    assert pair_verdict(image, np.zeros((64, 64), bool), None, None, strict, seed=0)[0] == "empty"  # mask filter first
+
+
+def test_generate_drops_pairs_below_min_alignment_and_records_the_setting(run, tmp_path, monkeypatch):
+    """The score generate judges by is the one it records (here a stand-in: the pair's seed)."""
+    from dualanodiff import generation
+
+    monkeypatch.setattr(generation, "alignment_score", lambda image, mask, region, seed: float(seed))
+    lenient = {"max_area": 1.0, "min_on_object": 0.0}  # the tiny run's masks: all kept unless empty
+    summary = generate(run, tmp_path, fast(num=4, min_alignment=1.5, max_tries_factor=1, **lenient))
+    kept = manifest(summary.folder)
+    rejected = [json.loads(line) for line in (summary.folder / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["attempt"], r["verdict"]) for r in rejected] == [(0, "unaligned"), (1, "unaligned")]
+    assert [(r["attempt"], r["alignment"], r["min_alignment"]) for r in kept] == [(2, 2.0, 1.5), (3, 3.0, 1.5)]

@@ -392,7 +392,7 @@ def test_a_warm_start_adds_attention_blocks_that_start_as_the_identity(tmp_path)
                             str(base_dir))
 
 
-@pytest.mark.parametrize("preset", ["gpu-v1", "gpu-v1-large"])
+@pytest.mark.parametrize("preset", ["gpu-v1", "gpu-v1-large", "cpu-v1"])
 def test_the_gpu_v1_presets_train_on_from_the_shipped_base_itself(preset):
     """Their architecture is the shipped base's to the last weight: the warm-started UNet computes what the
     shipped one does, and the VAE, tokenizer and text encoder are the shipped ones (the demo's CPU cost stays)."""

@@ -142,6 +142,9 @@ class GenerateConfig:
     filter: bool = True
     max_area: Share = 0.5  # drop masks covering more than this share of the image
     min_on_object: Share = 0.5  # objects: share of the mask that must lie on the foreground
+    # drop pairs whose image shows no more defect under the mask than elsewhere on the object (alignment,
+    # `dualanodiff.alignment`: about 1 for a mask on plain surface); 0: off (paper: no such filter)
+    min_alignment: NonNegative = 0.0
     max_tries_factor: Count = 4  # sample at most num * factor pairs before giving up
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"

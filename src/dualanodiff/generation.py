@@ -222,6 +222,7 @@ def generate(
         "normal": None if normal is None else str(normal), "filter": cfg.filter, "on_normals": cfg.on_normals or None,
         "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
+        "min_alignment": cfg.min_alignment or None,
     }
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
@@ -251,7 +252,7 @@ def generate(
                     out = pipe(seeds=seeds, output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
                     region = object_region(image, kind, fg_weights, objects.floor)
-                    verdict = filter_verdict(pair_mask, objects.widen(region), cfg.max_area, cfg.min_on_object)
+                    verdict, alignment = pair_verdict(image, pair_mask, region, objects.widen(region), cfg, seed)
                     verdicts[verdict] += 1
                     record = {
                         "attempt": attempt + offset,
@@ -261,7 +262,7 @@ def generate(
                         **canvases[offset],
                         "mask_area": round(float(pair_mask.mean()), 6),
                         "consistency": round(pair_consistency(image, part, pair_mask), 4),
-                        "alignment": round(alignment_score(image, pair_mask, region, seed=seed), 4),
+                        "alignment": round(alignment, 4),
                         "verdict": verdict,
                     }
                     if verdict == "kept" or not cfg.filter:
@@ -278,6 +279,18 @@ def generate(
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
     return summary
+
+
+def pair_verdict(image: np.ndarray, mask: np.ndarray, region: np.ndarray | None, footprint: np.ndarray | None,
+                 cfg: GenerateConfig, seed: int) -> tuple[str, float]:
+    """The quality filter's verdict on a pair and the pair's alignment score: the mask's verdict
+    (`filter_verdict` against the object `footprint`), then "unaligned" when the image shows less defect under
+    the mask than `cfg.min_alignment` (a score that cannot be computed, nan, passes)."""
+    verdict = filter_verdict(mask, footprint, cfg.max_area, cfg.min_on_object)
+    alignment = alignment_score(image, mask, region, seed=seed)
+    if verdict == "kept" and alignment < cfg.min_alignment:
+        verdict = "unaligned"
+    return verdict, alignment
 
 
 def _resume_note(kept: int, num: int, folder: Path) -> str:
@@ -318,5 +331,5 @@ def _report(summary: GenerationSummary, cfg: GenerateConfig, verdicts: Counter, 
     if summary.kept < cfg.num:
         log(
             f"stopped at the cap of num x max_tries_factor = {cfg.num * cfg.max_tries_factor} attempts; raise "
-            "generate.max_tries_factor, loosen generate.max_area/min_on_object, or pass --no-filter"
+            "generate.max_tries_factor, loosen generate.max_area/min_on_object/min_alignment, or pass --no-filter"
         )

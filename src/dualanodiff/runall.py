@@ -487,7 +487,7 @@ def run_outcome(jobs: list[Job], records: dict[str, dict]) -> tuple[int, str]:
     if short:
         return EXIT_PARTIAL, (
             f"partial run: {len(short)} defect type(s) short of --num: {'; '.join(short)}; see summary.md "
-            "(raise generate.max_tries_factor or loosen generate.max_area/min_on_object in --config, then re-run)"
+            "(raise generate.max_tries_factor or loosen generate.max_area/min_on_object/min_alignment in --config, then re-run)"
         )
     return 0, ""
 
