@@ -14,7 +14,12 @@ from PIL import Image
 from dualanodiff.cli import main
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import load_image, load_mask, open_category
-from dualanodiff.generation import REGION_MARGIN, generate, generate_config, pair_verdict
+from dualanodiff.generation import (
+    REGION_MARGIN,
+    generate,
+    generate_config,
+    pair_verdict,
+)
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 
