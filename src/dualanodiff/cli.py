@@ -352,7 +352,7 @@ def generate(
     mask_method: Optional[str] = typer.Option(None, "--mask-method", help="threshold (part image), attention or u2net.", show_default=config_default("generate.mask_method", of_run=True)),
     u2net_weights: Optional[Path] = typer.Option(None, "--u2net-weights", help="TorchScript U^2-Net for --mask-method u2net."),
     background: Optional[Path] = typer.Option(None, "--background", help="Normal image for BCM instead of the run's few-shot backgrounds."),
-    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks.", show_default=config_default("generate.filter", of_run=True)),
+    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks (and unaligned ones with generate.min_alignment).", show_default=config_default("generate.filter", of_run=True)),
     device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any), cpu or cuda.", show_default=config_default("generate.device", of_run=True)),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 (GPU) or bf16.", show_default=config_default("generate.dtype", of_run=True)),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its generate section overrides the run's."),
