@@ -242,6 +242,8 @@ def test_lpips_pairwise_matrix_equals_pairwise_calls(lpips):
     expected = torch.stack([lpips(a[i : i + 1].expand(2, -1, -1, -1), b) for i in range(3)]).double()
     torch.testing.assert_close(matrix, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lpips.pairwise(a).diagonal(), torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    copies = torch.cat([a, a])
+    assert (lpips.pairwise(copies) >= 0).all()  # never below 0, also where identical images cancel to rounding
 
 
 def test_lpips_combines_layers_by_hand():

@@ -210,7 +210,8 @@ class LPIPS(nn.Module):
         """(N, M) float64 LPIPS between all of ``a`` and all of ``b`` (``b=None``: ``a`` with itself).
 
         Uses ``sum_c w_c (f_c - g_c)^2 = sum_c w_c f_c^2 + sum_c w_c g_c^2 - 2 sum_c w_c f_c g_c``
-        so that each image goes through AlexNet once.
+        so that each image goes through AlexNet once. LPIPS's heads are non-negative, so is every distance; the
+        expansion's cancellation can leave -1e-18 for identical images on some CPUs, hence the clamp at 0.
         """
         fa = self._flat_features(a, batch_size)
         fb = fa if b is None else self._flat_features(b, batch_size)
@@ -218,7 +219,7 @@ class LPIPS(nn.Module):
         for (xa, area), (xb, _), w in zip(fa, fb, self.heads()):
             w = w.double().repeat_interleave(area)  # features are channel-major: one weight per H*W run
             total += ((xa * xa * w).sum(1)[:, None] + (xb * xb * w).sum(1)[None, :] - 2 * (xa * w) @ xb.T) / area
-        return total
+        return total.clamp_(min=0.0)
 
     def _flat_features(self, images: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, int]]:
         """Per layer: (N, C*H*W) float64 features (channel-major) and the layer's H*W."""
