@@ -293,7 +293,6 @@ def test_on_normals_pairs_resume_byte_identical_to_one_uninterrupted_run(run, tm
             assert (whole / row[key]).read_bytes() == (resumed / row[key]).read_bytes()
 
 
-
 def test_pair_verdict_drops_a_mask_on_plain_surface_only_when_min_alignment_asks():
     image = np.full((64, 64, 3), 128, np.uint8)
     image[10:18, 10:18] = 40  # a dark defect on flat grey
