@@ -318,3 +318,44 @@ def test_generate_drops_pairs_below_min_alignment_and_records_the_setting(run, t
     rejected = [json.loads(line) for line in (summary.folder / "rejected.jsonl").read_text().splitlines()]
     assert [(r["attempt"], r["verdict"]) for r in rejected] == [(0, "unaligned"), (1, "unaligned")]
     assert [(r["attempt"], r["alignment"], r["min_alignment"]) for r in kept] == [(2, 2.0, 1.5), (3, 3.0, 1.5)]
+
+
+def test_start_from_few_shot_starts_each_image_from_the_few_shot_image_whose_background_bcm_gets(run, tmp_path, monkeypatch, capsys):
+    from dualanodiff.errors import UserError
+    from dualanodiff.pipeline import DualAnoDiffPipeline
+
+    calls = []
+    sample = DualAnoDiffPipeline.__call__
+    monkeypatch.setattr(DualAnoDiffPipeline, "__call__", lambda pipe, **kw: calls.append(kw) or sample(pipe, **kw))
+    main(["generate", str(run), "--out", str(tmp_path / "started"), "--num", "4", "--steps", "2", "--scheduler", "ddim",
+          "--batch-size", "4", "--device", "cpu", "--no-filter", "--start-from", "few-shot"])
+    saved = Config.from_yaml(run / "config.yaml")
+    train = {p.stem: p for p in open_category(saved.data.data).defects["hole"] if p.stem in saved.split["train"]}
+    rows = manifest(tmp_path / "started" / "nut" / "hole")
+    assert len(train) == 2 and [row["seed"] for row in rows] == [0, 1, 2, 3]
+    assert [row["start"] for row in rows] == [row["background"] for row in rows] == [sorted(train)[s % 2] for s in range(4)]
+    assert {row["start_from"] for row in rows} == {"few-shot"}
+    (call,) = calls
+    assert call["seeds"] == [0, 1, 2, 3] and call.get("strength", 1.0) == 1.0
+    for row, image, part in zip(rows, call["init_image"], call["init_part"]):
+        assert np.array_equal(image, load_image(train[row["start"]].image)) and (part == 128).all()
+    # the default starts from noise and records nothing; on normals, which start from their own images, ignore it
+    calls.clear()
+    generate(run, tmp_path / "noise", fast(num=1, filter=False))
+    generate(run, tmp_path / "normals", fast(num=1, filter=False, on_normals=True, start_from="few-shot"))
+    assert "init_image" not in calls[0] and calls[1]["strength"] == GenerateConfig().on_normals_strength
+    assert [manifest(tmp_path / name / "nut" / "hole")[0]["start_from"] for name in ("noise", "normals")] == [None, None]
+    started = load_image(tmp_path / "started" / "nut" / "hole" / rows[0]["image"])
+    assert not np.array_equal(started, load_image(tmp_path / "noise" / "nut" / "hole" / rows[0]["image"]))
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run, moved)
+    saved.data.data = str(tmp_path / "gone")
+    saved.to_yaml(moved / "config.yaml")
+    with pytest.raises(UserError, match="start_from few-shot: the run's dataset .*gone"):
+        generate(moved, tmp_path / "other", fast(num=1, start_from="few-shot"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(run), "--out", str(tmp_path / "other"), "--start-from", "paper"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "start_from: 'paper'" in err
+    assert not (tmp_path / "other").exists()

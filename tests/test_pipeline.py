@@ -129,6 +129,13 @@ def test_a_strength_below_one_starts_from_the_init_images_noised_to_that_share_o
     alpha = pipe.scheduler.alphas_cumprod[301]
     expected = alpha.sqrt() * clean + (1 - alpha).sqrt() * draw
     torch.testing.assert_close(torch.cat([calls[0][0], calls[0][1]]), expected, atol=1e-5, rtol=1e-5)
+    # strength 1 (as diffusers' img2img): every step, from the init images noised to the first one
+    calls.clear()
+    sampler(seeds=[7], num_inference_steps=10, init_image=image, init_part=part, output_type="np")
+    assert [int(args[2]) for args in calls] == list(range(901, 0, -100))
+    alpha = pipe.scheduler.alphas_cumprod[901]
+    expected = alpha.sqrt() * clean + (1 - alpha).sqrt() * draw
+    torch.testing.assert_close(torch.cat([calls[0][0], calls[0][1]]), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="strength 0"):
         sampler(seeds=[0], num_inference_steps=2, init_image=image, init_part=part, strength=0.0)
     with pytest.raises(ValueError, match="go together"):

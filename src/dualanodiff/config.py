@@ -146,6 +146,11 @@ class GenerateConfig:
     # `dualanodiff.alignment`: about 1 for a mask on plain surface); 0: off (paper: no such filter)
     min_alignment: NonNegative = 0.0
     max_tries_factor: Count = 4  # sample at most num * factor pairs before giving up
+    # x_T of whole images: "noise" (paper) or "few-shot" (ours): a few-shot image (the one whose background
+    # BCM gets) noised to the first step, the part row grey. Training's x_T always keeps about 7 % of its
+    # image, so it knows the colours of object and background; a zero-mean draw leaves a weak base to guess
+    # them (the held-out bottle comes out grey where it is green or brown). on_normals and --normal ignore it
+    start_from: Literal["noise", "few-shot"] = "noise"
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels

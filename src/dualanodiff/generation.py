@@ -183,6 +183,27 @@ class NormalCanvas:
         return inputs, records
 
 
+class FewShotStart:
+    """``start_from: few-shot``: each whole image starts from the few-shot image whose background BCM gets
+    (the same index, `seed` modulo their number, over the same natural order) noised to the first step, and
+    its part row from grey, so the defect's place is left to the model."""
+
+    def __init__(self, run_cfg: Config):
+        if not Path(run_cfg.data.data).is_dir():
+            raise UserError(f"generate.start_from few-shot: the run's dataset {run_cfg.data.data} is gone; its few-shot "
+                            "images are where sampling starts: put it back there, or use start_from noise")
+        train, _ = recorded_split(run_cfg.data.data, run_cfg.data.defect, run_cfg.split.get("train", []))
+        if not train:
+            raise UserError(f"generate.start_from few-shot: the run's few-shot pairs of {run_cfg.data.defect} are "
+                            f"no longer in {run_cfg.data.data}")
+        self.stems, self.images = [p.stem for p in train], [load_image(p.image) for p in train]
+
+    def inputs(self, seeds: list[int]) -> tuple[dict, list[dict]]:
+        chosen = [seed % len(self.images) for seed in seeds]
+        grey = [np.full_like(self.images[k], 128) for k in chosen]
+        return {"init_image": [self.images[k] for k in chosen], "init_part": grey}, [{"start": self.stems[k]} for k in chosen]
+
+
 def foreground_kind(run_cfg: Config) -> str:
     """The run's foreground setting; for "auto", its category's kind when the dataset is still there."""
     if run_cfg.data.foreground != "auto" or not Path(run_cfg.data.data).is_dir():
@@ -214,6 +235,7 @@ def generate(
     u2net_weights = str(u2net_weights or "")
     check_config(cfg)
     check_inputs(cfg, u2net_weights, normal, mask, background)
+    whole_images = not cfg.on_normals and normal is None
     settings = {
         "run": str(Path(run).resolve()),
         "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
@@ -223,10 +245,12 @@ def generate(
         "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
         "min_alignment": cfg.min_alignment or None,
+        "start_from": cfg.start_from if whole_images and cfg.start_from != "noise" else None,
     }
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
     canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
+    starting_images = FewShotStart(run_cfg) if settings["start_from"] else None
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
             writer.clear()
@@ -248,6 +272,9 @@ def generate(
                 canvases = [{}] * count
                 if canvas is not None:
                     inputs, canvases = canvas.inputs(seeds, cfg.on_normals_strength)
+                elif starting_images is not None:
+                    starts, canvases = starting_images.inputs(seeds)
+                    inputs = {**inputs, **starts}
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
                     out = pipe(seeds=seeds, output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):

@@ -226,9 +226,11 @@ class DualAnoDiffPipeline:
             self.background_latents = self.encode(self.backgrounds) if self.backgrounds else None
 
     def _start(self, sampler, draw: torch.Tensor, init: list[np.ndarray] | None, strength: float):
-        """(x_T, timesteps to run): the noise draw at the first step, or below strength 1 the init images
-        (all image rows, then all part rows) noised with it to the step that share of the schedule from its end."""
-        if init is None or strength >= 1:
+        """(x_T, timesteps to run): the noise draw at the first step, or the init images (all image rows, then
+        all part rows) noised with it to the step that share of the schedule from its end. At strength 1 that
+        is the first step, as diffusers' img2img: x_T then keeps the images' colours, as it does in training,
+        where the first step's signal share (about 0.07) is never zero."""
+        if init is None:
             return draw * sampler.init_noise_sigma, sampler.timesteps
         start = int(len(sampler.timesteps) * (1 - strength))
         if hasattr(sampler, "set_begin_index"):
@@ -334,8 +336,8 @@ class DualAnoDiffPipeline:
     ) -> DualAnoDiffPipelineOutput:
         """Sample `num_images` aligned (image, mask, part) pairs; `background` replaces the few-shot ones for
         BCM; `normal_image` + `mask` put the defect into a given normal image inside `mask` (inpainting);
-        `init_image` + `init_part` with `strength` < 1 start both branches from those images noised to that
-        share of the schedule (as diffusers' img2img), e.g. a real defect pasted where it should go. Each
+        `init_image` + `init_part` start both branches from those images noised to the `strength` share of the
+        schedule (as diffusers' img2img), e.g. a real defect pasted where it should go. Each
         image argument is one image for all pairs or a list of one per pair. Arguments left None come from
         ``self.config`` (steps, guidance, initial noise)."""
         cfg = self.config
