@@ -127,6 +127,10 @@ class PretrainOptions:
     # they are): half of each batch part images, whose defect pixels weigh 1 + defect_weight in the L1 term
     decoder_lr: float = 2e-4
     defect_weight: float = 9.0
+    # share of the decoder's rows recoloured at random (hue turned about the grey axis, saturation raised up to
+    # 2x; grey stays grey): the world's objects are brown, metal or muted, and a decoder that never saw a
+    # saturated green draws the held-out bottle's green as dark grey although its latents tell them apart
+    decoder_recolour: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,13 @@ PRESETS: dict[str, Preset] = {
         steps_vae=0, steps_unet=0, steps_decoder=2200,
         about="the VAE decoder of a base (the shipped one, or --init-from DIR) refined on the wider world, its "
               "defect pixels weighted; encoder, latents, UNet and text encoder unchanged (CPU: about 15 minutes)",
+    ),
+    "decoder-colour": Preset(
+        PretrainOptions(architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=3000, storage="fp32",
+                        decoder_recolour=0.5),
+        steps_vae=0, steps_unet=0, steps_decoder=2200,
+        about="the decoder preset with half of its rows recoloured at random (saturated hues the world lacks, such "
+              "as the held-out bottle's green)",
     ),
     "tiny": Preset(
         PretrainOptions(
@@ -798,6 +809,11 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         batch = images[index, :, y : y + crop, x : x + crop]
         defect = (batch != 128).any(1, keepdim=True).float() * is_part  # a part image's defect: its non-grey pixels
+        if opts.decoder_recolour:  # the chosen rows: a uniform hue turn, saturation x U(1, 2)
+            chosen = torch.rand(len(batch), generator=run.generator, device=run.device) < opts.decoder_recolour
+            angle = torch.rand(len(batch), generator=run.generator, device=run.device) * 2 * math.pi * chosen
+            saturation = 1 + torch.rand(len(batch), generator=run.generator, device=run.device) * chosen
+            batch = recoloured(batch, angle, saturation)
         with run.autocast():
             loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator, 1 + opts.defect_weight * defect)
         optimizer.zero_grad()
@@ -809,6 +825,20 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
     if stage.finish():
         checkpoint()
     vae.requires_grad_(False).eval()
+
+
+def recoloured(images: torch.Tensor, angle: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W images with each row's hue turned by its `angle` (radians) about the grey axis and its
+    saturation scaled by its `saturation`: every pixel's channel mean is kept, so grey stays grey."""
+    device = images.device
+    axis = torch.full((3,), 3**-0.5, device=device)
+    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=device) * 3**-0.5  # [axis]x
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    turn = cos * torch.eye(3, device=device) + sin * cross + (1 - cos) * torch.outer(axis, axis)  # Rodrigues
+    x = images.float()
+    mean = x.mean(1, keepdim=True)
+    out = mean + torch.einsum("nij,njhw->nihw", saturation[:, None, None] * turn, x - mean)
+    return out.round().clamp(0, 255).to(images.dtype)
 
 
 def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor, torch.Tensor, float]:
