@@ -269,11 +269,11 @@ def generate(
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
                 seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
-                canvases = [{}] * count
+                used = [{}] * count
                 if canvas is not None:
-                    inputs, canvases = canvas.inputs(seeds, cfg.on_normals_strength)
+                    inputs, used = canvas.inputs(seeds, cfg.on_normals_strength)
                 elif starting_images is not None:
-                    starts, canvases = starting_images.inputs(seeds)
+                    starts, used = starting_images.inputs(seeds)
                     inputs = {**inputs, **starts}
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
                     out = pipe(seeds=seeds, output_type="np", **inputs)
@@ -286,7 +286,7 @@ def generate(
                         "seed": seed,
                         **settings,
                         "background": _background_name(pipe, source, seed),
-                        **canvases[offset],
+                        **used[offset],
                         "mask_area": round(float(pair_mask.mean()), 6),
                         "consistency": round(pair_consistency(image, part, pair_mask), 4),
                         "alignment": round(alignment, 4),

@@ -229,7 +229,7 @@ class DualAnoDiffPipeline:
         """(x_T, timesteps to run): the noise draw at the first step, or the init images (all image rows, then
         all part rows) noised with it to the step that share of the schedule from its end. At strength 1 that
         is the first step, as diffusers' img2img: x_T then keeps the images' colours, as it does in training,
-        where the first step's signal share (about 0.07) is never zero."""
+        where the first step keeps about 7 % of its image (SD's schedule: sqrt(alpha_bar) 0.07)."""
         if init is None:
             return draw * sampler.init_noise_sigma, sampler.timesteps
         start = int(len(sampler.timesteps) * (1 - strength))
