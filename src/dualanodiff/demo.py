@@ -292,7 +292,6 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         return f"{first} {100 * ap[first]:.1f} is **{relation}** {second} {100 * ap[second]:.1f}"
 
     comparisons = [compare(ON_NORMALS, "perlin"), compare(OURS, "perlin")]
-    started = ", each from a few-shot image noised to the first step" if cfg.generate.start_from == "few-shot" else ""
     comparisons += [compare(COMBINED, "crop-paste")] if COMBINED in ap else []
     lines = [
         f"# DualAnoDiff demo: {category} / {defect}",
@@ -301,7 +300,7 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         f"few-shot-tuned for {cfg.train.steps} steps (lr {cfg.train.lr:g}, batch {cfg.train.batch_size}) on the "
         f"{len(_split(out))} training pairs of `{defect}` ({', '.join(_split(out))}); "
         f"{cfg.generate.num} pairs sampled with {cfg.generate.scheduler} ({cfg.generate.steps} steps, guidance "
-        f"{cfg.generate.guidance:g}{started}). Every number below comes from this run (`{out}`).",
+        f"{cfg.generate.guidance:g}). Every number below comes from this run (`{out}`).",
         "",
         "## Result",
         "",
@@ -314,8 +313,7 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         "",
         f"Few-shot reproduction: the generated images lie {reproduction['generated']:.1f} dB (mean PSNR to the nearest "
         f"of the {reproduction['train_images']} training images) from the few-shot set; real {defect} images of this "
-        f"category that were not in it lie {reproduction['real']:.1f} dB from it ({reproduction['real_images']} images)"
-        f"{'; sampling starts from the few-shot images, so part of that closeness is by construction' if started else ''}.",
+        f"category that were not in it lie {reproduction['real']:.1f} dB from it ({reproduction['real_images']} images).",
         "",
         "## Generated pairs (image | mask overlay | anomaly part)",
         "",
