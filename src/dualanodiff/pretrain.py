@@ -81,6 +81,7 @@ from dualanodiff.synthetic import (
     PRETRAIN_FAMILIES,
     WORLD_KINDS,
     WORLD_MIX,
+    hue_rotation,
     thing_name,
     world_item,
     world_words,
@@ -128,8 +129,9 @@ class PretrainOptions:
     decoder_lr: float = 2e-4
     defect_weight: float = 9.0
     # share of the decoder's rows recoloured at random (hue turned about the grey axis, saturation raised up to
-    # 2x; grey stays grey): the world's objects are brown, metal or muted, and a decoder that never saw a
-    # saturated green draws the held-out bottle's green as dark grey although its latents tell them apart
+    # 2x; grey stays grey): the world's objects are brown, metal or muted (its colour jitter turns the hue of
+    # 15 % of its images, saturation at most 1.5x), and the decoder draws the held-out bottle's green as
+    # dark grey although its latents tell the two apart
     decoder_recolour: float = 0.0
 
 
@@ -830,11 +832,7 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
 def recoloured(images: torch.Tensor, angle: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
     """uint8 N x 3 x H x W images with each row's hue turned by its `angle` (radians) about the grey axis and its
     saturation scaled by its `saturation`: every pixel's channel mean is kept, so grey stays grey."""
-    device = images.device
-    axis = torch.full((3,), 3**-0.5, device=device)
-    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=device) * 3**-0.5  # [axis]x
-    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    turn = cos * torch.eye(3, device=device) + sin * cross + (1 - cos) * torch.outer(axis, axis)  # Rodrigues
+    turn = torch.tensor(np.stack([hue_rotation(a) for a in angle.tolist()]), dtype=torch.float32, device=images.device)
     x = images.float()
     mean = x.mean(1, keepdim=True)
     out = mean + torch.einsum("nij,njhw->nihw", saturation[:, None, None] * turn, x - mean)

@@ -746,12 +746,16 @@ def _fold(scene: _Scene, rng) -> tuple[np.ndarray, np.ndarray]:
     return _coverage(distance - 1.5 * width) * scene.foreground, np.clip(target, 0, 1)
 
 
-def _recolour(image: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate colours about the grey axis by `angle` radians (a hue shift)."""
+def hue_rotation(angle: float) -> np.ndarray:
+    """The 3x3 matrix that turns RGB colours by `angle` radians about the grey axis (a hue shift; Rodrigues)."""
     k = np.full(3, 1 / np.sqrt(3))
     cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
-    return image @ rotation.T.astype(np.float32)
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+def _recolour(image: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate colours about the grey axis by `angle` radians (a hue shift)."""
+    return image @ hue_rotation(angle).T.astype(np.float32)
 
 
 def _color(scene: _Scene, rng) -> tuple[np.ndarray, np.ndarray]:
