@@ -143,6 +143,14 @@ def check_inputs(
         raise UserError("--on-normals picks each pair's normal image and background itself; drop --normal/--mask/--background")
 
 
+def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> Path:
+    """The run's dataset folder, which `option` reads (`needed_for`); a `UserError` naming both when it is gone."""
+    data = Path(run_cfg.data.data)
+    if not data.is_dir():
+        raise UserError(f"{option}: the run's dataset {data} is gone; {needed_for}: put it back there, or {instead}")
+    return data
+
+
 class NormalCanvas:
     """``--on-normals``: each pair's defect is drawn into a real ``train/good`` image of the run's dataset,
     inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the
@@ -150,10 +158,8 @@ class NormalCanvas:
     background feeds BCM. The pairs then differ from real normal images only at their defects."""
 
     def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
-        if not Path(run_cfg.data.data).is_dir():
-            raise UserError(f"--on-normals: the run's dataset {run_cfg.data.data} is gone; its train/good images are "
-                            "where the defects go: put it back there, or generate whole images")
-        category = open_category(run_cfg.data.data)
+        category = open_category(run_dataset(run_cfg, "--on-normals", "its train/good images are where the defects go",
+                                             "generate whole images"))
         if not category.train_good:
             raise UserError(f"--on-normals: {category.root} has no train/good images to draw defects into")
         train, _ = recorded_split(category.root, run_cfg.data.defect, run_cfg.split.get("train", []))
@@ -189,10 +195,9 @@ class FewShotStart:
     its part row from grey, so the defect's place is left to the model."""
 
     def __init__(self, run_cfg: Config):
-        if not Path(run_cfg.data.data).is_dir():
-            raise UserError(f"generate.start_from few-shot: the run's dataset {run_cfg.data.data} is gone; its few-shot "
-                            "images are where sampling starts: put it back there, or use start_from noise")
-        train, _ = recorded_split(run_cfg.data.data, run_cfg.data.defect, run_cfg.split.get("train", []))
+        data = run_dataset(run_cfg, "generate.start_from few-shot", "its few-shot images are where sampling starts",
+                           "use start_from noise")
+        train, _ = recorded_split(data, run_cfg.data.defect, run_cfg.split.get("train", []))
         if not train:
             raise UserError(f"generate.start_from few-shot: the run's few-shot pairs of {run_cfg.data.defect} are "
                             f"no longer in {run_cfg.data.data}")
