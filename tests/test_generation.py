@@ -359,3 +359,24 @@ def test_start_from_few_shot_starts_each_image_from_the_few_shot_image_whose_bac
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and "start_from: 'paper'" in err
     assert not (tmp_path / "other").exists()
+
+
+def test_lay_part_writes_each_image_with_its_parts_defect_laid_on_and_records_it(run, tmp_path, capsys):
+    from dualanodiff.errors import UserError
+    from dualanodiff.masks import part_onto
+
+    generate(run, tmp_path / "drawn", fast(num=3, filter=False))
+    main(["generate", str(run), "--out", str(tmp_path / "laid"), "--num", "3", "--steps", "2", "--scheduler", "ddim",
+          "--batch-size", "2", "--device", "cpu", "--no-filter", "--lay-part"])
+    drawn, laid = (tmp_path / name / "nut" / "hole" for name in ("drawn", "laid"))
+    rows = manifest(laid)
+    assert [r["lay_part"] for r in rows] == [True] * 3 and [r["lay_part"] for r in manifest(drawn)] == [None] * 3
+    for row in rows:
+        image, part, mask = load_image(drawn / row["image"]), load_image(drawn / row["part"]), load_mask(drawn / row["mask"])
+        assert np.array_equal(load_image(laid / row["part"]), part) and np.array_equal(load_mask(laid / row["mask"]), mask)
+        assert np.array_equal(load_image(laid / row["image"]), part_onto(image, part, mask))
+    # a folder of drawn pairs takes no laid ones (nor the other way round), and on normals ignore the option
+    with pytest.raises(UserError, match=r"other settings \(lay_part None -> True\)"):
+        generate(run, tmp_path / "drawn", fast(num=4, filter=False, lay_part=True))
+    generate(run, tmp_path / "normals", fast(num=1, filter=False, on_normals=True, lay_part=True))
+    assert manifest(tmp_path / "normals" / "nut" / "hole")[0]["lay_part"] is None

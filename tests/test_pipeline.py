@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -111,6 +112,24 @@ def test_inpainting_keeps_the_normal_image_outside_the_defect_and_labels_only_in
         pipe(seeds=[0], num_inference_steps=1, normal_image=normals[0])
     with pytest.raises(ValueError, match="one per pair"):
         pipe(seeds=[0], num_inference_steps=1, normal_image=normals, mask=region)
+
+
+def test_lay_part_lays_each_parts_defect_onto_its_own_image_inside_its_mask_and_nowhere_else(pipe):
+    drawn = using(pipe, "ddim")(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np")
+    laid = pipe(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np", lay_part=True)
+    pipe.config = replace(pipe.config, lay_part=True)
+    try:
+        from_config = pipe(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np")
+    finally:
+        pipe.config = replace(pipe.config, lay_part=False)
+    changed = 0
+    for k, (image, mask, part) in enumerate(zip(drawn.images, drawn.masks, drawn.parts)):
+        assert np.array_equal(laid.parts[k], part) and np.array_equal(laid.masks[k], mask)
+        assert np.array_equal(laid.images[k], part_onto(image, part, mask))
+        assert np.array_equal(laid.images[k][~mask], image[~mask])
+        assert np.array_equal(from_config.images[k], laid.images[k])
+        changed += int(np.abs(laid.images[k].astype(int) - image)[mask].sum() > 0)
+    assert changed >= 1  # some part's defect differed from what the global branch drew under the mask
 
 
 def test_a_strength_below_one_starts_from_the_init_images_noised_to_that_share_of_the_schedule(pipe, synthetic_root, monkeypatch):

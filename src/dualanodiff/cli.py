@@ -363,6 +363,7 @@ def generate(
     on_normals: Optional[bool] = typer.Option(None, "--on-normals/--whole-images", help="Draw each defect into a real train/good image of the run's dataset, in a few-shot defect's shape, or sample whole images (paper).", show_default=config_default("generate.on_normals", of_run=True)),
     on_normals_strength: Optional[float] = typer.Option(None, "--on-normals-strength", help="With --on-normals: start from the placed real defect noised to this share of the schedule (1: pure noise).", show_default=config_default("generate.on_normals_strength", of_run=True)),
     start_from: Optional[str] = typer.Option(None, "--start-from", help="Whole images' x_T: noise (paper) or few-shot (a few-shot image noised to the first step: its colours carry over).", show_default=config_default("generate.start_from", of_run=True)),
+    lay_part: Optional[bool] = typer.Option(None, "--lay-part/--no-lay-part", help="Whole images: lay each part image's defect onto the image inside its mask (the image then shows the part's defect there), or keep the global branch's image as drawn (paper).", show_default=config_default("generate.lay_part", of_run=True)),
     layout: str = typer.Option("native", "--layout", help="native (OUT/<category>/<defect>/), or mvtec / folder: "
                                "native pairs in OUT/native/, exported to OUT for anomalib (see `export`)."),
     force: bool = typer.Option(False, "--force", help="Replace pairs made here with other settings (else refused)."),
@@ -378,6 +379,7 @@ def generate(
         run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
         mask_method=mask_method, filter=use_filter, device=device, dtype=dtype, initial_noise=initial_noise, size=size,
         on_normals=on_normals, on_normals_strength=on_normals_strength, start_from=start_from,
+        lay_part=lay_part,
     )
     check_writable(out)
     native = out if layout == "native" else out / NATIVE

@@ -151,6 +151,11 @@ class GenerateConfig:
     # image, so it knows the colours of object and background; a zero-mean draw leaves a weak base to guess
     # them (the held-out bottle comes out grey where it is green or brown). on_normals and --normal ignore it
     start_from: Literal["noise", "few-shot"] = "noise"
+    # whole images: lay the part image's defect onto the image inside the pair's mask (`masks.part_onto`, as
+    # on_normals always does; the paper's part image is I * M), so the mask's region shows the part's defect
+    # wherever the global branch drew its own. false: the global branch's image as drawn (paper). The
+    # embedded base's recipe sets it (its branches rarely agree on where the defect is); experiments/ON_NORMALS.md
+    lay_part: bool = False
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels

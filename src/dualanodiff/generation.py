@@ -251,6 +251,7 @@ def generate(
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
         "min_alignment": cfg.min_alignment or None,
         "start_from": cfg.start_from if whole_images and cfg.start_from != "noise" else None,
+        "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None

@@ -333,17 +333,20 @@ class DualAnoDiffPipeline:
         init_image: PerPair | None = None,
         init_part: PerPair | None = None,
         strength: float = 1.0,
+        lay_part: bool | None = None,
     ) -> DualAnoDiffPipelineOutput:
         """Sample `num_images` aligned (image, mask, part) pairs; `background` replaces the few-shot ones for
         BCM; `normal_image` + `mask` put the defect into a given normal image inside `mask` (inpainting);
         `init_image` + `init_part` start both branches from those images noised to the `strength` share of the
-        schedule (as diffusers' img2img), e.g. a real defect pasted where it should go. Each
-        image argument is one image for all pairs or a list of one per pair. Arguments left None come from
-        ``self.config`` (steps, guidance, initial noise)."""
+        schedule (as diffusers' img2img), e.g. a real defect pasted where it should go; `lay_part` lays each
+        part's defect onto its whole image inside the mask (inpainting always does). Each image argument is one
+        image for all pairs or a list of one per pair. Arguments left None come from ``self.config`` (steps,
+        guidance, initial noise, lay_part)."""
         cfg = self.config
         steps = cfg.steps if num_inference_steps is None else num_inference_steps
         guidance = cfg.guidance if guidance_scale is None else guidance_scale
         initial_noise = initial_noise or cfg.initial_noise
+        lay_part = cfg.lay_part if lay_part is None else lay_part
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
         if (normal_image is None) != (mask is None) or (init_image is None) != (init_part is None):
@@ -407,6 +410,8 @@ class DualAnoDiffPipeline:
         if inpaint is not None:
             masks = [m & user for m, user in zip(masks, inpaint.masks)]
             images = [part_onto(normal, part, m) for normal, part, m in zip(inpaint.normals, parts, masks)]
+        elif lay_part:
+            images = [part_onto(image, part, m) for image, part, m in zip(images, parts, masks)]
         if output_type == "pil":
             images, parts = [Image.fromarray(i) for i in images], [Image.fromarray(p) for p in parts]
             masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
