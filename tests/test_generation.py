@@ -380,3 +380,26 @@ def test_lay_part_writes_each_image_with_its_parts_defect_laid_on_and_records_it
         generate(run, tmp_path / "drawn", fast(num=4, filter=False, lay_part=True))
     generate(run, tmp_path / "normals", fast(num=1, filter=False, on_normals=True, lay_part=True))
     assert manifest(tmp_path / "normals" / "nut" / "hole")[0]["lay_part"] is None
+
+
+def test_start_from_normal_starts_each_image_from_a_train_good_image_with_its_own_background(run, synthetic_root, tmp_path, monkeypatch):
+    from dualanodiff.errors import UserError
+    from dualanodiff.pipeline import DualAnoDiffPipeline, prepared_background
+
+    calls = []
+    sample = DualAnoDiffPipeline.__call__
+    monkeypatch.setattr(DualAnoDiffPipeline, "__call__", lambda pipe, **kw: calls.append(kw) or sample(pipe, **kw))
+    generate(run, tmp_path / "started", GenerateConfig(steps=2, scheduler="ddim", device="cpu", num=3, batch_size=3, filter=False, start_from="normal"))
+    category = open_category(synthetic_root / "nut")
+    good = {path.stem: path for path in category.train_good}
+    rows = manifest(tmp_path / "started" / "nut" / "hole")
+    assert [row["start"] for row in rows] == [row["background"] for row in rows] == [category.train_good[s].stem for s in range(3)]
+    assert {row["start_from"] for row in rows} == {"normal"}
+    (call,) = calls
+    for row, image, part, background in zip(rows, call["init_image"], call["init_part"], call["background"]):
+        normal = load_image(good[row["start"]])
+        assert np.array_equal(image, normal) and (part == 128).all()
+        assert np.array_equal(background, prepared_background(normal, category.kind))
+    with pytest.raises(UserError, match="--start-from normal gives each pair its normal image's background; drop --background"):
+        generate(run, tmp_path / "other", fast(num=1, start_from="normal"), background=good[rows[0]["start"]])
+    assert not (tmp_path / "other").exists()

@@ -146,11 +146,12 @@ class GenerateConfig:
     # `dualanodiff.alignment`: about 1 for a mask on plain surface); 0: off (paper: no such filter)
     min_alignment: NonNegative = 0.0
     max_tries_factor: Count = 4  # sample at most num * factor pairs before giving up
-    # x_T of whole images: "noise" (paper) or "few-shot" (ours): a few-shot image (the one whose background
-    # BCM gets) noised to the first step, the part row grey. Training's x_T always keeps about 7 % of its
-    # image, so it knows the colours of object and background; a zero-mean draw leaves a weak base to guess
-    # them (the held-out bottle comes out grey where it is green or brown). on_normals and --normal ignore it
-    start_from: Literal["noise", "few-shot"] = "noise"
+    # x_T of whole images: "noise" (paper), "few-shot" (a few-shot image, the one whose background BCM gets,
+    # noised to the first step, the part row grey) or "normal" (a train/good image, with its own background).
+    # Training's x_T always keeps about 7 % of its image, so it knows the colours of object and background; a
+    # zero-mean draw leaves a weak base to guess them (the held-out bottle comes out grey where it is green or
+    # brown). on_normals and --normal ignore it
+    start_from: Literal["noise", "few-shot", "normal"] = "noise"
     # whole images: lay the part image's defect onto the image inside the pair's mask (`masks.part_onto`, as
     # on_normals always does; the paper's part image is I * M), so the mask's region shows the part's defect
     # wherever the global branch drew its own. false: the global branch's image as drawn (paper). The

@@ -141,6 +141,8 @@ def check_inputs(
         raise UserError("--normal/--mask: give both, the normal image and the mask of where to put the defect")
     if cfg.on_normals and (normal is not None or background is not None):
         raise UserError("--on-normals picks each pair's normal image and background itself; drop --normal/--mask/--background")
+    if cfg.start_from == "normal" and not cfg.on_normals and normal is None and background is not None:
+        raise UserError("--start-from normal gives each pair its normal image's background; drop --background")
 
 
 def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> Path:
@@ -189,24 +191,35 @@ class NormalCanvas:
         return inputs, records
 
 
-class FewShotStart:
-    """``start_from: few-shot``: each whole image starts from the few-shot image whose background BCM gets
-    (the same index, `seed` modulo their number, over the same natural order) noised to the first step, and
-    its part row from grey, so the defect's place is left to the model."""
+class StartImages:
+    """``start_from`` few-shot or normal: each whole image starts from an image of the run's dataset noised to
+    the first step, and its part row from grey, so the defect's place is left to the model. ``few-shot``: the
+    few-shot image whose background BCM gets (the same index, `seed` modulo their number, over the same natural
+    order); ``normal``: the ``train/good`` image `seed` modulo their number (natural order), whose own background BCM
+    gets, so the starts are as many and as varied as the category's normal images."""
 
-    def __init__(self, run_cfg: Config):
-        data = run_dataset(run_cfg, "generate.start_from few-shot", "its few-shot images are where sampling starts",
-                           "use start_from noise")
-        train, _ = recorded_split(data, run_cfg.data.defect, run_cfg.split.get("train", []))
-        if not train:
-            raise UserError(f"generate.start_from few-shot: the run's few-shot pairs of {run_cfg.data.defect} are "
-                            f"no longer in {run_cfg.data.data}")
-        self.stems, self.images = [p.stem for p in train], [load_image(p.image) for p in train]
+    def __init__(self, run_cfg: Config, source: str, kind: str, u2net_weights: str | None):
+        option = f"generate.start_from {source}"
+        data = run_dataset(run_cfg, option, f"its {source} images are where sampling starts", "use start_from noise")
+        if source == "few-shot":
+            paths, _ = recorded_split(data, run_cfg.data.defect, run_cfg.split.get("train", []))
+            paths = [pair.image for pair in paths]
+            missing = f"the run's few-shot pairs of {run_cfg.data.defect} are no longer in {data}"
+        else:
+            paths, missing = list(open_category(data).train_good), f"{data} has no train/good images to start from"
+        if not paths:
+            raise UserError(f"{option}: {missing}")
+        self.paths, self.own_background, self.kind, self.u2net_weights = paths, source == "normal", kind, u2net_weights
 
     def inputs(self, seeds: list[int]) -> tuple[dict, list[dict]]:
-        chosen = [seed % len(self.images) for seed in seeds]
-        grey = [np.full_like(self.images[k], 128) for k in chosen]
-        return {"init_image": [self.images[k] for k in chosen], "init_part": grey}, [{"start": self.stems[k]} for k in chosen]
+        chosen = [self.paths[seed % len(self.paths)] for seed in seeds]
+        images = [load_image(path) for path in chosen]
+        inputs = {"init_image": images, "init_part": [np.full_like(image, 128) for image in images]}
+        records = [{"start": path.stem} for path in chosen]
+        if self.own_background:
+            inputs["background"] = [prepared_background(image, self.kind, self.u2net_weights) for image in images]
+            records = [{"start": path.stem, "background": path.stem} for path in chosen]
+        return inputs, records
 
 
 def foreground_kind(run_cfg: Config) -> str:
@@ -256,7 +269,7 @@ def generate(
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
     canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
-    starting_images = FewShotStart(run_cfg) if settings["start_from"] else None
+    starting_images = StartImages(run_cfg, cfg.start_from, kind, fg_weights) if settings["start_from"] else None
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
             writer.clear()
