@@ -68,8 +68,9 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert f"mean {ours['alignment_mean']:.2f}, median {ours['alignment_median']:.2f}" in text
     assert f"{ours['consistency_mean']:.2f} dB" in text
     assert "2 of 2 generation attempts kept (100 %)" in text
-    laid = [json.loads(line)["lay_part"] for line in (out / "generated" / "dualanodiff" / "nut" / "hole" / "manifest.jsonl").open()]
-    assert laid == [True, True] and "laid on inside its mask (`generate.lay_part`" in text  # the base's recipe
+    whole = [json.loads(line) for line in (out / "generated" / "dualanodiff" / "nut" / "hole" / "manifest.jsonl").open()]
+    assert [(row["lay_part"], row["start_from"]) for row in whole] == [(True, "normal")] * 2  # the base's recipe
+    assert "laid on inside its mask (`generate.lay_part`" in text and "`train/good` image noised to the first step" in text
     on_normals = [json.loads(line) for line in (out / "generated" / "dualanodiff-on-normals" / "nut" / "hole" / "manifest.jsonl").open()]
     assert [(row["run"], row["on_normals"], row["on_normals_strength"]) for row in on_normals] == [
         (str((out / "runs" / "dualanodiff").resolve()), True, GenerateConfig().on_normals_strength)] * 2

@@ -326,7 +326,7 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         f"{stats['alignment_median']:.2f}. Pair consistency (PSNR of image·M vs part·M inside the mask): mean "
         f"{stats['consistency_mean']:.2f} dB; mean mask area {100 * stats['mask_area_mean']:.2f} % of the image.",
         "",
-        *_lay_part_note(cfg),
+        *_whole_image_notes(cfg),
         "![alignment](figures/alignment.png)",
         "",
         *_on_normals_section(cfg, on_normals),
@@ -390,15 +390,18 @@ def _write_figures(out: Path, category: str, defect: str, pair_sets: list[str], 
     return figures_of
 
 
-def _lay_part_note(cfg: Config) -> list[str]:
-    if not cfg.generate.lay_part:
-        return []
-    return [
-        "Each image carries its part image's defect laid on inside its mask (`generate.lay_part`, the embedded "
-        "base's recipe; the paper keeps the global branch's image as drawn): the mask's region shows the part's "
-        "defect wherever the global branch drew its own, so alignment and consistency are high by construction.",
-        "",
-    ]
+def _whole_image_notes(cfg: Config) -> list[str]:
+    """What the settings changed from the paper's whole images: where sampling started, the part laid on."""
+    notes = []
+    if cfg.generate.start_from != "noise":
+        source = "a few-shot image" if cfg.generate.start_from == "few-shot" else "a real `train/good` image"
+        notes += [f"Sampling started from {source} noised to the first step (`generate.start_from "
+                  f"{cfg.generate.start_from}`; the paper starts from noise), so the images take its colours and layout.", ""]
+    if cfg.generate.lay_part:
+        notes += ["Each image carries its part image's defect laid on inside its mask (`generate.lay_part`; the paper "
+                  "keeps the global branch's image as drawn): the mask's region shows the part's defect wherever the "
+                  "global branch drew its own, so alignment and consistency are high by construction.", ""]
+    return notes
 
 
 def _on_normals_section(cfg: Config, figures: dict) -> list[str]:
