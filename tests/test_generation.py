@@ -403,3 +403,11 @@ def test_start_from_normal_starts_each_image_from_a_train_good_image_with_its_ow
     with pytest.raises(UserError, match="--start-from normal gives each pair its normal image's background; drop --background"):
         generate(run, tmp_path / "other", fast(num=1, start_from="normal"), background=good[rows[0]["start"]])
     assert not (tmp_path / "other").exists()
+    no_normals, moved = tmp_path / "nut", tmp_path / "moved-run"  # a dataset without train/good
+    shutil.copytree(synthetic_root / "nut", no_normals, ignore=shutil.ignore_patterns("train"))
+    shutil.copytree(run, moved)
+    saved = Config.from_yaml(run / "config.yaml")
+    saved.data.data = str(no_normals)
+    saved.to_yaml(moved / "config.yaml")
+    with pytest.raises(UserError, match=r"^generate.start_from normal: .*nut has no train/good images to start from; use start_from noise \(--start-from noise\)$"):
+        generate(moved, tmp_path / "other", fast(num=1, start_from="normal"))

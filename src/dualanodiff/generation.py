@@ -208,7 +208,7 @@ class StartImages:
         else:
             paths, missing = list(open_category(data).train_good), f"{data} has no train/good images to start from"
         if not paths:
-            raise UserError(f"{option}: {missing}")
+            raise UserError(f"{option}: {missing}; use start_from noise (--start-from noise)")
         self.paths, self.own_background, self.kind, self.u2net_weights = paths, source == "normal", kind, u2net_weights
 
     def inputs(self, seeds: list[int]) -> tuple[dict, list[dict]]:
