@@ -400,7 +400,7 @@ def test_start_from_normal_starts_each_image_from_a_train_good_image_with_its_ow
         normal = load_image(good[row["start"]])
         assert np.array_equal(image, normal) and (part == 128).all()
         assert np.array_equal(background, prepared_background(normal, category.kind))
-    with pytest.raises(UserError, match="--start-from normal gives each pair its normal image's background; drop --background"):
+    with pytest.raises(UserError, match="--start-from normal gives each pair its normal image's background; drop --background or pass --start-from noise"):
         generate(run, tmp_path / "other", fast(num=1, start_from="normal"), background=good[rows[0]["start"]])
     assert not (tmp_path / "other").exists()
     no_normals, moved = tmp_path / "nut", tmp_path / "moved-run"  # a dataset without train/good

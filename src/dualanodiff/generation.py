@@ -142,7 +142,7 @@ def check_inputs(
     if cfg.on_normals and (normal is not None or background is not None):
         raise UserError("--on-normals picks each pair's normal image and background itself; drop --normal/--mask/--background")
     if cfg.start_from == "normal" and not cfg.on_normals and normal is None and background is not None:
-        raise UserError("--start-from normal gives each pair its normal image's background; drop --background")
+        raise UserError("--start-from normal gives each pair its normal image's background; drop --background or pass --start-from noise")
 
 
 def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> Path:
