@@ -361,7 +361,7 @@ def test_start_from_few_shot_starts_each_image_from_the_few_shot_image_whose_bac
     assert not (tmp_path / "other").exists()
 
 
-def test_lay_part_writes_each_image_with_its_parts_defect_laid_on_and_records_it(run, tmp_path, capsys):
+def test_lay_part_writes_each_image_with_its_parts_defect_laid_on_and_records_it(run, tmp_path):
     from dualanodiff.errors import UserError
     from dualanodiff.masks import part_onto
 

@@ -117,11 +117,12 @@ def test_inpainting_keeps_the_normal_image_outside_the_defect_and_labels_only_in
 def test_lay_part_lays_each_parts_defect_onto_its_own_image_inside_its_mask_and_nowhere_else(pipe):
     drawn = using(pipe, "ddim")(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np")
     laid = pipe(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np", lay_part=True)
-    pipe.config = replace(pipe.config, lay_part=True)
+    original = pipe.config
+    pipe.config = replace(original, lay_part=True)
     try:
         from_config = pipe(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np")
     finally:
-        pipe.config = replace(pipe.config, lay_part=False)
+        pipe.config = original  # the module's other tests share this pipeline
     changed = 0
     for k, (image, mask, part) in enumerate(zip(drawn.images, drawn.masks, drawn.parts)):
         assert np.array_equal(laid.parts[k], part) and np.array_equal(laid.masks[k], mask)

@@ -215,11 +215,9 @@ class StartImages:
         chosen = [self.paths[seed % len(self.paths)] for seed in seeds]
         images = [load_image(path) for path in chosen]
         inputs = {"init_image": images, "init_part": [np.full_like(image, 128) for image in images]}
-        records = [{"start": path.stem} for path in chosen]
         if self.own_background:
             inputs["background"] = [prepared_background(image, self.kind, self.u2net_weights) for image in images]
-            records = [{"start": path.stem, "background": path.stem} for path in chosen]
-        return inputs, records
+        return inputs, [{"start": path.stem, **({"background": path.stem} if self.own_background else {})} for path in chosen]
 
 
 def foreground_kind(run_cfg: Config) -> str:
