@@ -9,6 +9,7 @@ import pytest
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.demo import (
     DemoHooks,
+    _whole_image_notes,
     demo_config,
     demo_settings,
     pair_figures,
@@ -45,6 +46,16 @@ def test_a_config_file_changes_only_its_own_keys_of_the_demos_settings(tmp_path)
     (tmp_path / "bad.yaml").write_text("model:\n  lora_targets: everything\n")
     with pytest.raises(UserError, match="bad.yaml"):
         demo_settings("nut", "hole", tmp_path / "bad.yaml")
+
+
+def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep():
+    cfg = demo_config("nut", "hole")
+    cfg.generate.lay_part = False
+    assert _whole_image_notes(cfg)[0].startswith("Sampling started from a real `train/good` image noised to the first step ")
+    cfg.generate.start_from, cfg.generate.start_strength = "few-shot", 0.8
+    assert _whole_image_notes(cfg)[0].startswith("Sampling started from a few-shot image noised to 0.8 of the schedule ")
+    cfg.generate.start_from = "noise"
+    assert _whole_image_notes(cfg) == []
 
 
 @pytest.mark.slow

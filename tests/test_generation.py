@@ -411,3 +411,22 @@ def test_start_from_normal_starts_each_image_from_a_train_good_image_with_its_ow
     saved.to_yaml(moved / "config.yaml")
     with pytest.raises(UserError, match=r"^generate.start_from normal: .*nut has no train/good images to start from; use start_from noise \(--start-from noise\)$"):
         generate(moved, tmp_path / "other", fast(num=1, start_from="normal"))
+    assert {row["start_strength"] for row in rows} == {None} and calls[0]["strength"] == 1.0  # the first step
+
+
+def test_start_strength_noises_the_start_images_to_that_share_of_the_schedule_and_records_it(run, tmp_path, monkeypatch):
+    from dualanodiff.errors import UserError
+    from dualanodiff.pipeline import DualAnoDiffPipeline
+
+    calls = []
+    sample = DualAnoDiffPipeline.__call__
+    monkeypatch.setattr(DualAnoDiffPipeline, "__call__", lambda pipe, **kw: calls.append(kw) or sample(pipe, **kw))
+    main(["generate", str(run), "--out", str(tmp_path / "half"), "--num", "2", "--steps", "4", "--scheduler", "ddim",
+          "--batch-size", "2", "--device", "cpu", "--no-filter", "--start-from", "normal", "--start-strength", "0.5"])
+    assert [call["strength"] for call in calls] == [0.5]
+    assert [row["start_strength"] for row in manifest(tmp_path / "half" / "nut" / "hole")] == [0.5, 0.5]
+    with pytest.raises(UserError, match=r"other settings \(start_strength 0.5 -> None\)"):
+        generate(run, tmp_path / "half", GenerateConfig(steps=4, scheduler="ddim", device="cpu", num=3, filter=False, start_from="normal"))
+    # from noise there is no start image to noise: the option is ignored and not recorded
+    generate(run, tmp_path / "noise", fast(num=1, filter=False, start_strength=0.5))
+    assert "init_image" not in calls[-1] and manifest(tmp_path / "noise" / "nut" / "hole")[0]["start_strength"] is None

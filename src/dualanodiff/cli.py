@@ -363,6 +363,7 @@ def generate(
     on_normals: Optional[bool] = typer.Option(None, "--on-normals/--whole-images", help="Draw each defect into a real train/good image of the run's dataset, in a few-shot defect's shape, or sample whole images (paper).", show_default=config_default("generate.on_normals", of_run=True)),
     on_normals_strength: Optional[float] = typer.Option(None, "--on-normals-strength", help="With --on-normals: start from the placed real defect noised to this share of the schedule (1: pure noise).", show_default=config_default("generate.on_normals_strength", of_run=True)),
     start_from: Optional[str] = typer.Option(None, "--start-from", help="Whole images' x_T: noise (paper), few-shot (a few-shot image noised to the first step: its colours carry over) or normal (a train/good image, likewise).", show_default=config_default("generate.start_from", of_run=True)),
+    start_strength: Optional[float] = typer.Option(None, "--start-strength", help="With --start-from few-shot or normal: noise the start image to this share of the schedule (1: the first step).", show_default=config_default("generate.start_strength", of_run=True)),
     lay_part: Optional[bool] = typer.Option(None, "--lay-part/--no-lay-part", help="Whole images: lay each part image's defect onto the image inside its mask (the image then shows the part's defect there), or keep the global branch's image as drawn (paper).", show_default=config_default("generate.lay_part", of_run=True)),
     layout: str = typer.Option("native", "--layout", help="native (OUT/<category>/<defect>/), or mvtec / folder: "
                                "native pairs in OUT/native/, exported to OUT for anomalib (see `export`)."),
@@ -379,7 +380,7 @@ def generate(
         run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
         mask_method=mask_method, filter=use_filter, device=device, dtype=dtype, initial_noise=initial_noise, size=size,
         on_normals=on_normals, on_normals_strength=on_normals_strength, start_from=start_from,
-        lay_part=lay_part,
+        start_strength=start_strength, lay_part=lay_part,
     )
     check_writable(out)
     native = out if layout == "native" else out / NATIVE
@@ -577,14 +578,15 @@ def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
     preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, gpu-v1 and gpu-v1-large (the shipped "
                                "base trained on, on a GPU), cpu-v1 (gpu-v1 on the CPU), cpu, warm, v1 (the earlier base's sizes), "
-                               "decoder (refine a base's VAE decoder), decoder-colour (the same on recoloured images) or tiny; auto: "
+                               "decoder (refine a base's VAE decoder), decoder-colour (the same on recoloured images), colour (decoder-colour training the encoder too) or "
+                               "tiny; auto: "
                                "gpu when a CUDA GPU is visible, else cpu."),
     steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
     steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),
-    steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder alone, "
-                                                "its defect pixels weighted (default: the preset's)."),
+    steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder (the "
+                                                "colour preset: and encoder), its defect pixels weighted (default: the preset's)."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this base (tiny or a pretrain-base "
-                                            "folder) instead of the preset's; it keeps that base's VAE encoder."),
+                                            "folder) instead of the preset's; it keeps that base's VAE encoder (but the colour preset)."),
     time_budget: Optional[float] = typer.Option(
         None, "--time-budget", help="Seconds from the start after which no training step begins; the step counts "
         "become maxima. Measuring and export follow.",

@@ -152,6 +152,9 @@ class GenerateConfig:
     # zero-mean draw leaves a weak base to guess them (the held-out bottle comes out grey where it is green or
     # brown). on_normals and --normal ignore it
     start_from: Literal["noise", "few-shot", "normal"] = "noise"
+    # with start_from few-shot or normal: the start image is noised to this share of the schedule (as img2img's
+    # strength); 1 (the first step) keeps about 7 % of it, below 1 its colours and layout carry over more
+    start_strength: Annotated[float, Range(0, 1, open_low=True)] = 1.0
     # whole images: lay the part image's defect onto the image inside the pair's mask (`masks.part_onto`, as
     # on_normals always does; the paper's part image is I * M), so the mask's region shows the part's defect
     # wherever the global branch drew its own. false: the global branch's image as drawn (paper). The

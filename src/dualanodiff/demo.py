@@ -395,7 +395,8 @@ def _whole_image_notes(cfg: Config) -> list[str]:
     notes = []
     if cfg.generate.start_from != "noise":
         source = "a few-shot image" if cfg.generate.start_from == "few-shot" else "a real `train/good` image"
-        notes += [f"Sampling started from {source} noised to the first step (`generate.start_from "
+        depth = "the first step" if cfg.generate.start_strength == 1 else f"{cfg.generate.start_strength:g} of the schedule"
+        notes += [f"Sampling started from {source} noised to {depth} (`generate.start_from "
                   f"{cfg.generate.start_from}`; the paper starts from noise), so the images take its colours and layout.", ""]
     if cfg.generate.lay_part:
         notes += ["Each image carries its part image's defect laid on inside its mask (`generate.lay_part`; the paper "

@@ -193,7 +193,7 @@ class NormalCanvas:
 
 class StartImages:
     """``start_from`` few-shot or normal: each whole image starts from an image of the run's dataset noised to
-    the first step, and its part row from grey, so the defect's place is left to the model. ``few-shot``: the
+    the first step (or to ``start_strength`` of the schedule), and its part row from grey, so the defect's place is left to the model. ``few-shot``: the
     few-shot image whose background BCM gets (the same index, `seed` modulo their number, over the same natural
     order); ``normal``: the ``train/good`` image `seed` modulo their number (natural order), whose own background BCM
     gets, so the starts are as many and as varied as the category's normal images."""
@@ -211,10 +211,10 @@ class StartImages:
             raise UserError(f"{option}: {missing}; use start_from noise (--start-from noise)")
         self.paths, self.own_background, self.kind, self.u2net_weights = paths, source == "normal", kind, u2net_weights
 
-    def inputs(self, seeds: list[int]) -> tuple[dict, list[dict]]:
+    def inputs(self, seeds: list[int], strength: float) -> tuple[dict, list[dict]]:
         chosen = [self.paths[seed % len(self.paths)] for seed in seeds]
         images = [load_image(path) for path in chosen]
-        inputs = {"init_image": images, "init_part": [np.full_like(image, 128) for image in images]}
+        inputs = {"init_image": images, "init_part": [np.full_like(image, 128) for image in images], "strength": strength}
         if self.own_background:
             inputs["background"] = [prepared_background(image, self.kind, self.u2net_weights) for image in images]
         return inputs, [{"start": path.stem, **({"background": path.stem} if self.own_background else {})} for path in chosen]
@@ -262,6 +262,7 @@ def generate(
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
         "min_alignment": cfg.min_alignment or None,
         "start_from": cfg.start_from if whole_images and cfg.start_from != "noise" else None,
+        "start_strength": cfg.start_strength if whole_images and cfg.start_from != "noise" and cfg.start_strength < 1 else None,
         "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
@@ -290,7 +291,7 @@ def generate(
                 if canvas is not None:
                     inputs, used = canvas.inputs(seeds, cfg.on_normals_strength)
                 elif starting_images is not None:
-                    starts, used = starting_images.inputs(seeds)
+                    starts, used = starting_images.inputs(seeds, cfg.start_strength)
                     inputs = {**inputs, **starts}
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
                     out = pipe(seeds=seeds, output_type="np", **inputs)
