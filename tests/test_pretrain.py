@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from dualanodiff import pretrain
@@ -145,45 +144,6 @@ def test_the_weighted_l1_term_is_the_mean_of_each_pixels_error_times_its_weight(
         extra = 9.0 * (recon - images).abs()[0, :, 4:8, 4:8].sum() / recon.numel()
         assert loss(torch.ones(2, 1, 16, 16)).item() == pytest.approx(loss(None).item(), abs=1e-6)
         assert loss(weight).item() == pytest.approx(loss(None).item() + extra.item(), rel=1e-5)
-
-
-def test_the_anchor_term_is_the_weighted_mse_of_the_chosen_rows_posterior_means_from_the_reference():
-    vae = pretrain.build_base(TINY.architecture, 32)[2].eval()
-    images = torch.rand(3, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        means = vae.encode(images).latent_dist.mean
-        reference = means + torch.arange(3.0)[:, None, None, None]  # row k lies k away in every element
-        plain = vae_loss(vae, images, 1e-5, torch.Generator().manual_seed(0)).item()
-
-        def anchored(rows, weight=0.5):
-            return vae_loss(vae, images, 1e-5, torch.Generator().manual_seed(0), anchor=(reference, rows, weight)).item()
-
-        assert anchored(torch.tensor([False, True, True])) == pytest.approx(plain + 0.5 * (1 + 4) / 2, rel=1e-5)
-        assert anchored(torch.tensor([True, False, False])) == pytest.approx(plain, abs=1e-6)  # row 0 sits on it
-        assert anchored(torch.zeros(3, dtype=torch.bool)) == pytest.approx(plain, abs=1e-6)
-
-
-def test_an_anchored_refinement_trains_the_encoder_and_keeps_unet_and_text_encoder(finished, tmp_path, monkeypatch):
-    """`encoder_anchor` moves the encoder (and the decoder); the UNet and text encoder stay bit for bit; the
-    reference is the init_from base's encoder, and a run without a base to anchor to is refused."""
-    base_dir, _ = finished
-    references = []
-    encode = AutoencoderKL.encode
-    monkeypatch.setattr(AutoencoderKL, "encode", lambda vae, x, *a, **k: references.append(vae) or encode(vae, x, *a, **k))
-    out = tmp_path / "anchored"
-    options = dataclasses.replace(TINY, init_from=str(base_dir), decoder_recolour=0.5, encoder_anchor=1.0)
-    run(out, steps_vae=0, steps_unet=0, options=options, steps_decoder=3)
-    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
-        before, after = load_file(base_dir / part), load_file(out / part)
-        assert all(torch.equal(before[k], after[k]) for k in before), part
-    before, after = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (base_dir, out))
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
-    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
-    reference = references[0].state_dict()  # the first encoding: the reference's, of the first batch
-    assert references[1] is not references[0] and not any(p.requires_grad for p in references[0].parameters())
-    assert all(torch.equal(reference[k], before[k].float()) for k in before if k.startswith("encoder."))
-    with pytest.raises(UserError, match="encoder_anchor holds the encoder's latents to a base's: give that base"):
-        run(tmp_path / "alone", options=dataclasses.replace(TINY, encoder_anchor=1.0))
 
 
 def test_a_decoder_refinement_changes_the_decoder_alone_and_records_its_base(finished, tmp_path):

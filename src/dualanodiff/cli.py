@@ -578,15 +578,14 @@ def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
     preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, gpu-v1 and gpu-v1-large (the shipped "
                                "base trained on, on a GPU), cpu-v1 (gpu-v1 on the CPU), cpu, warm, v1 (the earlier base's sizes), "
-                               "decoder (refine a base's VAE decoder), decoder-colour (the same on recoloured images), colour (decoder-colour training the encoder too) or "
-                               "tiny; auto: "
+                               "decoder (refine a base's VAE decoder), decoder-colour (the same on recoloured images) or tiny; auto: "
                                "gpu when a CUDA GPU is visible, else cpu."),
     steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
     steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),
-    steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder (the "
-                                                "colour preset: and encoder), its defect pixels weighted (default: the preset's)."),
+    steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder alone, "
+                                                "its defect pixels weighted (default: the preset's)."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this base (tiny or a pretrain-base "
-                                            "folder) instead of the preset's; it keeps that base's VAE encoder (but the colour preset)."),
+                                            "folder) instead of the preset's; it keeps that base's VAE encoder."),
     time_budget: Optional[float] = typer.Option(
         None, "--time-budget", help="Seconds from the start after which no training step begins; the step counts "
         "become maxima. Measuring and export follow.",

@@ -133,10 +133,6 @@ class PretrainOptions:
     # 15 % of its images, saturation at most 1.5x), and the decoder draws the held-out bottle's green as
     # dark grey although its latents tell the two apart
     decoder_recolour: float = 0.0
-    # > 0: the refinement trains the encoder too, and holds its latents of the rows not recoloured to those of the
-    # init_from base's encoder (MSE of the posterior means, this weight), so a UNet trained on the old latents
-    # still fits while the recoloured rows teach the latents the hues the old encoder maps to grey
-    encoder_anchor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -213,14 +209,6 @@ PRESETS: dict[str, Preset] = {
         about="the decoder preset with half of its rows recoloured at random (saturated hues the world lacks, such "
               "as the held-out bottle's green)",
     ),
-    "colour": Preset(
-        PretrainOptions(architecture=ARCHITECTURES["v1"], init_from="tiny", train_images=3000, storage="fp32",
-                        decoder_recolour=0.5, encoder_anchor=1.0),
-        steps_vae=0, steps_unet=0, steps_decoder=2200,
-        about="decoder-colour with the encoder trained too, its latents of the rows not recoloured held to the "
-              "base's (the UNet keeps fitting them): saturated hues such as the held-out bottle's green survive "
-              "the latents",
-    ),
     "tiny": Preset(
         PretrainOptions(
             architecture=ARCHITECTURES["test"], train_images=16, heldout_images=8, vae_batch=4, unet_batch=4,
@@ -280,11 +268,10 @@ def tokenizer_words(arch: Architecture, families: tuple[str, ...]) -> tuple[str,
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator,
-             weight: torch.Tensor | None = None, anchor: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+             weight: torch.Tensor | None = None) -> torch.Tensor:
     """L1 (each pixel times `weight`, N x 1 x H x W, where given) + image-gradient L1 (keeps edges and weave
     threads sharp) + L1 of 4x4 means (colour, which a small VAE otherwise learns last) + KL per latent element,
-    on [-1, 1] images; with `anchor` (reference posterior means, a row mask, a weight) + the weighted MSE of the
-    chosen rows' posterior means from the reference."""
+    on [-1, 1] images."""
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator)
     recon = vae.decode(latents).sample.float()
@@ -296,12 +283,7 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generat
     )
     colour = (F.avg_pool2d(recon, 4) - F.avg_pool2d(images, 4)).abs().mean()
     kl = posterior.kl().float().mean() / latents[0].numel()
-    loss = l1 + 0.5 * gradient + colour + kl_weight * kl
-    if anchor is not None:
-        reference, rows, anchor_weight = anchor
-        if rows.any():
-            loss = loss + anchor_weight * (posterior.mean.float()[rows] - reference[rows]).pow(2).mean()
-    return loss
+    return l1 + 0.5 * gradient + colour + kl_weight * kl
 
 
 @torch.no_grad()
@@ -796,8 +778,7 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
     """Stage 2b: only the VAE's decoder, on crops of the training images, half of them part images whose
     defect pixels weigh more: the small dark or pale defect the anomaly branch draws on grey is what a
     small VAE reconstructs worst, and every generated pixel passes through the decoder. The encoder is
-    frozen, so the latents (and a UNet trained on them) do not change, unless `encoder_anchor` trains it
-    too, its latents of images not recoloured held to the base's. Skipped once the UNet stage began.
+    frozen, so the latents (and a UNet trained on them) do not change. Skipped once the UNet stage began.
     Under a time budget it takes `share` of the time left."""
     opts, vae = run.options, models.vae
     if max_steps < 1 or (run.state is not None and run.state.get("unet") is not None):
@@ -809,10 +790,6 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
                          dtype=torch.long)
     vae.requires_grad_(False)
     decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    reference = None
-    if opts.encoder_anchor:  # the base's encoder, not a resumed one: the latents its UNet learned
-        reference = load_base_model(opts.init_from).vae.to(run.device).requires_grad_(False).eval()
-        decoder += list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
     for parameter in decoder:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder, lr=opts.decoder_lr, weight_decay=0.0, fused=run.mixed or None)
@@ -834,19 +811,13 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         batch = images[index, :, y : y + crop, x : x + crop]
         defect = (batch != 128).any(1, keepdim=True).float() * is_part  # a part image's defect: its non-grey pixels
-        chosen = torch.zeros(len(batch), dtype=torch.bool, device=run.device)
         if opts.decoder_recolour:  # the chosen rows: a uniform hue turn, saturation x U(1, 2)
             chosen = torch.rand(len(batch), generator=run.generator, device=run.device) < opts.decoder_recolour
             angle = torch.rand(len(batch), generator=run.generator, device=run.device) * 2 * math.pi * chosen
             saturation = 1 + torch.rand(len(batch), generator=run.generator, device=run.device) * chosen
             batch = recoloured(batch, angle, saturation)
-        pixels = batch_to_model_range(batch)
-        anchor = None
-        if reference is not None:
-            with torch.no_grad():
-                anchor = (reference.encode(pixels).latent_dist.mean.float(), ~chosen, opts.encoder_anchor)
         with run.autocast():
-            loss = vae_loss(vae, pixels, opts.kl_weight, run.generator, 1 + opts.defect_weight * defect, anchor)
+            loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator, 1 + opts.defect_weight * defect)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder, 1.0)
@@ -1193,8 +1164,6 @@ def pretrain_base(
             raise UserError("--steps-unet/--steps-decoder: a warm start needs at least one step of either")
     elif steps_vae < 1 or steps_unet < 1:
         raise UserError("--steps-vae/--steps-unet: need at least one step of each (no VAE steps with init_from)")
-    if options.encoder_anchor and not options.init_from:
-        raise UserError("encoder_anchor holds the encoder's latents to a base's: give that base (--init-from tiny or DIR)")
     run = _start_run(out, resolution, seed, options, resume, force, device, time_budget, log)
     data = _render_data(run, resolution, seed, workers)
     models = _build_models(run, resolution, seed)
