@@ -193,10 +193,11 @@ class NormalCanvas:
 
 class StartImages:
     """``start_from`` few-shot or normal: each whole image starts from an image of the run's dataset noised to
-    the first step (or to ``start_strength`` of the schedule), and its part row from grey, so the defect's place is left to the model. ``few-shot``: the
-    few-shot image whose background BCM gets (the same index, `seed` modulo their number, over the same natural
-    order); ``normal``: the ``train/good`` image `seed` modulo their number (natural order), whose own background BCM
-    gets, so the starts are as many and as varied as the category's normal images."""
+    the first step (or to ``start_strength`` of the schedule), and its part row from grey, so the defect's place
+    is left to the model. ``few-shot``: the few-shot image whose background BCM gets (the same index, `seed`
+    modulo their number, over the same natural order); ``normal``: the ``train/good`` image `seed` modulo their
+    number (natural order), whose own background BCM gets, so the starts are as many and as varied as the
+    category's normal images."""
 
     def __init__(self, run_cfg: Config, source: str, kind: str, u2net_weights: str | None):
         option = f"generate.start_from {source}"
@@ -252,6 +253,7 @@ def generate(
     check_config(cfg)
     check_inputs(cfg, u2net_weights, normal, mask, background)
     whole_images = not cfg.on_normals and normal is None
+    started = whole_images and cfg.start_from != "noise"
     settings = {
         "run": str(Path(run).resolve()),
         "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
@@ -261,14 +263,14 @@ def generate(
         "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
         "min_alignment": cfg.min_alignment or None,
-        "start_from": cfg.start_from if whole_images and cfg.start_from != "noise" else None,
-        "start_strength": cfg.start_strength if whole_images and cfg.start_from != "noise" and cfg.start_strength < 1 else None,
+        "start_from": cfg.start_from if started else None,
+        "start_strength": cfg.start_strength if started and cfg.start_strength < 1 else None,
         "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
     canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
-    starting_images = StartImages(run_cfg, cfg.start_from, kind, fg_weights) if settings["start_from"] else None
+    starting_images = StartImages(run_cfg, cfg.start_from, kind, fg_weights) if started else None
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
             writer.clear()
