@@ -133,15 +133,17 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
 
 
 def check_inputs(
-    cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None, background: Path | None
+    cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None, background: Path | None,
+    started: bool,
 ) -> None:
+    """One-line errors for options that do not go together; `started`: whole images from a start image."""
     if cfg.mask_method == "u2net" and not (u2net_weights and Path(u2net_weights).is_file()):
         raise UserError(f"--u2net-weights {u2net_weights or '(none)'}: --mask-method u2net needs a local TorchScript U²-Net file")
     if (normal is None) != (mask is None):
         raise UserError("--normal/--mask: give both, the normal image and the mask of where to put the defect")
     if cfg.on_normals and (normal is not None or background is not None):
         raise UserError("--on-normals picks each pair's normal image and background itself; drop --normal/--mask/--background")
-    if cfg.start_from == "normal" and not cfg.on_normals and normal is None and background is not None:
+    if started and cfg.start_from == "normal" and background is not None:
         raise UserError("--start-from normal gives each pair its normal image's background; drop --background or pass --start-from noise")
 
 
@@ -251,9 +253,9 @@ def generate(
     run_cfg = RunFolder(run).load_config()
     u2net_weights = str(u2net_weights or "")
     check_config(cfg)
-    check_inputs(cfg, u2net_weights, normal, mask, background)
     whole_images = not cfg.on_normals and normal is None
     started = whole_images and cfg.start_from != "noise"
+    check_inputs(cfg, u2net_weights, normal, mask, background, started)
     settings = {
         "run": str(Path(run).resolve()),
         "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
