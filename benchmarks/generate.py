@@ -18,6 +18,7 @@ import itertools
 import json
 import statistics
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -51,16 +52,17 @@ def backgrounds(resolution: int, count: int = 3) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def pair_flops(config: str) -> dict[str, float]:
+def pair_flops(config: str, model_cfg: ModelConfig | None = None, merged: bool = True) -> dict[str, float]:
     """FLOPs per pair of one guided denoising step (one UNet call over the 6 rows of a pair) and of the VAE
-    decode of its two images, counted on the meta device: what the sd15 figures cost, without a GPU."""
+    decode of its two images, counted on the meta device: what the sd15 figures cost, without a GPU.
+    `merged`: with each branch's LoRA folded into the weights, as the pipeline samples (else the low-rank path)."""
     base = build_base(config, meta=True)
-    model = DualAnoDiffModel(base, ModelConfig()).to("meta").eval()
+    model = DualAnoDiffModel(base, model_cfg or ModelConfig()).to("meta").eval()
     size, pairs = base.unet.config.sample_size, 2
     latents = torch.zeros(2 * pairs, 4, size, size, device="meta")  # [uncond; cond] rows of each block
     timesteps = torch.zeros(2 * pairs, dtype=torch.long, device="meta")
     text = model.prompt_embeddings(2 * pairs)
-    with FlopCounterMode(display=False) as step:
+    with model.merged_adapters() if merged else nullcontext(), FlopCounterMode(display=False) as step:
         model.predict_noise(latents, latents, timesteps, text, latents)
     with FlopCounterMode(display=False) as decode:
         model.vae.decode(latents[:pairs])

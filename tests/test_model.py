@@ -260,6 +260,33 @@ def test_batched_call_equals_separate_peft_lora_calls():
     assert (eps_global - stock_prediction(stock, x_global, t, text["global"])).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("targets", ["attention", "attention+ff+conv"])
+@torch.no_grad()
+def test_merged_adapters_give_the_unmerged_outputs(targets):
+    """Sampling with each branch's LoRA folded into the weights equals the low-rank path (BCM rows included),
+    takes the merged path only inside the block and without autograd, and unmerges on leaving."""
+    model, _ = build(lora_targets=targets)
+    randomise_trainable(model)
+    (x_global, x_anomaly, x_background), t = inputs(background=True)
+    text = model.prompt_embeddings(PAIRS)
+    expected = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+    with model.merged_adapters():
+        merged = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+        for name, param in model.named_parameters():
+            if ".lora_B." in name and "text_encoder" not in name:
+                param.zero_()  # the merged copies, not the adapters, are what runs now
+        stale = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+        with torch.enable_grad():  # with autograd: the adapters as they now are
+            grad_path = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+    for reference, actual in zip(expected, merged):
+        assert (reference - actual).abs().max() <= 1e-4 * reference.abs().max()
+        assert (reference - actual).abs().max() > 0  # a different computation, the same function
+    assert all(torch.equal(a, b) for a, b in zip(merged, stale))
+    assert (grad_path[0] - merged[0]).abs().max() > 1e-3
+    unmerged = model.predict_noise(x_global, x_anomaly, t, text, x_background)
+    assert (unmerged[0] - expected[0]).abs().max() > 1e-3  # left the block: the zeroed adapters run
+
+
 @torch.no_grad()
 def test_save_then_load_reproduces_outputs(tmp_path):
     model, _ = build()

@@ -196,10 +196,13 @@ def test_from_pretrained_then_load_adapters_is_from_run(tiny_run, pipe):
 def test_the_generate_command_writes_exactly_the_pipelines_pairs(tiny_run, pipe, tmp_path):
     cfg = GenerateConfig(num=3, steps=2, scheduler="ddim", device="cpu", batch_size=2, filter=False, seed=10)
     summary = generate(tiny_run, tmp_path, cfg)
-    out = using(pipe, "ddim")(seeds=[10, 11, 12], num_inference_steps=2, guidance_scale=cfg.guidance, output_type="np")
+    # in generate's batches: floating-point kernels may round differently for another number of rows
+    out = [using(pipe, "ddim")(seeds=s, num_inference_steps=2, guidance_scale=cfg.guidance, output_type="np")
+           for s in ([10, 11], [12])]
+    images, masks, parts = ([x for o in out for x in getattr(o, field)] for field in ("images", "masks", "parts"))
     rows = [json.loads(line) for line in (summary.folder / "manifest.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [10, 11, 12]
-    for row, image, mask, part in zip(rows, out.images, out.masks, out.parts):
+    for row, image, mask, part in zip(rows, images, masks, parts, strict=True):
         assert np.array_equal(load_image(summary.folder / row["image"]), image)
         assert np.array_equal(load_mask(summary.folder / row["mask"]), mask)
         assert np.array_equal(load_image(summary.folder / row["part"]), part)

@@ -383,25 +383,26 @@ class DualAnoDiffPipeline:
         capture = return_attention or cfg.mask_method == "attention"
         attention = torch.zeros((pairs, *shape[1:]), device=self.device) if capture else None
         late = len(timesteps) // 2
-        for i, t in enumerate(timesteps):
-            rows = [latents]
-            if clean_background is not None:
-                rows.append(sampler.add_noise(clean_background, noise(1), t.expand(pairs)))
-            model_input = sampler.scale_model_input(torch.cat(rows), t)
-            x_global, x_anomaly = model_input[:pairs], model_input[pairs : 2 * pairs]
-            x_background = model_input[2 * pairs :] if clean_background is not None else None
-            if attention is not None and i >= late:
-                with self.model.capturing_attention() as processors:
+        with self.model.merged_adapters():  # no training here: each branch's LoRA folded into the weights
+            for i, t in enumerate(timesteps):
+                rows = [latents]
+                if clean_background is not None:
+                    rows.append(sampler.add_noise(clean_background, noise(1), t.expand(pairs)))
+                model_input = sampler.scale_model_input(torch.cat(rows), t)
+                x_global, x_anomaly = model_input[:pairs], model_input[pairs : 2 * pairs]
+                x_background = model_input[2 * pairs :] if clean_background is not None else None
+                if attention is not None and i >= late:
+                    with self.model.capturing_attention() as processors:
+                        eps = self.guided_noise(x_global, x_anomaly, t, x_background, guidance)
+                    attention += self._attention(processors, pairs)
+                else:
                     eps = self.guided_noise(x_global, x_anomaly, t, x_background, guidance)
-                attention += self._attention(processors, pairs)
-            else:
-                eps = self.guided_noise(x_global, x_anomaly, t, x_background, guidance)
-            latents = sampler.step(torch.cat(eps), t, latents, **step_kwargs).prev_sample
-            if inpaint is not None:  # both branches: the image is the normal one, the part grey, outside `free`
-                target = inpaint.known
-                if i + 1 < len(timesteps):
-                    target = sampler.add_noise(target, noise(2), timesteps[i + 1].expand(2 * pairs))
-                latents = inpaint.free * latents + (1 - inpaint.free) * target
+                latents = sampler.step(torch.cat(eps), t, latents, **step_kwargs).prev_sample
+                if inpaint is not None:  # both branches: the image is the normal one, the part grey, outside `free`
+                    target = inpaint.known
+                    if i + 1 < len(timesteps):
+                        target = sampler.add_noise(target, noise(2), timesteps[i + 1].expand(2 * pairs))
+                    latents = inpaint.free * latents + (1 - inpaint.free) * target
 
         pixels = self.model.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
         maps = None if attention is None else list((attention / (len(timesteps) - late)).cpu().numpy())

@@ -5,7 +5,8 @@ background block may be absent). ``RowLayout`` tells every processor ``P`` for t
 processor then, in one call:
 
 - applies the *global* LoRA to global and background rows and the *anomaly* LoRA to anomaly rows, on
-  the q, k, v and out projections (peft cannot mix adapters in one training batch);
+  the q, k, v and out projections (peft cannot mix adapters in one training batch); for sampling,
+  `DualLoRA.merge` folds each adapter into a copy of its layer's weight;
 - BCM (self-attention only, paper eq. 5): adds ``gamma * MLP(b)`` to the global rows' states from which
   K and V are computed (Q keeps the unmodified states); ``b`` is the background rows' self-attention
   output at this layer (``paper``) or their input states with interpolation (``official``). Without
@@ -63,17 +64,60 @@ class DualLoRA(nn.Module):
         for adapter in self.ADAPTERS:
             nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=5**0.5)
             nn.init.zeros_(self.lora_B[adapter].weight)  # step 0 is the base model
+        self.merged: dict[str, torch.Tensor] | None = None  # per adapter W + scale * B A, while merged
 
-    def delta(self, x: torch.Tensor, pairs: int) -> torch.Tensor:
-        """LoRA update for rows laid out as [global | anomaly | background]."""
+    def adapted(self, layer: nn.Linear | nn.Conv2d, x: torch.Tensor, pairs: int) -> torch.Tensor:
+        """`layer`'s output with each row's LoRA, for rows laid out as [global | anomaly | background].
+
+        Merged (and without autograd, which merged weights do not carry), each branch's rows go through
+        `layer` with its merged weight: the base layer's cost instead of a low-rank path on top of it.
+        """
+        if self.merged is None or torch.is_grad_enabled():
+            return layer(x) + self._by_branch(self._delta, x, pairs)
+        return self._by_branch(lambda adapter, rows: _with_weight(layer, rows, self.merged[adapter]), x, pairs)
+
+    def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[adapter](self.lora_A[adapter](x)) * self.scale
+
+    @staticmethod
+    def _by_branch(run, x: torch.Tensor, pairs: int) -> torch.Tensor:
+        """`run(adapter, rows)` on each branch's rows, reassembled in the rows' order."""
         if pairs == 0:  # plain batch: global adapter everywhere
-            return self._adapt(x, "global")
-        anomaly = self._adapt(x[pairs : 2 * pairs], "anomaly")
-        glob = self._adapt(torch.cat([x[:pairs], x[2 * pairs :]]), "global")
+            return run("global", x)
+        anomaly = run("anomaly", x[pairs : 2 * pairs])
+        glob = run("global", torch.cat([x[:pairs], x[2 * pairs :]]))
         return torch.cat([glob[:pairs], anomaly, glob[pairs:]])
 
-    def _adapt(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        return self.lora_B[adapter](self.lora_A[adapter](x)) * self.scale
+    @torch.no_grad()
+    def merge(self, layer: nn.Linear | nn.Conv2d) -> None:
+        """Fold each adapter into a copy of `layer`'s weight, W + scale * B A (computed in fp32), for sampling.
+
+        A convolution's A has the layer's kernel, stride and padding and B is 1x1, so B A is one kernel of
+        the layer's shape. Undo with `unmerge`; the merged copies go stale if the adapters change meanwhile.
+        """
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError(f"{layer}: merging LoRA into a grouped convolution is not supported")
+        weight = layer.weight.float()
+        self.merged = {}
+        for adapter in self.ADAPTERS:
+            down, up = self.lora_A[adapter].weight.float(), self.lora_B[adapter].weight.float()
+            product = torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down) if down.ndim == 4 else up @ down
+            self.merged[adapter] = (weight + self.scale * product).to(layer.weight.dtype)
+
+    def unmerge(self) -> None:
+        self.merged = None
+
+
+def _with_weight(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`layer` applied to `x` with another weight of its shape (its bias, stride and padding kept)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+def attention_projections(attn: Attention) -> dict[str, nn.Linear]:
+    """The projections of an attention layer that carry LoRA, by the names its adapters are saved under."""
+    return {"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v, "to_out": attn.to_out[0]}
 
 
 class BranchLoRALayer(DualLoRA):
@@ -92,7 +136,7 @@ class BranchLoRALayer(DualLoRA):
         self.layout = [layout]  # a list keeps the shared layout out of the module tree
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.delta(x, self.layout[0].pairs)
+        return self.adapted(self.base_layer, x, self.layout[0].pairs)
 
 
 class SelfAttentionInteraction(nn.Module):
@@ -176,14 +220,11 @@ class DualBranchAttnProcessor(nn.Module):
         super().__init__()
         self.layout = [layout]  # a list keeps the shared layout out of the module tree
         self.is_cross = attn.is_cross_attention
-        projections = {
-            "to_q": attn.to_q,
-            "to_k": attn.to_k,
-            "to_v": attn.to_v,
-            "to_out": attn.to_out[0],
-        }
         self.lora = nn.ModuleDict(
-            {name: DualLoRA(layer.in_features, layer.out_features, rank, alpha) for name, layer in projections.items()}
+            {
+                name: DualLoRA(layer.in_features, layer.out_features, rank, alpha)
+                for name, layer in attention_projections(attn).items()
+            }
         )
         dim = attn.to_out[0].out_features
         self.saim = SelfAttentionInteraction(dim, saim_rank, saim_init, saim_direction) if saim else None
@@ -197,7 +238,7 @@ class DualBranchAttnProcessor(nn.Module):
 
     def _project(self, attn: Attention, name: str, x: torch.Tensor, pairs: int) -> torch.Tensor:
         layer = attn.to_out[0] if name == "to_out" else getattr(attn, name)
-        return layer(x) + self.lora[name].delta(x, pairs)
+        return self.lora[name].adapted(layer, x, pairs)
 
     def __call__(
         self,

@@ -33,6 +33,7 @@ from dualanodiff.model.attention import (
     BranchLoRALayer,
     DualBranchAttnProcessor,
     RowLayout,
+    attention_projections,
 )
 from dualanodiff.model.base import BaseModel
 
@@ -223,6 +224,22 @@ class DualAnoDiffModel(nn.Module):
             yield self.processors
         finally:
             self.layout.capture_attention = False
+
+    @contextmanager
+    def merged_adapters(self):
+        """Sampling with each branch's LoRA folded into its UNet layers' weights (`DualLoRA.merge`): the
+        same outputs up to rounding, at the frozen UNet's cost per row. Leave it before changing the adapters."""
+        adapted = [(m, m.base_layer) for m in self.unet.modules() if isinstance(m, BranchLoRALayer)]
+        for module in self.unet.modules():
+            if isinstance(module, Attention):
+                adapted += [(module.processor.lora[name], layer) for name, layer in attention_projections(module).items()]
+        for lora, layer in adapted:
+            lora.merge(layer)
+        try:
+            yield
+        finally:
+            for lora, _ in adapted:
+                lora.unmerge()
 
     def gammas(self) -> list[float]:
         return [float(p.bcm.gamma) for p in self.processors if p.bcm is not None]
