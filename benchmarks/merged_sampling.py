@@ -9,6 +9,7 @@ to RESULTS.md::
 
     python benchmarks/merged_sampling.py --threads 2
     python benchmarks/merged_sampling.py --config sd15 --flops
+    python benchmarks/merged_sampling.py --config sd15 --device cuda --dtype bf16 --batch-size 8   # a GPU
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def flops(config: str) -> dict[str, float]:
     return {way: pair_flops(config, cfg, merged=way == "merged")["step"] / 1e12 for way in WAYS}
 
 
-def call_times(config: str, device: torch.device, batch: int, steps: int, calls: int) -> dict[str, float]:
+def call_times(config: str, device: torch.device, dtype: str, batch: int, steps: int, calls: int) -> dict[str, float]:
     """Median seconds per pipeline call (`batch` pairs, `steps` DPM-Solver steps, guidance 2.5) each way,
     the ways' calls interleaved after one warm-up call each. The adapters get random non-zero weights."""
     base = build_base(config)
@@ -52,7 +53,7 @@ def call_times(config: str, device: torch.device, batch: int, steps: int, calls:
         for param in model.parameters():
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    pipe = DualAnoDiffPipeline.from_model(model, backgrounds(base.resolution), str(device))
+    pipe = DualAnoDiffPipeline.from_model(model, backgrounds(base.resolution), str(device), dtype)
     pipe.use_config(GenerateConfig(steps=steps, scheduler="dpm"))
     merge = model.merged_adapters
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--config", choices=CONFIGS, default="tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 1)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="the pipeline's (GPU: bf16)")
     parser.add_argument("--batch-size", type=int, default=6, help="the demo's")
     parser.add_argument("--steps", type=int, default=25, help="the tiny recipe's DPM-Solver steps")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per way")
@@ -85,13 +87,13 @@ def main() -> None:
     limit_threads(device, args.threads)
     counted = flops(args.config)
     times = {way: float("nan") for way in WAYS} if args.flops else call_times(
-        args.config, device, args.batch_size, args.steps, args.calls)
+        args.config, device, args.dtype, args.batch_size, args.steps, args.calls)
     env = environment(device)
-    result = {**env, "config": args.config, "batch": args.batch_size, "steps": args.steps,
+    result = {**env, "config": args.config, "dtype": args.dtype, "batch": args.batch_size, "steps": args.steps,
               **{f"{way} s/call": t for way, t in times.items()}, **{f"{way} TFLOP/pair-step": f for way, f in counted.items()}}
     print(json.dumps(result))
     if not args.no_record:
-        setting = "FLOPs only" if args.flops else f"dpm {args.steps} b{args.batch_size}"
+        setting = "FLOPs only" if args.flops else f"dpm {args.steps} b{args.batch_size} {args.dtype}"
         append_row("Merged adapters at sampling", [
             env["date"], "meta (counted)" if args.flops else env["device"], env["torch"], args.config, setting,
             f"{times['low-rank']:.2f}", f"{times['merged']:.2f}", f"{times['low-rank'] / times['merged']:.2f}",

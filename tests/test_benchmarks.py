@@ -112,3 +112,24 @@ def test_localizer_benchmark_records_one_row_of_both_layouts(tmp_path, monkeypat
     assert len(cells) == _columns("Localizer") and cells[3] == "b2 32 px w2" and float(cells[6]) > 0
     heading = max(i for i in range(after.index(row)) if after[i].startswith("## "))
     assert after[heading] == "## Localizer"
+
+
+def test_merged_sampling_benchmark_records_both_ways_and_merging_cuts_flops(tmp_path, monkeypatch, capsys):
+    import json
+
+    import merged_sampling
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text(_common.RESULTS.read_text())
+    monkeypatch.setattr(_common, "RESULTS", results)
+    before = results.read_text().splitlines()
+    monkeypatch.setattr(sys, "argv", ["merged_sampling.py", "--config", "test", "--device", "cpu", "--batch-size", "2",
+                                      "--steps", "2", "--calls", "1"])
+    merged_sampling.main()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["merged TFLOP/pair-step"] < printed["low-rank TFLOP/pair-step"]  # no low-rank path left
+    assert printed["low-rank s/call"] > 0 and printed["merged s/call"] > 0
+    row = next(line for line in results.read_text().splitlines() if line not in before)
+    cells = row.strip("| ").split(" | ")
+    assert len(cells) == _columns("Merged adapters at sampling") and cells[4] == "dpm 2 b2 fp32"
+    assert float(cells[7]) == pytest.approx(printed["low-rank s/call"] / printed["merged s/call"], abs=0.01)

@@ -237,8 +237,7 @@ class DualBranchAttnProcessor(nn.Module):
         self.background_source: torch.Tensor | None = None  # BCM's detached `b`, kept by a storing call
 
     def _project(self, attn: Attention, name: str, x: torch.Tensor, pairs: int) -> torch.Tensor:
-        layer = attn.to_out[0] if name == "to_out" else getattr(attn, name)
-        return self.lora[name].adapted(layer, x, pairs)
+        return self.lora[name].adapted(attention_projections(attn)[name], x, pairs)
 
     def __call__(
         self,
