@@ -91,45 +91,43 @@ def test_generate_cells_measures_the_chosen_cells_in_their_order_and_refuses_oth
     assert stopped.value.code == 2 and "--generate-cells: unknown dpm:25:16" in capsys.readouterr().err
 
 
-def test_localizer_benchmark_records_one_row_of_both_layouts(tmp_path, monkeypatch, capsys):
+def _run_recording(script, argv: list[str], section: str, tmp_path, monkeypatch, capsys) -> tuple[dict, list[str]]:
+    """Run a benchmark script's main with `argv` against a copy of RESULTS.md: its printed JSON and the cells of
+    the one row it added, checked to sit in the table under ``## <section>`` with that table's columns."""
     import json
-
-    import localizer
 
     results = tmp_path / "RESULTS.md"
     results.write_text(_common.RESULTS.read_text())
     monkeypatch.setattr(_common, "RESULTS", results)
     before = results.read_text().splitlines()
-    monkeypatch.setattr(sys, "argv", ["localizer.py", "--device", "cpu", "--batch-size", "2", "--size", "32",
-                                      "--base-width", "2", "--steps", "2"])
-    localizer.main()
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *argv])
+    script.main()
     printed = json.loads(capsys.readouterr().out)
-    assert printed["ratio"] == pytest.approx(printed["contiguous s/step"] / printed["channels-last s/step"])
     after = results.read_text().splitlines()
     assert len(after) == len(before) + 1
     row = next(line for line in after if line not in before)
-    cells = row.strip("| ").split(" | ")
-    assert len(cells) == _columns("Localizer") and cells[3] == "b2 32 px w2" and float(cells[6]) > 0
     heading = max(i for i in range(after.index(row)) if after[i].startswith("## "))
-    assert after[heading] == "## Localizer"
+    assert after[heading] == f"## {section}"
+    cells = row.strip("| ").split(" | ")
+    assert len(cells) == _columns(section)
+    return printed, cells
+
+
+def test_localizer_benchmark_records_one_row_of_both_layouts(tmp_path, monkeypatch, capsys):
+    import localizer
+
+    argv = ["--device", "cpu", "--batch-size", "2", "--size", "32", "--base-width", "2", "--steps", "2"]
+    printed, cells = _run_recording(localizer, argv, "Localizer", tmp_path, monkeypatch, capsys)
+    assert printed["ratio"] == pytest.approx(printed["contiguous s/step"] / printed["channels-last s/step"])
+    assert cells[3] == "b2 32 px w2" and float(cells[6]) > 0
 
 
 def test_merged_sampling_benchmark_records_both_ways_and_merging_cuts_flops(tmp_path, monkeypatch, capsys):
-    import json
-
     import merged_sampling
 
-    results = tmp_path / "RESULTS.md"
-    results.write_text(_common.RESULTS.read_text())
-    monkeypatch.setattr(_common, "RESULTS", results)
-    before = results.read_text().splitlines()
-    monkeypatch.setattr(sys, "argv", ["merged_sampling.py", "--config", "test", "--device", "cpu", "--batch-size", "2",
-                                      "--steps", "2", "--calls", "1"])
-    merged_sampling.main()
-    printed = json.loads(capsys.readouterr().out)
+    argv = ["--config", "test", "--device", "cpu", "--batch-size", "2", "--steps", "2", "--calls", "1"]
+    printed, cells = _run_recording(merged_sampling, argv, "Merged adapters at sampling", tmp_path, monkeypatch, capsys)
     assert printed["merged TFLOP/pair-step"] < printed["low-rank TFLOP/pair-step"]  # no low-rank path left
     assert printed["low-rank s/call"] > 0 and printed["merged s/call"] > 0
-    row = next(line for line in results.read_text().splitlines() if line not in before)
-    cells = row.strip("| ").split(" | ")
-    assert len(cells) == _columns("Merged adapters at sampling") and cells[4] == "dpm 2 b2 fp32"
+    assert cells[4] == "dpm 2 b2 fp32"
     assert float(cells[7]) == pytest.approx(printed["low-rank s/call"] / printed["merged s/call"], abs=0.01)
