@@ -20,8 +20,9 @@ import statistics
 from contextlib import nullcontext
 
 import torch
-from _common import CONFIGS, append_row, build_base, environment, limit_threads, timed
+from _common import CONFIGS, append_row, build_base, environment, limit_threads
 from generate import backgrounds, pair_flops
+from train_step import Variant, interleaved_times
 
 from dualanodiff.config import GenerateConfig, ModelConfig
 from dualanodiff.devices import resolve_device
@@ -45,7 +46,7 @@ def flops(config: str) -> dict[str, float]:
 
 def call_times(config: str, device: torch.device, dtype: str, batch: int, steps: int, calls: int) -> dict[str, float]:
     """Median seconds per pipeline call (`batch` pairs, `steps` DPM-Solver steps, guidance 2.5) each way,
-    the ways' calls interleaved after one warm-up call each. The adapters get random non-zero weights."""
+    the ways' calls interleaved (`train_step.interleaved_times`: order rotated per round) after one warm-up call each. The adapters get random non-zero weights."""
     base = build_base(config)
     model = DualAnoDiffModel(base, model_config(config))
     generator = torch.Generator().manual_seed(0)
@@ -61,12 +62,8 @@ def call_times(config: str, device: torch.device, dtype: str, batch: int, steps:
         model.merged_adapters = merge if way == "merged" else nullcontext  # the pipeline enters what it finds
         pipe(seeds=list(range(batch)), output_type="np")
 
-    times = {way: [] for way in WAYS}
-    for i in range(calls + 1):
-        for way in WAYS:
-            seconds = timed(lambda: sample(way), device)
-            if i:
-                times[way].append(seconds)
+    variants = {way: Variant(step=lambda way=way: sample(way), module=model) for way in WAYS}
+    times = interleaved_times(variants, calls, device)
     model.merged_adapters = merge
     return {way: statistics.median(values) for way, values in times.items()}
 

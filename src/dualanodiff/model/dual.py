@@ -229,9 +229,11 @@ class DualAnoDiffModel(nn.Module):
     def merged_adapters(self):
         """Sampling with each branch's LoRA folded into its UNet layers' weights (`DualLoRA.merge`): the
         same outputs up to rounding, at the frozen UNet's cost per row. Leave it before changing the adapters."""
-        adapted = [(m, m.base_layer) for m in self.unet.modules() if isinstance(m, BranchLoRALayer)]
+        adapted = []
         for module in self.unet.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, BranchLoRALayer):
+                adapted.append((module, module.base_layer))
+            elif isinstance(module, Attention):
                 adapted += [(module.processor.lora[name], layer) for name, layer in attention_projections(module).items()]
         for lora, layer in adapted:
             lora.merge(layer)
