@@ -184,28 +184,19 @@ def test_recoloured_turns_hue_about_the_grey_axis_and_keeps_grey_and_each_pixels
     torch.testing.assert_close(saturated - saturated.mean(1, keepdim=True), 2 * grey_free, atol=1.0, rtol=0)
 
 
-@pytest.mark.parametrize("stage", ["vae", "decoder"])
-def test_recolour_recolours_that_share_of_the_stages_rows(stage, finished, tmp_path, monkeypatch):
+def test_decoder_recolour_recolours_that_share_of_the_decoders_rows(finished, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(pretrain, "recoloured", lambda images, angle, saturation: calls.append((angle, saturation))
                         or recoloured(images, angle, saturation))
-
-    def two_steps(out, share):
-        if stage == "vae":  # from scratch: the recolouring stays in the VAE stage, the UNet step sees none
-            return run(out, steps_vae=2, steps_unet=1, options=dataclasses.replace(TINY, vae_recolour=share))
-        options = dataclasses.replace(TINY, init_from=str(finished[0]), decoder_recolour=share)
-        return run(out, steps_vae=0, steps_unet=0, options=options, steps_decoder=2)
-
-    two_steps(tmp_path / "all", 1.0)
+    options = dataclasses.replace(TINY, init_from=str(finished[0]), decoder_recolour=1.0)
+    run(tmp_path / "all", steps_vae=0, steps_unet=0, options=options, steps_decoder=2)
     assert len(calls) == 2
     for angle, saturation in calls:
         assert ((angle > 0) & (angle < 2 * math.pi)).all() and ((saturation >= 1) & (saturation <= 2)).all()
     calls.clear()
-    two_steps(tmp_path / "none", 1e-9)
+    run(tmp_path / "none", steps_vae=0, steps_unet=0, options=dataclasses.replace(options, decoder_recolour=1e-9),
+        steps_decoder=2)
     assert all((angle == 0).all() and (saturation == 1).all() for angle, saturation in calls) and len(calls) == 2
-    calls.clear()
-    two_steps(tmp_path / "off", 0.0)
-    assert calls == []
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(finished, tmp_path):

@@ -133,9 +133,6 @@ class PretrainOptions:
     # 15 % of its images, saturation at most 1.5x), and the decoder draws the held-out bottle's green as
     # dark grey although its latents tell the two apart
     decoder_recolour: float = 0.0
-    # the same for the VAE stage (encoder and decoder from scratch): an encoder that never saw saturated hues
-    # maps them to the muted ones it knows, and no decoder can restore them (experiments/ON_NORMALS.md)
-    vae_recolour: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -765,9 +762,8 @@ def _train_vae(run: _Run, models: Models, data: Data, max_steps: int, bars: Bars
             group["lr"] = opts.vae_lr * _cosine(stage.step, stage.total(), opts.warmup // 4)
         index = torch.randint(len(images), (opts.vae_batch,), generator=run.generator, device=run.device)
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
-        batch = _recolour_share(images[index, :, y : y + crop, x : x + crop], opts.vae_recolour, run)
         with run.autocast():
-            loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator)
+            loss = vae_loss(vae, batch_to_model_range(images[index, :, y : y + crop, x : x + crop]), opts.kl_weight, run.generator)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -815,7 +811,11 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         batch = images[index, :, y : y + crop, x : x + crop]
         defect = (batch != 128).any(1, keepdim=True).float() * is_part  # a part image's defect: its non-grey pixels
-        batch = _recolour_share(batch, opts.decoder_recolour, run)
+        if opts.decoder_recolour:  # the chosen rows: a uniform hue turn, saturation x U(1, 2)
+            chosen = torch.rand(len(batch), generator=run.generator, device=run.device) < opts.decoder_recolour
+            angle = torch.rand(len(batch), generator=run.generator, device=run.device) * 2 * math.pi * chosen
+            saturation = 1 + torch.rand(len(batch), generator=run.generator, device=run.device) * chosen
+            batch = recoloured(batch, angle, saturation)
         with run.autocast():
             loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator, 1 + opts.defect_weight * defect)
         optimizer.zero_grad()
@@ -827,16 +827,6 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
     if stage.finish():
         checkpoint()
     vae.requires_grad_(False).eval()
-
-
-def _recolour_share(batch: torch.Tensor, share: float, run: _Run) -> torch.Tensor:
-    """`batch` with about `share` of its rows `recoloured` at random: a uniform hue turn, saturation x U(1, 2)."""
-    if not share:
-        return batch
-    chosen = torch.rand(len(batch), generator=run.generator, device=run.device) < share
-    angle = torch.rand(len(batch), generator=run.generator, device=run.device) * 2 * math.pi * chosen
-    saturation = 1 + torch.rand(len(batch), generator=run.generator, device=run.device) * chosen
-    return recoloured(batch, angle, saturation)
 
 
 def recoloured(images: torch.Tensor, angle: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
