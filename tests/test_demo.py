@@ -23,6 +23,7 @@ def tiny_demo_config(defect: str = "hole"):
     cfg.model.base_model = "tiny-random"
     cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
     cfg.train.steps = 2
+    cfg.train.decoder_steps = 2
     cfg.train.batch_size = 2
     cfg.train.device = "cpu"
     cfg.generate.num = 2

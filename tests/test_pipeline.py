@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -13,11 +14,14 @@ from PIL import Image
 
 from dualanodiff.config import GenerateConfig, ModelConfig
 from dualanodiff.data import load_image, load_mask
+from dualanodiff.decoder import decoder_state, save_decoder
 from dualanodiff.errors import UserError
 from dualanodiff.generation import generate
 from dualanodiff.images import resize_image
 from dualanodiff.masks import part_onto, part_to_mask
+from dualanodiff.model.base import tiny_random_base
 from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
+from dualanodiff.runs import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,6 +195,23 @@ def test_from_pretrained_then_load_adapters_is_from_run(tiny_run, pipe):
     other = DualAnoDiffPipeline.from_pretrained("tiny-random", ModelConfig(rank=8), device="cpu")
     with pytest.raises(UserError, match="model settings differ"):
         other.load_adapters(tiny_run)
+
+
+def test_a_runs_refined_decoder_decodes_its_pairs_and_a_run_without_one_gets_the_base_decoder_back(tiny_run, pipe, tmp_path):
+    refined = tmp_path / "refined"
+    shutil.copytree(tiny_run, refined)
+    weights = {name: value + 0.05 for name, value in decoder_state(tiny_random_base().vae).items()}
+    save_decoder(weights, RunFolder(refined).decoder)
+    loaded = DualAnoDiffPipeline.from_run(refined, device="cpu")
+    assert all(torch.equal(value, weights[name]) for name, value in decoder_state(loaded.model.vae).items())
+    using(loaded, "ddim")
+    using(pipe, "ddim")
+    plain = pipe(seeds=[2], num_inference_steps=2, output_type="np")
+    decoded = loaded(seeds=[2], num_inference_steps=2, output_type="np")
+    assert not np.array_equal(decoded.images[0], plain.images[0]) and not np.array_equal(decoded.parts[0], plain.parts[0])
+    using(loaded.load_adapters(tiny_run), "ddim")  # loading takes the run's sampler too
+    again = loaded(seeds=[2], num_inference_steps=2, output_type="np")
+    assert np.array_equal(again.images[0], plain.images[0]) and np.array_equal(again.parts[0], plain.parts[0])
 
 
 def test_the_generate_command_writes_exactly_the_pipelines_pairs(tiny_run, pipe, tmp_path):

@@ -20,6 +20,7 @@ from dualanodiff.config import Config, TrainConfig
 from dualanodiff.data import few_shot_split, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.runs import RunFolder
+from dualanodiff.signals import Stopped
 from dualanodiff.training import train, training_noise, training_targets
 
 
@@ -256,20 +257,26 @@ def test_cli_train_writes_a_run_and_rejects_bad_options(synthetic_root, tmp_path
 def test_cli_train_takes_the_base_models_recipe_below_the_config_file_and_flags(synthetic_root, tmp_path, capsys):
     args = ["train", "--data", str(synthetic_root / "nut"), "--defect", "hole", "--steps", "1", "--batch-size", "1",
             "--device", "cpu", "--rank", "4"]
-    main(args + ["--base-model", "tiny", "--out", str(tmp_path / "tiny")])
+    (tmp_path / "short.yaml").write_text("train:\n  decoder_steps: 2\n")  # the recipe's 100 take 45 s
+    main(args + ["--base-model", "tiny", "--config", str(tmp_path / "short.yaml"), "--out", str(tmp_path / "tiny")])
     saved = Config.from_yaml(tmp_path / "tiny" / "config.yaml")
     assert (saved.train.lr, saved.train.steps, saved.generate.scheduler) == (1e-3, 1, "dpm")  # recipe, flag, recipe
+    assert (saved.train.decoder_steps, saved.train.decoder_lr) == (2, 2e-4)  # the file, the recipe
+    assert RunFolder(tmp_path / "tiny").decoder.is_file()
     assert saved.model.anomaly_prompt == "hole" and "its recipe sets" in capsys.readouterr().err
-    (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.0005\n")
+    (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.0005\n  decoder_steps: 0\n")
     main(args + ["--base-model", "tiny", "--config", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "mine")])
     assert Config.from_yaml(tmp_path / "mine" / "config.yaml").train.lr == 5e-4  # the file wins over the recipe
+    assert not RunFolder(tmp_path / "mine").decoder.exists()
     main(args + ["--base-model", "tiny-random", "--out", str(tmp_path / "sd")])
     assert Config.from_yaml(tmp_path / "sd" / "config.yaml").train.lr == Config().train.lr  # no recipe: the paper's
 
 
 @pytest.mark.slow
 def test_twenty_steps_on_the_embedded_base(synthetic_root, tmp_path):
-    main(["train", "--data", str(synthetic_root / "nut"), "--defect", "crack", "--steps", "20", "--out", str(tmp_path / "run")])
+    (tmp_path / "short.yaml").write_text("train:\n  decoder_steps: 5\n")
+    main(["train", "--data", str(synthetic_root / "nut"), "--defect", "crack", "--steps", "20", "--config",
+          str(tmp_path / "short.yaml"), "--out", str(tmp_path / "run")])
     rows = losses(tmp_path / "run")
     assert len(rows) == 20 and Config.from_yaml(tmp_path / "run" / "config.yaml").data.resolution == 128
 
@@ -316,3 +323,34 @@ def test_an_empty_training_mask_is_refused_before_anything_is_written(synthetic_
     with pytest.raises(UserError, match=rf"{train_pairs[1].mask.name}: mask is empty.*fix the mask"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_real_sigint_inside_the_decoder_refinement_keeps_nothing_and_resume_gives_an_uninterrupted_run(synthetic_root, tmp_path, monkeypatch):
+    """`train.decoder_steps`: the refinement runs before the first step; a SIGINT at a random moment of a
+    random refinement step stops it with no decoder and no checkpoint written, and --resume then gives the
+    decoder and adapters of an uninterrupted run. The refinement touches nothing the adapters learn from."""
+    import dualanodiff.decoder as decoder
+
+    rng = random.Random()
+    fire_at, delay = rng.randint(1, 4), rng.uniform(0.0, 0.05)
+    calls, loss = [], decoder.reconstruction_loss
+
+    def armed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fire_at:
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "reconstruction_loss", armed)
+    with pytest.raises(Stopped, match="while refining the decoder"):
+        train(tiny_config(synthetic_root, steps=3, decoder_steps=40), tmp_path / "run")
+    monkeypatch.undo()
+    run = RunFolder(tmp_path / "run")
+    assert not run.decoder.exists() and run.latest_checkpoint() is None, (fire_at, delay)
+    train(tiny_config(synthetic_root, steps=3, decoder_steps=40), run.root, resume=True)
+    whole = RunFolder(train(tiny_config(synthetic_root, steps=3, decoder_steps=40), tmp_path / "whole"))
+    expected, actual = load_file(str(whole.decoder)), load_file(str(run.decoder))
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert _same_adapters(whole.root, run.root)
+    plain = train(tiny_config(synthetic_root, steps=3), tmp_path / "plain")
+    assert _same_adapters(plain, whole.root) and not RunFolder(plain).decoder.exists()

@@ -117,6 +117,10 @@ class TrainConfig:
     # offset noise: a constant per row and latent channel, this many standard deviations, added to the training
     # noise, so the model can learn colours and brightness far from the base's mean (ours; 0: the paper)
     noise_offset: NonNegative = 0.0
+    # steps of refining the base VAE's decoder on the category's images before the adapters train (ours,
+    # `dualanodiff.decoder`: a small base's VAE greys colours its pretraining lacked); 0: the base's decoder
+    decoder_steps: Size = 0
+    decoder_lr: Positive = 2e-4
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False

@@ -47,6 +47,7 @@ from PIL import Image
 
 from dualanodiff.config import GenerateConfig, ModelConfig
 from dualanodiff.data import load_image
+from dualanodiff.decoder import decoder_state, load_decoder
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
@@ -152,6 +153,7 @@ class DualAnoDiffPipeline:
         self.model = model.to(self.device, self.dtype).eval()
         self.resolution = resolution
         self.use_config(config or GenerateConfig())
+        self._base_decoder: dict | None = None  # the base's decoder weights, once a run's refined one replaced them
         self.u2net_weights = ""  # a TorchScript U²-Net file, for config.mask_method "u2net"
         self.latent_size = resolution // model.base.vae_scale_factor
         self.latent_channels = model.unet.config.in_channels
@@ -211,12 +213,23 @@ class DualAnoDiffPipeline:
                             f"from_run({str(run.root)!r})")
         self.model.cfg = replace(self.model.cfg, **taken)
         self.model.load_trainable(run.adapters)
+        self._load_decoder(run.decoder)
         self.model.to(self.device, self.dtype)
         self.use_config(cfg.generate)
         self.encode_prompts()
         paths = run.background_paths()
         self.set_backgrounds([load_image(p) for p in paths], [p.stem for p in paths])
         return self
+
+    def _load_decoder(self, path: Path) -> None:
+        """The run's refined VAE decoder where it has one (`dualanodiff.decoder`), else the base's own."""
+        vae = self.model.vae
+        if path.is_file():
+            if self._base_decoder is None:
+                self._base_decoder = {name: value.clone() for name, value in decoder_state(vae).items()}
+            load_decoder(vae, path)
+        elif self._base_decoder is not None:
+            vae.load_state_dict(self._base_decoder, strict=False)
 
     def set_backgrounds(self, backgrounds: list[np.ndarray], names: list[str] | None = None) -> None:
         """The few-shot backgrounds BCM reads when a call gives none (pair k uses `background_index(seed)`)."""

@@ -52,12 +52,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dualanodiff.decoder import encode_latents, reconstruction_loss
 from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.metrics import psnr
@@ -269,21 +269,11 @@ def tokenizer_words(arch: Architecture, families: tuple[str, ...]) -> tuple[str,
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator,
              weight: torch.Tensor | None = None) -> torch.Tensor:
-    """L1 (each pixel times `weight`, N x 1 x H x W, where given) + image-gradient L1 (keeps edges and weave
-    threads sharp) + L1 of 4x4 means (colour, which a small VAE otherwise learns last) + KL per latent element,
-    on [-1, 1] images."""
+    """`reconstruction_loss` of a posterior sample's decoding + KL per latent element, on [-1, 1] images."""
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator)
-    recon = vae.decode(latents).sample.float()
-    images = images.float()
-    l1 = (recon - images).abs() if weight is None else (recon - images).abs() * weight
-    l1 = l1.mean()
-    gradient = sum(
-        (torch.diff(recon, dim=d) - torch.diff(images, dim=d)).abs().mean() for d in (2, 3)
-    )
-    colour = (F.avg_pool2d(recon, 4) - F.avg_pool2d(images, 4)).abs().mean()
     kl = posterior.kl().float().mean() / latents[0].numel()
-    return l1 + 0.5 * gradient + colour + kl_weight * kl
+    return reconstruction_loss(vae.decode(latents).sample, images, weight) + kl_weight * kl
 
 
 @torch.no_grad()
@@ -294,17 +284,6 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) -> to
         vae.decode(vae.encode(batch_to_model_range(chunk.to(device))).latent_dist.mode()).sample.float()
         for chunk in images.split(batch)
     ])
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and standard deviation of every image (unscaled, fp32, on the VAE's device)."""
-    means, stds = [], []
-    for chunk in images.split(batch):
-        posterior = vae.encode(batch_to_model_range(chunk.to(vae.device))).latent_dist
-        means.append(posterior.mean.float())
-        stds.append(posterior.std.float())
-    return torch.cat(means), torch.cat(stds)
 
 
 def latent_scaling_factor(means: torch.Tensor, stds: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import shutil
@@ -41,6 +42,7 @@ from dualanodiff.data import (
     open_category,
     with_marked_masks,
 )
+from dualanodiff.decoder import as_batch, refine_decoder, save_decoder
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
@@ -65,6 +67,7 @@ class TrainingSet:
     defect_cells: torch.Tensor
     stems: list[str]
     backgrounds: list[np.ndarray]  # (1 - M_f) * I at training size, uint8, one per pair
+    pictures: list[np.ndarray]  # I and I * M of each pair at training size, uint8 (the decoder refinement's)
 
     def sample(self, indices: torch.Tensor, generator: torch.Generator, scaling: float) -> torch.Tensor:
         noise = torch.randn(self.mean[indices].shape, generator=generator)
@@ -90,7 +93,7 @@ def flip_variants(targets: torch.Tensor, flips: bool) -> list[torch.Tensor]:
 def encode_training_set(
     model: DualAnoDiffModel, pairs: list[Pair], kind: str, resolution: int, flips: bool, u2net: str = ""
 ) -> TrainingSet:
-    variants, masks, backgrounds = [], [], []
+    variants, masks, backgrounds, pictures = [], [], [], []
     for pair in pairs:
         image = load_image(pair.image)
         mask = load_mask(pair.mask, image.shape[:2])
@@ -98,6 +101,7 @@ def encode_training_set(
         image, mask, fg = resize_image(image, resolution), resize_mask(mask, resolution), resize_mask(fg, resolution)
         targets = training_targets(image, mask, fg)
         backgrounds.append(to_uint8(targets[2]))
+        pictures += [to_uint8(targets[0]), to_uint8(targets[1])]
         variants += flip_variants(targets, flips)
         masks += flip_variants(torch.from_numpy(mask).float()[None], flips)
     means, stds = [], []
@@ -106,7 +110,7 @@ def encode_training_set(
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     cells = F.adaptive_avg_pool2d(torch.stack(masks), means[0].shape[-2:])
-    return TrainingSet(torch.stack(means), torch.stack(stds), cells, [p.stem for p in pairs], backgrounds)
+    return TrainingSet(torch.stack(means), torch.stack(stds), cells, [p.stem for p in pairs], backgrounds, pictures)
 
 
 def fill_prompt(template: str, category: str, defect: str, kind: str) -> str:
@@ -333,6 +337,9 @@ def train(
     cfg.data.resolution = cfg.data.resolution or base.resolution
     if cfg.data.resolution % (8 * base.vae_scale_factor):
         raise UserError(f"data.resolution {cfg.data.resolution}: must be a multiple of {8 * base.vae_scale_factor}")
+    # an fp32 copy, taken before mixed precision casts the frozen parts; none once the run has its decoder
+    refining = cfg.train.decoder_steps > 0 and main and not run.decoder.is_file()
+    vae = copy.deepcopy(base.vae).to(accelerator.device) if refining else None
     model = trainable_model(base, cfg.train, cfg.model, accelerator.device)
     data = encode_training_set(model, train_pairs, kind, cfg.data.resolution, cfg.data.flips, cfg.data.u2net_weights)
 
@@ -363,9 +370,13 @@ def train(
         accelerator.wait_for_everyone()
         return run.checkpoint(step)
 
-    model.train()
-    stopped = 0
     with deferred_signals() as stop:
+        stopped = refine_run_decoder(vae, cfg, data, run, stop, log) if vae is not None else 0
+        if processes > 1:  # the others wait here for the main process's refinement, and stop with it
+            stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
+        if stopped:
+            raise Stopped(stopped, "while refining the decoder (nothing kept); continue with --resume")
+        model.train()
         try:
             while step < cfg.train.steps:
                 stopped = stop()
@@ -406,6 +417,21 @@ def train(
             model.save_trainable(run.adapters)
         accelerator.wait_for_everyone()
     return out
+
+
+def refine_run_decoder(vae, cfg: Config, data: TrainingSet, run: RunFolder, stop: Callable[[], int],
+                       log: Callable[[str], None]) -> int:
+    """`decoder.refine_decoder` on the category's normal images and the few-shot images and parts, written to
+    the run's decoder.safetensors; returns the signal that stopped it (0 when done, and nothing written else)."""
+    normals = [resize_image(load_image(path), cfg.data.resolution) for path in open_category(cfg.data.data).train_good]
+    images = as_batch(normals + data.pictures)
+    log(f"refining the VAE decoder on {len(normals)} normal and {len(data.pictures)} few-shot images "
+        f"({cfg.train.decoder_steps} steps)")
+    weights = refine_decoder(vae, images, cfg.train.decoder_steps, cfg.train.decoder_lr, cfg.train.seed, stop)
+    if weights is None:
+        return stop()
+    save_decoder(weights, run.decoder)
+    return 0
 
 
 def load_checkpoint(run: RunFolder, checkpoint: Path, model: DualAnoDiffModel, optimizer, generator: torch.Generator,
