@@ -55,7 +55,8 @@ def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep()
     assert _whole_image_notes(cfg)[0].startswith("Sampling started from a real `train/good` image noised to the first step ")
     cfg.generate.start_from, cfg.generate.start_strength = "few-shot", 0.8
     assert _whole_image_notes(cfg)[0].startswith("Sampling started from a few-shot image noised to 0.8 of the schedule ")
-    cfg.generate.start_from = "noise"
+    assert _whole_image_notes(cfg)[-2].startswith("Decoded with the base's VAE decoder refined for 100 steps ")  # the recipe
+    cfg.generate.start_from, cfg.train.decoder_steps = "noise", 0
     assert _whole_image_notes(cfg) == []
 
 
@@ -83,6 +84,7 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     whole = [json.loads(line) for line in (out / "generated" / "dualanodiff" / "nut" / "hole" / "manifest.jsonl").open()]
     assert [(row["lay_part"], row["start_from"]) for row in whole] == [(True, "normal")] * 2  # the base's recipe
     assert "laid on inside its mask (`generate.lay_part`" in text and "`train/good` image noised to the first step" in text
+    assert "decoder refined for 2 steps" in text and (out / "runs" / "dualanodiff" / "decoder.safetensors").is_file()
     on_normals = [json.loads(line) for line in (out / "generated" / "dualanodiff-on-normals" / "nut" / "hole" / "manifest.jsonl").open()]
     assert [(row["run"], row["on_normals"], row["on_normals_strength"]) for row in on_normals] == [
         (str((out / "runs" / "dualanodiff").resolve()), True, GenerateConfig().on_normals_strength)] * 2

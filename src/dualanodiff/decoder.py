@@ -66,7 +66,7 @@ def refine_decoder(
     crops, flipped at random, against the same crops of the images (`reconstruction_loss`). The
     result is fixed by `seed`, so a stopped refinement run again gives the same weights."""
     generator = torch.Generator().manual_seed(seed)
-    means, stds = encode_latents(vae, images, BATCH)
+    means, stds = (t.cpu() for t in encode_latents(vae, images, BATCH))  # drawn from on the host, as the crops
     scale = images.shape[-1] // means.shape[-1]
     crop = min(LATENT_CROP, *means.shape[-2:])
     pixels = batch_to_model_range(images)
@@ -87,9 +87,9 @@ def refine_decoder(
             latents = means[index][window] + stds[index][window] * torch.randn(
                 (BATCH, means.shape[1], crop, crop), generator=generator)
             target = pixels[index][:, :, y * scale : (y + crop) * scale, x * scale : (x + crop) * scale]
-            flip = torch.rand(BATCH, generator=generator) < 0.5
-            latents, target = torch.where(flip[:, None, None, None], latents.flip(-1), latents), \
-                torch.where(flip[:, None, None, None], target.flip(-1), target)
+            flip = (torch.rand(BATCH, generator=generator) < 0.5)[:, None, None, None]
+            latents = torch.where(flip, latents.flip(-1), latents)
+            target = torch.where(flip, target.flip(-1), target)
             recon = vae.decode(latents.to(vae.device, vae.dtype)).sample
             loss = reconstruction_loss(recon, target.to(recon.device))
             optimizer.zero_grad(set_to_none=True)

@@ -402,6 +402,10 @@ def _whole_image_notes(cfg: Config) -> list[str]:
         notes += ["Each image carries its part image's defect laid on inside its mask (`generate.lay_part`; the paper "
                   "keeps the global branch's image as drawn): the mask's region shows the part's defect wherever the "
                   "global branch drew its own, so alignment and consistency are high by construction.", ""]
+    if cfg.train.decoder_steps:
+        notes += [f"Decoded with the base's VAE decoder refined for {cfg.train.decoder_steps} steps on the category's "
+                  "`train/good` and few-shot images (`train.decoder_steps`; the paper decodes with the base's): the "
+                  "base's small VAE greys colours its pretraining lacked.", ""]
     return notes
 
 
