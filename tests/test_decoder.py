@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import signal
 
-import numpy as np
 import pytest
 import torch
 
+from dualanodiff.data import load_image
 from dualanodiff.decoder import (
     decoder_state,
     load_decoder,
@@ -16,6 +16,7 @@ from dualanodiff.decoder import (
     save_decoder,
 )
 from dualanodiff.errors import UserError
+from dualanodiff.images import as_batch
 from dualanodiff.model.base import tiny_random_base
 from dualanodiff.synthetic import write_dataset
 
@@ -32,12 +33,9 @@ def test_reconstruction_loss_by_hand():
 
 @pytest.fixture(scope="module")
 def nut_images(tmp_path_factory) -> torch.Tensor:
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("nut")
     write_dataset(root, seed=0, size=32, per_defect=2, good=6)
-    paths = sorted((root / "nut" / "train" / "good").glob("*.png"))
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
+    return as_batch([load_image(p) for p in sorted((root / "nut" / "train" / "good").glob("*.png"))])
 
 
 def _decoded_error(vae, images: torch.Tensor) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -83,10 +82,10 @@ def refine_decoder(
             index = torch.randint(len(images), (BATCH,), generator=generator)
             y = int(torch.randint(means.shape[-2] - crop + 1, (1,), generator=generator))
             x = int(torch.randint(means.shape[-1] - crop + 1, (1,), generator=generator))
-            window = (slice(None), slice(None), slice(y, y + crop), slice(x, x + crop))
-            latents = means[index][window] + stds[index][window] * torch.randn(
+            rows, columns = slice(y, y + crop), slice(x, x + crop)
+            latents = means[index, :, rows, columns] + stds[index, :, rows, columns] * torch.randn(
                 (BATCH, means.shape[1], crop, crop), generator=generator)
-            target = pixels[index][:, :, y * scale : (y + crop) * scale, x * scale : (x + crop) * scale]
+            target = pixels[index, :, y * scale : (y + crop) * scale, x * scale : (x + crop) * scale]
             flip = (torch.rand(BATCH, generator=generator) < 0.5)[:, None, None, None]
             latents = torch.where(flip, latents.flip(-1), latents)
             target = torch.where(flip, target.flip(-1), target)
@@ -115,8 +114,3 @@ def load_decoder(vae: AutoencoderKL, path: Path) -> None:
         raise UserError(f"{path}: not a decoder of this base model (its weights do not match); retrain the run "
                         "or delete the file to decode with the base's own decoder")
     vae.load_state_dict(weights, strict=False)
-
-
-def as_batch(pictures: list[np.ndarray]) -> torch.Tensor:
-    """uint8 H x W x 3 pictures of one size as an N x 3 x H x W tensor."""
-    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()

@@ -32,6 +32,11 @@ def _width_height(size: Size) -> tuple[int, int]:
     return (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
 
 
+def as_batch(pictures: list[np.ndarray]) -> torch.Tensor:
+    """uint8 H x W x 3 pictures of one size as an N x 3 x H x W tensor."""
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+
+
 def to_model_range(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float in [-1, 1]."""
     return batch_to_model_range(torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1))

@@ -61,7 +61,7 @@ from dualanodiff.decoder import encode_latents, reconstruction_loss
 from dualanodiff.devices import resolve_device
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.metrics import psnr
-from dualanodiff.images import batch_to_model_range, to_uint8
+from dualanodiff.images import as_batch, batch_to_model_range, to_uint8
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.model.base import (
     ARCHITECTURES,
@@ -252,7 +252,7 @@ def render_corpus(
             items = pool.map(_render_one, jobs, chunksize=max(1, count // (workers * 8)))
     else:
         items = [_render_one(job) for job in jobs]
-    images = torch.from_numpy(np.stack([image for image, _, _ in items])).permute(0, 3, 1, 2).contiguous()
+    images = as_batch([image for image, _, _ in items])
     return Corpus(images, [caption for _, caption, _ in items], [kind for _, _, kind in items])
 
 

@@ -42,10 +42,16 @@ from dualanodiff.data import (
     open_category,
     with_marked_masks,
 )
-from dualanodiff.decoder import as_batch, refine_decoder, save_decoder
+from dualanodiff.decoder import refine_decoder, save_decoder
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import UserError
-from dualanodiff.images import resize_image, resize_mask, to_model_range, to_uint8
+from dualanodiff.images import (
+    as_batch,
+    resize_image,
+    resize_mask,
+    to_model_range,
+    to_uint8,
+)
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.masks import foreground_mask
 from dualanodiff.model.base import BaseModel, load_base_model

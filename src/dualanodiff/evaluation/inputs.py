@@ -14,6 +14,7 @@ from PIL import Image
 from dualanodiff.alignment import alignment_score
 from dualanodiff.data import load_image, load_mask
 from dualanodiff.errors import UserError
+from dualanodiff.images import as_batch
 from dualanodiff.masks import foreground_mask
 from dualanodiff.pairs import discover_generated, kept_rows, read_pairs
 
@@ -101,8 +102,7 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
     """(N, 3, size, size) uint8 RGB, each image resized bilinearly to size x size."""
     if not paths:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    images = [np.asarray(Image.fromarray(load_image(p)).resize((size, size), Image.BILINEAR)) for p in paths]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return as_batch([np.asarray(Image.fromarray(load_image(p)).resize((size, size), Image.BILINEAR)) for p in paths])
 
 
 def load_masks(paths: list[Path | None], size: int) -> torch.Tensor:
