@@ -15,7 +15,8 @@ import json
 import statistics
 
 import torch
-from _common import append_row, environment, limit_threads, timed
+from _common import append_row, environment, limit_threads
+from train_step import Variant, interleaved_times
 
 from dualanodiff.devices import resolve_device
 from dualanodiff.evaluation.localization import DiscriminativeUNet, focal_loss
@@ -24,28 +25,26 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channel
 
 
 def step_times(device: torch.device, batch: int, size: int, width: int, steps: int) -> dict[str, float]:
-    """Median seconds per optimizer step of each layout, the layouts' steps interleaved."""
+    """Median seconds per optimizer step of each layout, the layouts' steps interleaved
+    (`train_step.interleaved_times`) after two warm-up steps each."""
     torch.manual_seed(0)
     images = torch.rand(batch, 3, size, size, device=device)
     target = torch.rand(batch, size, size, device=device) > 0.95
-    runs = {}
-    for name, layout in LAYOUTS.items():
+
+    def variant(layout: torch.memory_format) -> Variant:
         model = DiscriminativeUNet(base_width=width).to(device, memory_format=layout)
-        runs[name] = (model, torch.optim.Adam(model.parameters(), 1e-3), images.contiguous(memory_format=layout))
+        optimizer, x = torch.optim.Adam(model.parameters(), 1e-3), images.contiguous(memory_format=layout)
 
-    def step(name: str) -> None:
-        model, optimizer, x = runs[name]
-        loss = focal_loss(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        def step() -> torch.Tensor:
+            loss = focal_loss(model(x), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
 
-    times = {name: [] for name in LAYOUTS}
-    for i in range(steps + 2):  # two warm-up steps per layout
-        for name in LAYOUTS:
-            seconds = timed(lambda: step(name), device)
-            if i >= 2:
-                times[name].append(seconds)
+        return Variant(step=step, module=model)
+
+    times = interleaved_times({name: variant(layout) for name, layout in LAYOUTS.items()}, steps, device, warmup=2)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

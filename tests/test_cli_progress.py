@@ -37,3 +37,12 @@ def test_no_progress_when_disabled(capsys):
     with cli.progress_bars(enabled=False) as bars:
         bars("training", 10)(5, 10, "loss 1")
     assert capsys.readouterr().err == ""
+
+
+def test_the_loss_bar_counts_steps_and_shows_the_loss_averaged_over_recent_steps(recorded_bars):
+    advance = progress.loss_bar(recorded_bars, "localization U-Net", 3)
+    for loss in (1.0, 0.0, 0.0):
+        advance(loss)
+    assert recorded_bars.totals == {"localization U-Net": 3}
+    assert recorded_bars.updates["localization U-Net"] == [(1, None), (2, None), (3, None)]
+    assert recorded_bars.notes["localization U-Net"] == ["loss 1.0000", "loss 0.9500", "loss 0.9025"]

@@ -58,8 +58,10 @@ def test_refinement_trains_the_decoder_alone_and_lowers_its_error_on_the_images(
     assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
 
 
-def test_a_seed_fixes_the_weights_and_a_stop_returns_none_at_once(nut_images):
-    first = refine_decoder(tiny_random_base().vae, nut_images, steps=4, lr=1e-3, seed=3)
+def test_a_seed_fixes_the_weights_and_a_stop_returns_none_at_once(nut_images, recorded_bars):
+    first = refine_decoder(tiny_random_base().vae, nut_images, steps=4, lr=1e-3, seed=3, bars=recorded_bars)
+    assert recorded_bars.totals == {"VAE decoder": 4}
+    assert [done for done, _ in recorded_bars.updates["VAE decoder"]] == [1, 2, 3, 4]
     again = refine_decoder(tiny_random_base().vae, nut_images, steps=4, lr=1e-3, seed=3)
     other = refine_decoder(tiny_random_base().vae, nut_images, steps=4, lr=1e-3, seed=4)
     assert all(torch.equal(first[k], again[k]) for k in first)

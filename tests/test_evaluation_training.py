@@ -1,5 +1,4 @@
-"""Shared training helpers: seeded batches, batch-norm statistics averaged over the training data, the
-step bar."""
+"""Shared training helpers: seeded batches, batch-norm statistics averaged over the training data."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import torch
 
 from dualanodiff.evaluation.training import (
     cycling_batches,
-    loss_bar,
     recalibrate_batch_norm,
     shuffled_batches,
 )
@@ -48,13 +46,3 @@ def test_batch_norm_statistics_are_averaged_over_the_given_batches():
     assert norm.running_mean.item() == pytest.approx((1 + 4) / 2)
     assert norm.running_var.item() == pytest.approx((0 + 8 / 7) / 2)
     assert norm.momentum == 0.1 and not model.training
-
-
-
-def test_the_loss_bar_counts_steps_and_shows_the_loss_averaged_over_recent_steps(recorded_bars):
-    advance = loss_bar(recorded_bars, "localization U-Net", 3)
-    for loss in (1.0, 0.0, 0.0):
-        advance(loss)
-    assert recorded_bars.totals == {"localization U-Net": 3}
-    assert recorded_bars.updates["localization U-Net"] == [(1, None), (2, None), (3, None)]
-    assert recorded_bars.notes["localization U-Net"] == ["loss 1.0000", "loss 0.9500", "loss 0.9025"]

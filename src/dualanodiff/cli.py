@@ -332,7 +332,7 @@ def train(
                 bar.append(bars("training"))
             bar[0](step, total, " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
 
-        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log)
+        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log, bars=bars)
     if is_main_process():
         console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
 

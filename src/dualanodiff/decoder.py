@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from dualanodiff.errors import UserError
 from dualanodiff.images import batch_to_model_range
 from dualanodiff.io import atomic_write_bytes
+from dualanodiff.progress import Bars, loss_bar, no_bars
 
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 LATENT_CROP = 16  # latent cells per side of a training crop (64 px at the VAE's 4x): a quarter of the cost
@@ -58,12 +59,13 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) ->
 
 def refine_decoder(
     vae: AutoencoderKL, images: torch.Tensor, steps: int, lr: float, seed: int,
-    stop: Callable[[], int] = lambda: 0,
+    stop: Callable[[], int] = lambda: 0, bars: Bars = no_bars,
 ) -> dict[str, torch.Tensor] | None:
     """Train `vae`'s decoder for `steps` steps on uint8 `images` (N x 3 x H x W) and return its weights, or
     None when `stop` (polled before each step) says so. Each step decodes posterior samples of random latent
-    crops, flipped at random, against the same crops of the images (`reconstruction_loss`). The
-    result is fixed by `seed`, so a stopped refinement run again gives the same weights."""
+    crops, flipped at random, against the same crops of the images (`reconstruction_loss`); each step
+    advances the bar "VAE decoder" of `bars`. The result is fixed by `seed`, so a stopped refinement run again
+    gives the same weights."""
     generator = torch.Generator().manual_seed(seed)
     means, stds = (t.cpu() for t in encode_latents(vae, images, BATCH))  # drawn from on the host, as the crops
     scale = images.shape[-1] // means.shape[-1]
@@ -75,6 +77,7 @@ def refine_decoder(
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     vae.train()
+    advance = loss_bar(bars, "VAE decoder", steps)
     try:
         for _ in range(steps):
             if stop():
@@ -95,6 +98,7 @@ def refine_decoder(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
+            advance(loss.item())
     finally:
         vae.requires_grad_(False).eval()
     return decoder_state(vae)

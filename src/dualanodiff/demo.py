@@ -199,7 +199,8 @@ def _train(cfg: Config, run: Path, hooks: DemoHooks, label: str) -> None:
     hooks.log(f"training {label}: {cfg.train.steps} steps on the few-shot split of {cfg.data.defect}")
     advance = hooks.bar(f"train {label}", cfg.train.steps)
     resume = RunFolder(run).is_run()
-    train(cfg, run, resume=resume, force=not resume, progress=lambda step, total, losses: advance(step), log=hooks.log)
+    train(cfg, run, resume=resume, force=not resume, progress=lambda step, total, losses: advance(step), log=hooks.log,
+          bars=hooks.bar)
 
 
 def _generate(run: Path, root: Path, cfg: Config, hooks: DemoHooks, label: str) -> None:

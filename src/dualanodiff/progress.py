@@ -46,6 +46,20 @@ def no_bars(label: str, total: int | None = None) -> Bar:
     return _no_bar
 
 
+def loss_bar(bars: Bars, label: str, steps: int) -> Callable[[float], None]:
+    """``advance(loss)`` after each optimizer step: counts the step on ``bars(label, steps)`` and shows
+    the loss averaged over recent steps (one batch's is noise)."""
+    bar, done, average = bars(label, steps), 0, None
+
+    def advance(loss: float) -> None:
+        nonlocal done, average
+        done += 1
+        average = loss if average is None else 0.95 * average + 0.05 * loss
+        bar(done, note=f"loss {average:.4f}")
+
+    return advance
+
+
 class PlainProgress:
     """Progress as plain lines for log files and pipes, where bars would print nothing::
 

@@ -56,6 +56,7 @@ from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.masks import foreground_mask
 from dualanodiff.model.base import BaseModel, load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
+from dualanodiff.progress import Bars, no_bars
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
@@ -256,9 +257,9 @@ def trainable_model(base: BaseModel, train_cfg: TrainConfig, model_cfg, device: 
     return model
 
 
-def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair], str]:
-    """The defect type's few-shot training pairs and the category's foreground kind; records the split in
-    `cfg.split` and fills the category and defect names into the prompts."""
+def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair], str, list[Path]]:
+    """The defect type's few-shot training pairs, the category's foreground kind and its `train/good` images;
+    records the split in `cfg.split` and fills the category and defect names into the prompts."""
     category = open_category(cfg.data.data)
     if cfg.data.defect not in category.defects:
         raise UserError(
@@ -269,7 +270,8 @@ def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair],
     for option in ("global_prompt", "anomaly_prompt", "learned_words"):
         setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
     cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
-    return train_pairs, category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
+    kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
+    return train_pairs, kind, category.train_good
 
 
 def make_optimizer(model: DualAnoDiffModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -326,8 +328,10 @@ def train(
     force: bool = False,
     progress: Callable[[int, int, dict], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
+    bars: Bars = no_bars,
 ) -> Path:
-    """Train on the few-shot split of `cfg.data.defect`; returns the run folder. See the module docstring."""
+    """Train on the few-shot split of `cfg.data.defect`; returns the run folder. See the module docstring.
+    `progress` hears of each training step; the decoder's refinement, before them, draws its own bar of `bars`."""
     cfg = validated(cfg, "config")
     out = Path(out)
     run = RunFolder(out)
@@ -336,7 +340,7 @@ def train(
     main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
     log = log if main else (lambda message: None)
     cfg = _on_main_process(accelerator, lambda: prepare_run(cfg, out, resume, force))
-    train_pairs, kind = few_shot_pairs(cfg, log)
+    train_pairs, kind, normals = few_shot_pairs(cfg, log)
 
     torch.manual_seed(cfg.train.seed)
     base = load_base_model(cfg.model.base_model)
@@ -377,7 +381,7 @@ def train(
         return run.checkpoint(step)
 
     with deferred_signals() as stop:
-        stopped = refine_run_decoder(vae, cfg, data, run, stop, log) if vae is not None else 0
+        stopped = refine_run_decoder(vae, cfg, data, normals, run, stop, log, bars) if vae is not None else 0
         if processes > 1:  # the others wait here for the main process's refinement, and stop with it
             stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
         if stopped:
@@ -425,15 +429,14 @@ def train(
     return out
 
 
-def refine_run_decoder(vae, cfg: Config, data: TrainingSet, run: RunFolder, stop: Callable[[], int],
-                       log: Callable[[str], None]) -> int:
-    """`decoder.refine_decoder` on the category's normal images and the few-shot images and parts, written to
-    the run's decoder.safetensors; returns the signal that stopped it (0 when done, and nothing written else)."""
-    normals = [resize_image(load_image(path), cfg.data.resolution) for path in open_category(cfg.data.data).train_good]
-    images = as_batch(normals + data.pictures)
+def refine_run_decoder(vae, cfg: Config, data: TrainingSet, normals: list[Path], run: RunFolder,
+                       stop: Callable[[], int], log: Callable[[str], None], bars: Bars = no_bars) -> int:
+    """`decoder.refine_decoder` on the category's `normals` and the few-shot images and parts, written to the
+    run's decoder.safetensors; returns the signal that stopped it (0 when done, and nothing written else)."""
+    images = as_batch([resize_image(load_image(path), cfg.data.resolution) for path in normals] + data.pictures)
     log(f"refining the VAE decoder on {len(normals)} normal and {len(data.pictures)} few-shot images "
         f"({cfg.train.decoder_steps} steps)")
-    weights = refine_decoder(vae, images, cfg.train.decoder_steps, cfg.train.decoder_lr, cfg.train.seed, stop)
+    weights = refine_decoder(vae, images, cfg.train.decoder_steps, cfg.train.decoder_lr, cfg.train.seed, stop, bars)
     if weights is None:
         return stop()
     save_decoder(weights, run.decoder)

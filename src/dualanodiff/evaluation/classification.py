@@ -30,11 +30,10 @@ from dualanodiff.evaluation.inputs import check_state_dict, load_images, load_st
 from dualanodiff.evaluation.localization import real_test_split
 from dualanodiff.evaluation.training import (
     cycling_batches,
-    loss_bar,
     recalibrate_batch_norm,
     shuffled_batches,
 )
-from dualanodiff.progress import Bars, no_bars
+from dualanodiff.progress import Bars, loss_bar, no_bars
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

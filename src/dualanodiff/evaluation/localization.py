@@ -34,11 +34,10 @@ from dualanodiff.evaluation.inputs import load_images, load_masks
 from dualanodiff.evaluation.metrics import localization_metrics
 from dualanodiff.evaluation.training import (
     cycling_batches,
-    loss_bar,
     recalibrate_batch_norm,
     shuffled_batches,
 )
-from dualanodiff.progress import Bars, no_bars
+from dualanodiff.progress import Bars, loss_bar, no_bars
 
 DEPTH = 6  # encoder blocks; the input side must be a multiple of 2 ** (DEPTH - 1)
 FOCAL_GAMMA = 2.0  # DRAEM's focal loss

@@ -1,5 +1,5 @@
 """What the two downstream trainings (U-Net localization, ResNet classification) share: seeded
-batch orders, batch-norm statistics and a bar over optimizer steps (`loss_bar`).
+batch orders and batch-norm statistics; their bars over optimizer steps are `progress.loss_bar`.
 
 Both train a fixed number of steps, the same for every set of pairs: epochs over sets of different
 sizes would be different amounts of training (4 crop-paste pairs score 4 % pixel AP after 10 epochs and
@@ -8,12 +8,10 @@ sizes would be different amounts of training (4 crop-paste pairs score 4 % pixel
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-
-from dualanodiff.progress import Bars
 
 
 def cycling_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -58,17 +56,3 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) ->
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return model.eval()
-
-
-def loss_bar(bars: Bars, label: str, steps: int) -> Callable[[float], None]:
-    """``advance(loss)`` after each optimizer step: counts the step on ``bars(label, steps)`` and shows
-    the loss averaged over recent steps (one batch's is noise)."""
-    bar, done, average = bars(label, steps), 0, None
-
-    def advance(loss: float) -> None:
-        nonlocal done, average
-        done += 1
-        average = loss if average is None else 0.95 * average + 0.05 * loss
-        bar(done, note=f"loss {average:.4f}")
-
-    return advance
