@@ -194,10 +194,13 @@ def test_the_outcome_says_failed_partial_or_done(tmp_path):
 
 
 def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(tmp_path, monkeypatch):
-    calls = []
+    calls, stages = [], []
+    monkeypatch.setattr(runall, "STAGE_INTERVAL_S", 0.0)
 
-    def fake_train(cfg, run, resume=False, force=False, progress=None, log=None):
+    def fake_train(cfg, run, resume=False, force=False, progress=None, log=None, bars=None):
         calls.append(resume)
+        bars("VAE decoder", 100)(40, note="loss 0.1000")  # the refinement's bar becomes the job's stage
+        stages.append(json.loads((status.folder / runall.RUNNING).read_text())["stage"])
         cfg.to_yaml(run / "config.yaml")
         checkpoint = run / "checkpoints" / f"step-{cfg.train.steps:06d}"
         checkpoint.mkdir(parents=True, exist_ok=True)
@@ -219,7 +222,7 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
     run = tmp_path / "runs" / "nut" / "hole"
 
     result = train_and_generate(job, tmp_path, cfg, status)
-    assert calls == [False]
+    assert calls == [False] and stages == ["VAE decoder 40/100"]
     assert result == {"run": str(run), "folder": str(tmp_path / "generated" / "nut" / "hole"), "kept": 5, "asked": 5,
                       "dropped": 1, "reasons": {"empty": 1}}
     assert Config.from_yaml(run / "config.yaml").data.data == str(job.data)

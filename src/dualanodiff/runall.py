@@ -202,7 +202,7 @@ def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> d
     if folder.trained_steps() < cfg.train.steps:
         status.log(f"{'resuming' if resume else 'starting'} training run {run}")
         training.train(
-            cfg, run, resume=resume, log=status.log,
+            cfg, run, resume=resume, log=status.log, bars=status.bars,
             progress=lambda step, total, losses: status.stage(f"training {step}/{total}"),
         )
     def pairs(force: bool) -> generation.GenerationSummary:
