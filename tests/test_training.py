@@ -265,7 +265,8 @@ def test_cli_train_takes_the_base_models_recipe_below_the_config_file_and_flags(
     assert RunFolder(tmp_path / "tiny").decoder.is_file()
     err = capsys.readouterr().err
     assert saved.model.anomaly_prompt == "hole" and "its recipe sets" in err
-    assert err.index("VAE decoder 2/2 (100%) loss") < err.index("training 1/1")  # the refinement's own bar, first
+    # the recipe's note once every input check has passed, then the refinement's own bar, then the training's
+    assert err.index("its recipe sets") < err.index("VAE decoder 2/2 (100%) loss") < err.index("training 1/1")
     (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.0005\n  decoder_steps: 0\n")
     main(args + ["--base-model", "tiny", "--config", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "mine")])
     assert Config.from_yaml(tmp_path / "mine" / "config.yaml").train.lr == 5e-4  # the file wins over the recipe

@@ -322,17 +322,22 @@ def train(
     from dualanodiff.devices import is_main_process
 
     with progress_bars() as bars:  # train() reports on the main process only: other ranks draw no bar
-        notes = [note] if note else []  # said once training has started: every input check has passed
+        notes = [note] if note else []  # said once work has started: every input check has passed
         bar = []
 
-        def report(step: int, total: int, losses: dict) -> None:
+        def started_bars(label: str, total: int | None = None):
+            """`bars`, saying the notes first: the first bar (the decoder refinement's, else the training's) is
+            drawn on the main process only, after every input check."""
             while notes:
                 _log(notes.pop())
-            if not bar:  # the first report: the main process, after every input check
-                bar.append(bars("training"))
+            return bars(label, total)
+
+        def report(step: int, total: int, losses: dict) -> None:
+            if not bar:
+                bar.append(started_bars("training"))
             bar[0](step, total, " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
 
-        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log, bars=bars)
+        run = train_run(cfg, out, resume=resume, force=force, progress=report, log=_log, bars=started_bars)
     if is_main_process():
         console.print(f"trained {run}: adapters in {run / 'adapters.safetensors'}, loss curve in {run / 'loss.png'}")
 
