@@ -12,6 +12,7 @@ from dualanodiff.demo import (
     _whole_image_notes,
     demo_config,
     demo_settings,
+    held_out_config,
     pair_figures,
     run_demo,
 )
@@ -47,6 +48,15 @@ def test_a_config_file_changes_only_its_own_keys_of_the_demos_settings(tmp_path)
     (tmp_path / "bad.yaml").write_text("model:\n  lora_targets: everything\n")
     with pytest.raises(UserError, match="bad.yaml"):
         demo_settings("nut", "hole", tmp_path / "bad.yaml")
+
+
+def test_the_demo_localizes_nut_at_96_px_and_the_held_out_bottle_at_the_datas_128():
+    nut = demo_config("nut", "hole")
+    assert nut.evaluate.resolution == 96 and demo_config("bottle", "contamination").evaluate.resolution == 128
+    nut.data.data = "/demo_out/data/nut"  # as run_demo resolves it
+    assert held_out_config(nut).evaluate.resolution == 128
+    nut.evaluate.resolution = 64  # a --config file's side holds for the held-out row too
+    assert held_out_config(nut).evaluate.resolution == 64
 
 
 def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep():
