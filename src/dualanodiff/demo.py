@@ -49,12 +49,17 @@ BASELINES = ("crop-paste", "perlin")
 COMBINED = f"crop-paste+{ON_NORMALS}"  # how users will use it: the few-shot real pairs plus generated ones
 ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
 HELD_OUT_DEFECT = "contamination"  # of synthetic.HELD_OUT: a small dark blob on the object, as nut/hole is
+DATA_SIDE = 128  # the synthetic images' side, which the localizer also sees unless LOCALIZER_SIDE says less
 # The localizer's image side in the demo where the data's 128 px is more than it needs. On nut a step costs 0.30 s
 # at 96 px instead of 0.55 (62 s a row instead of 98, 145 s off the demo) and the rows keep their figures: over
 # localizer seeds 0-2 whole images 90.8 (128 px, seeds 0-4: 88.7), on normals 92.9, crop-paste 98.0, Perlin 56.8
 # (55.4). The held-out bottle's small defects need the pixels: at 96 px crop-paste drops from 54.4 to 43.6 over
 # seeds 0-3, ours on normals from 39.8 to 25.9, Perlin from 31.9 to 29.1 (experiments/ON_NORMALS.md, twelfth session)
 LOCALIZER_SIDE = {"nut": 96}
+
+
+def localizer_side(category: str) -> int:
+    return LOCALIZER_SIDE.get(category, DATA_SIDE)
 
 
 def demo_config(category: str = "nut", defect: str = "hole") -> Config:
@@ -73,7 +78,7 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     # crop-paste plateaus by 80 steps (pixel AP 92 at 40, 98 at 80, 99 at 400); generated pairs need more:
     # on the demo's pairs 4.0 at 80 steps, 22.4 at 200 (crop-paste 97.1 and 97.2, Perlin 74.0 and 77.4)
     cfg.evaluate.steps = 200
-    cfg.evaluate.resolution = LOCALIZER_SIDE.get(category, 128)
+    cfg.evaluate.resolution = localizer_side(category)
     return cfg
 
 
@@ -133,7 +138,7 @@ def run_demo(
     if not stages.done("data"):
         with stages.run("data"):
             hooks.log(f"synthesising the {category_name} category")
-            write_dataset(data_root, seed=cfg.train.seed, size=128, categories=[category_name])
+            write_dataset(data_root, seed=cfg.train.seed, size=DATA_SIDE, categories=[category_name])
     cfg.data.data = str(data_root / category_name)
 
     variants = {OURS: cfg} | ({name: _ablated(cfg, **change) for name, change in ABLATIONS.items()} if ablation else {})
@@ -171,8 +176,8 @@ def held_out_config(cfg: Config) -> Config:
     """The same settings on `synthetic.HELD_OUT`, the category kept out of the embedded bases' pretraining."""
     variant = Config.from_dict(cfg.to_dict())
     variant.data.data, variant.data.defect = HELD_OUT, HELD_OUT_DEFECT
-    if cfg.evaluate.resolution == LOCALIZER_SIDE.get(Path(cfg.data.data).name, 128):  # the demo's side, no file's
-        variant.evaluate.resolution = LOCALIZER_SIDE.get(HELD_OUT, 128)
+    if cfg.evaluate.resolution == localizer_side(Path(cfg.data.data).name):  # unless a --config file set a side
+        variant.evaluate.resolution = localizer_side(HELD_OUT)
     return variant
 
 
