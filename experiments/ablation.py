@@ -119,6 +119,7 @@ def run_variant(out: Path, target: str, name: str, evaluate: bool = True) -> dic
     """Train, generate and evaluate one variant on one `category/defect` (stages reused when done)."""
     import torch
 
+    from dualanodiff.demo import DATA_SIDE
     from dualanodiff.evaluation import evaluate_generators
     from dualanodiff.generation import generate
     from dualanodiff.pairs import kept_rows, rejected_rows
@@ -129,7 +130,7 @@ def run_variant(out: Path, target: str, name: str, evaluate: bool = True) -> dic
     category, defect = target.split("/")
     data = out / "data"
     if not (data / category).is_dir():
-        write_dataset(data, seed=0, size=128, categories=[category])
+        write_dataset(data, seed=0, size=DATA_SIDE, categories=[category])  # the demo's data
     folder = out / f"{category}-{defect}" / name
     result_path = folder / "result.json"
     if result_path.is_file():

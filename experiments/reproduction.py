@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dualanodiff.demo import OURS, demo_settings, few_shot_reproduction
+from dualanodiff.demo import DATA_SIDE, OURS, demo_settings, few_shot_reproduction
 from dualanodiff.generation import generate
 from dualanodiff.runs import RunFolder
 from dualanodiff.synthetic import write_dataset
@@ -28,7 +28,7 @@ from dualanodiff.training import train
 def reproduce(out: Path, category: str, defect: str, seed: int, config: Path | None) -> dict:
     data = out / "data"
     if not (data / category).is_dir():
-        write_dataset(data, seed=0, size=128, categories=[category])  # the demo's data (its seed is 0)
+        write_dataset(data, seed=0, size=DATA_SIDE, categories=[category])  # the demo's data (its seed is 0)
     cfg = demo_settings(category, defect, config)
     cfg.data.data = str(data / category)
     cfg.train.seed = seed

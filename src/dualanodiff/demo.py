@@ -59,6 +59,7 @@ LOCALIZER_SIDE = {"nut": 96}
 
 
 def localizer_side(category: str) -> int:
+    """The demo's localizer side for a synthetic category: `LOCALIZER_SIDE`'s, else the data's."""
     return LOCALIZER_SIDE.get(category, DATA_SIDE)
 
 
