@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from dualanodiff.baselines import anomaly_part, place_defect
-from dualanodiff.generation import REGION_MARGIN, NormalCanvas, foreground_kind
+from dualanodiff.generation import NormalCanvas, drawing_region, foreground_kind
 from dualanodiff.images import to_uint8
 from dualanodiff.masks import part_onto, part_to_mask
 from dualanodiff.pairs import PairWriter
@@ -43,12 +42,10 @@ def probe(run: Path, out: Path, num: int) -> None:
         writer.clear()
     for seed in range(num):
         target, pasted, placed, _ = place_defect(np.random.default_rng(seed), canvas.defects, canvas.normals, kind)
-        margin = max(1, round(REGION_MARGIN * min(placed.shape)))
-        grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
         part = anomaly_part(pasted, placed)
         with torch.inference_mode():
             decoded = to_uint8(pipe.model.vae.decode(pipe.encode([part]) / pipe.scaling).sample.float())[0]
-        mask = part_to_mask(decoded, floor, min_component) & grown & target.foreground
+        mask = part_to_mask(decoded, floor, min_component) & drawing_region(placed, target.foreground)
         record = {"attempt": seed, "seed": seed, "onto": target.stem}
         writers["pasted"].write(pasted, placed, part, record)
         if mask.any():

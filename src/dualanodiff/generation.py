@@ -178,10 +178,8 @@ class NormalCanvas:
         inputs, records = {"normal_image": [], "mask": [], "background": [], "init_image": [], "init_part": []}, []
         for seed in seeds:
             target, pasted, placed, placement = place_defect(np.random.default_rng(seed), self.defects, self.normals, self.kind)
-            margin = max(1, round(REGION_MARGIN * min(placed.shape)))
-            grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
             inputs["normal_image"].append(target.image)
-            inputs["mask"].append(grown & target.foreground)
+            inputs["mask"].append(drawing_region(placed, target.foreground))
             inputs["background"].append(prepared_background(target.image, self.kind, self.u2net_weights))
             inputs["init_image"].append(pasted)
             inputs["init_part"].append(anomaly_part(pasted, placed))
@@ -191,6 +189,14 @@ class NormalCanvas:
         else:
             del inputs["init_image"], inputs["init_part"]
         return inputs, records
+
+
+def drawing_region(placed: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Where ``--on-normals`` lets the model draw a defect placed at `placed`: that shape grown by `REGION_MARGIN`
+    of the image side, on the object's `foreground`."""
+    margin = max(1, round(REGION_MARGIN * min(placed.shape)))
+    grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
+    return grown & foreground
 
 
 class StartImages:
