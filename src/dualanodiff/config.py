@@ -121,6 +121,12 @@ class TrainConfig:
     # `dualanodiff.decoder`: a small base's VAE greys colours its pretraining lacked); 0: the base's decoder
     decoder_steps: Size = 0
     decoder_lr: Positive = 2e-4
+    # steps of adapting the base to the category's train/good images (a LoRA fused into the frozen base for the
+    # run, `dualanodiff.category`) before the adapters train (ours: a small base never saw the user's category);
+    # 0: off, the paper's frozen base
+    category_steps: Size = 0
+    category_rank: Count = 32
+    category_lr: Positive = 1e-3
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False

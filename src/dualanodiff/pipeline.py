@@ -47,6 +47,7 @@ from PIL import Image
 
 from dualanodiff.config import GenerateConfig, ModelConfig
 from dualanodiff.data import load_image
+from dualanodiff.category import fuse_category
 from dualanodiff.decoder import decoder_state, load_decoder
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
@@ -154,6 +155,7 @@ class DualAnoDiffPipeline:
         self.resolution = resolution
         self.use_config(config or GenerateConfig())
         self._base_decoder: dict | None = None  # the base's decoder weights, once a run's refined one replaced them
+        self.category: Path | None = None  # the run's category LoRA fused into the base (`from_run`), if any
         self.u2net_weights = ""  # a TorchScript U²-Net file, for config.mask_method "u2net"
         self.latent_size = resolution // model.base.vae_scale_factor
         self.latent_channels = model.unet.config.in_channels
@@ -189,8 +191,14 @@ class DualAnoDiffPipeline:
     @classmethod
     def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32") -> DualAnoDiffPipeline:
         """The run's base model with its trained adapters, few-shot backgrounds and generate settings."""
-        cfg = RunFolder(run).load_config()
-        pipe = cls.from_pretrained(cfg.model.base_model, cfg.model, device, dtype, cfg.data.resolution)
+        folder = RunFolder(run)
+        cfg = folder.load_config()
+        resolve_dtype(dtype, resolve_device(device))  # fail on bad options before loading the model
+        base = load_base_model(cfg.model.base_model)
+        if folder.category.is_file():
+            fuse_category(base.unet, folder.category)
+        pipe = cls(DualAnoDiffModel(base, cfg.model), [], cfg.data.resolution or base.resolution, device, dtype)
+        pipe.category = folder.category if folder.category.is_file() else None
         return pipe.load_adapters(run)
 
     @classmethod
@@ -207,6 +215,9 @@ class DualAnoDiffPipeline:
         The run's model must have this pipeline's shape (rank, SAIM, BCM, ...); its prompts are taken over."""
         run = RunFolder(run)
         cfg = run.load_config()
+        if run.category.is_file() and self.category != run.category:
+            raise UserError(f"{run.root}: its base was adapted to its category ({run.category.name}); load it with "
+                            f"from_run({str(run.root)!r})")
         taken = {name: getattr(cfg.model, name) for name in ("base_model", "global_prompt", "anomaly_prompt")}
         if cfg.model != replace(self.model.cfg, **taken):
             raise UserError(f"{run.root}: its model settings differ from this pipeline's; load it with "

@@ -3,6 +3,7 @@
     RUN/config.yaml                 the whole Config the run was trained with (split included)
         adapters.safetensors        the trained set (both LoRA sets, SAIM, BCM, text LoRA, learned words)
         decoder.safetensors         the VAE decoder refined on the category (train.decoder_steps > 0)
+        category.safetensors        the LoRA that adapted the base's UNet to the category (train.category_steps > 0)
         loss.csv, loss.png          one row per step
         backgrounds/<stem>.png      the few-shot backgrounds (1 - M_f) * I, BCM's input at generation time
         checkpoints/step-NNNNNN/    adapters.safetensors + optimizer.pt + state.pt
@@ -30,6 +31,7 @@ class RunFolder:
     config = property(lambda self: self.root / "config.yaml")
     adapters = property(lambda self: self.root / "adapters.safetensors")
     decoder = property(lambda self: self.root / "decoder.safetensors")
+    category = property(lambda self: self.root / "category.safetensors")
     loss_csv = property(lambda self: self.root / "loss.csv")
     loss_png = property(lambda self: self.root / "loss.png")
     backgrounds = property(lambda self: self.root / "backgrounds")

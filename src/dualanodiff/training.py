@@ -24,6 +24,7 @@ import copy
 import csv
 import io
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
+from dualanodiff.category import CategoryOptions, adapt_to_category, category_caption, fuse_category, save_category
 from dualanodiff.config import Config, TrainConfig, validated
 from dualanodiff.data import (
     Pair,
@@ -347,6 +349,9 @@ def train(
     cfg.data.resolution = cfg.data.resolution or base.resolution
     if cfg.data.resolution % (8 * base.vae_scale_factor):
         raise UserError(f"data.resolution {cfg.data.resolution}: must be a multiple of {8 * base.vae_scale_factor}")
+    if main and not resume:
+        cfg.to_yaml(run.config)  # the run exists from here: a stop while adapting continues with --resume
+    adapt_base(base, cfg, normals, kind, run, accelerator, log, bars)
     # an fp32 copy, taken before mixed precision casts the frozen parts; none once the run has its decoder
     refining = cfg.train.decoder_steps > 0 and main and not run.decoder.is_file()
     vae = copy.deepcopy(base.vae).to(accelerator.device) if refining else None
@@ -429,11 +434,48 @@ def train(
     return out
 
 
+def adapt_base(base: BaseModel, cfg: Config, normals: list[Path], kind: str, run: RunFolder, accelerator,
+               log: Callable[[str], None], bars: Bars = no_bars) -> None:
+    """Fuse the run's category LoRA into `base` where `train.category_steps` asks for one (`dualanodiff.category`),
+    training it first on the main process unless the run already has it (a resumed run). Every process fuses
+    the saved file on the host, so all hold the same weights as `DualAnoDiffPipeline.from_run` later does."""
+    if not cfg.train.category_steps:
+        return
+    with deferred_signals() as stop:
+        if accelerator.is_main_process and not run.category.is_file():
+            caption = category_caption(Path(cfg.data.data).name, kind)
+            log(f"adapting the base to the category: {cfg.train.category_steps} steps on {len(normals)} normal images "
+                f"under {caption!r}")
+            options = CategoryOptions(cfg.train.category_steps, cfg.train.category_rank, cfg.train.category_lr,
+                                      cfg.train.batch_size, cfg.train.noise_offset, cfg.train.seed)
+            start = time.perf_counter()
+            parts = (base.unet, base.vae, base.text_encoder)
+            for part in parts:
+                part.to(accelerator.device)
+            weights = adapt_to_category(base, normal_pictures(normals, cfg.data.resolution), caption, options, stop, bars)
+            for part in parts:
+                part.to("cpu")
+            if weights is not None:
+                save_category(weights, cfg.train.category_rank, run.category)
+                log(f"category adaptation: {time.perf_counter() - start:.0f} s")
+        stopped = stop()
+        if accelerator.num_processes > 1:  # the others wait for the main process's adaptation, and stop with it
+            stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
+        if stopped:
+            raise Stopped(stopped, "while adapting the base to the category; continue with --resume")
+    fuse_category(base.unet, run.category)
+
+
+def normal_pictures(normals: list[Path], resolution: int) -> torch.Tensor:
+    """The category's `train/good` images at training size, as one uint8 batch."""
+    return as_batch([resize_image(load_image(path), resolution) for path in normals])
+
+
 def refine_run_decoder(vae, cfg: Config, data: TrainingSet, normals: list[Path], run: RunFolder,
                        stop: Callable[[], int], log: Callable[[str], None], bars: Bars = no_bars) -> int:
     """`decoder.refine_decoder` on the category's `normals` and the few-shot images and parts, written to the
     run's decoder.safetensors; returns the signal that stopped it (0 when done, and nothing written else)."""
-    images = as_batch([resize_image(load_image(path), cfg.data.resolution) for path in normals] + data.pictures)
+    images = torch.cat([normal_pictures(normals, cfg.data.resolution), as_batch(data.pictures)])
     log(f"refining the VAE decoder on {len(normals)} normal and {len(data.pictures)} few-shot images "
         f"({cfg.train.decoder_steps} steps)")
     weights = refine_decoder(vae, images, cfg.train.decoder_steps, cfg.train.decoder_lr, cfg.train.seed, stop, bars)

@@ -14,10 +14,11 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from dualanodiff.config import EvaluateConfig
-from dualanodiff.data import Category, few_shot_split, load_image, open_category
+from dualanodiff.data import Category, few_shot_split, load_image, load_mask, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.classification import evaluate_classification
 from dualanodiff.evaluation.generation_metrics import (
@@ -37,6 +38,7 @@ from dualanodiff.evaluation.inputs import (
 from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
 from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.images import batch_to_model_range
+from dualanodiff.masks import area_ratio
 from dualanodiff.progress import Bars, no_bars
 
 SELECTION = "fixed steps, no test-set selection"
@@ -123,6 +125,7 @@ def evaluate_generators(
             per_defect[defect] = {
                 **localization["per_defect"][defect],
                 **scores,
+                **mask_areas(category, defect, by_defect[defect], rounding),
                 "accuracy": accuracy["per_defect"][defect] if accuracy else math.nan,
                 "alignment": _mean(alignments[defect]),
                 "pairs": len(by_defect[defect]),
@@ -132,6 +135,7 @@ def evaluate_generators(
             metrics[key] = _mean([per_defect[d][key] for d in defects])
         metrics["accuracy"] = accuracy["accuracy"] if accuracy else math.nan
         metrics["alignment"], metrics["pairs"] = alignment, len(flat)
+        metrics["area_ratio"] = _mean([per_defect[d]["area_ratio"] for d in defects])
         rows.append(
             {
                 "name": name,
@@ -156,6 +160,18 @@ def evaluate_generators(
         "protocol": _protocol(category, defects, cfg, rounding, resnet_weights, classify),
         "notes": notes,
         "generators": rows,
+    }
+
+
+def mask_areas(category: Category, defect: str, pairs: PairPaths, rounding: str) -> dict[str, float]:
+    """The generated masks' median area and the few-shot masks' (shares of the image), and `area_ratio` of the
+    two: generated defects much smaller or larger than the real ones teach a localizer the wrong size."""
+    generated = [float(load_mask(mask).mean()) for _, mask in pairs]
+    few_shot = [float(load_mask(pair.mask).mean()) for pair in few_shot_split(category.defects[defect], rounding)[0]]
+    return {
+        "area_median": float(np.median(generated)) if generated else math.nan,
+        "few_shot_area_median": float(np.median(few_shot)) if few_shot else math.nan,
+        "area_ratio": area_ratio(generated, few_shot),
     }
 
 
@@ -275,6 +291,10 @@ def _protocol(
         "generation": (
             f"IS over min({IS_SPLITS}, N) splits per defect type; IC-LPIPS against the few-shot training images; "
             "both averaged over the defect types"
+        ),
+        "mask_area": (
+            "median area of each row's masks over the median area of the few-shot training masks (1: defects as "
+            "large as the real ones), averaged over the defect types"
         ),
         "alignment": (
             "mean image-mask alignment score of each row's pairs (inpainting residual inside the mask over the same "

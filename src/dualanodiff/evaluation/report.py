@@ -36,6 +36,7 @@ COLUMNS = (
     ("ic_lpips", "IC-LPIPS", False),
     ("accuracy", "accuracy", True),
     ("alignment", "alignment", False),
+    ("area_ratio", "mask area ×few-shot", False),
 )
 
 
@@ -105,15 +106,17 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
         f"- Classification: {protocol['classification']}.",
         f"- Generation: {protocol['generation']}.",
         f"- Alignment: {protocol['alignment']}.",
+        f"- Mask area: {protocol['mask_area']}.",
         "",
         markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
         "",
-        f"Percent except IS, IC-LPIPS and alignment; {NOT_COMPUTED} = not computed.",
+        f"Percent except IS, IC-LPIPS, alignment and mask area; {NOT_COMPUTED} = not computed.",
     ]
     lines += [""] + [f"- {note}" for note in results["notes"]] if results["notes"] else []
     if protocol.get("seeds", 1) > 1:
-        lines += ["", "Pixel AP of each training (seed: value):", ""] + [
+        lines += ["", "Pixel AP of each training (seed: value), then their mean ± standard deviation:", ""] + [
             f"- {row['name']}: " + ", ".join(f"{one['seed']}: {format_value(one['pixel_ap'], True)}" for one in row["per_seed"])
+            + f"; {seed_spread(row['per_seed'])}"
             for row in results["generators"]
         ]
     if chart_name:
@@ -128,6 +131,28 @@ def markdown(results: dict, chart_name: str | None = None) -> str:
         lines += ["", f"### {defect}", "", "Localization on this type's test images plus all test/good.", ""]
         lines += [markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
+
+
+def seed_spread(per_seed: list[dict], key: str = "pixel_ap") -> str:
+    """``"53.8 ± 2.1"``: the mean and sample standard deviation (percent) of a row's trainings at its seeds."""
+    values = 100 * np.array([one[key] for one in per_seed], dtype=float)
+    spread = values.std(ddof=1) if len(values) > 1 else math.nan
+    return f"{values.mean():.1f} ± {spread:.1f}"
+
+
+def verdict(ours: list[dict], other: list[dict], key: str = "pixel_ap") -> str:
+    """"above", "below" or "level": `ours` against `other`, trained at the same seeds, by the mean of their per-seed
+    differences against those differences' standard deviation (one seed's localizer can move pixel AP by tens of
+    points, so a gap smaller than that spread is no gap). One seed alone is "level": it shows no spread.
+
+    >>> verdict([{"pixel_ap": 0.5}, {"pixel_ap": 0.6}], [{"pixel_ap": 0.3}, {"pixel_ap": 0.35}])
+    'above'
+    """
+    differences = np.array([a[key] - b[key] for a, b in zip(ours, other, strict=True)], dtype=float)
+    if len(differences) < 2:
+        return "level"
+    mean, spread = differences.mean(), differences.std(ddof=1)
+    return "level" if abs(mean) <= spread else ("above" if mean > 0 else "below")
 
 
 def csv_text(results: dict) -> str:

@@ -7,6 +7,7 @@ foreground (`foreground`, BCM's M_f and the quality filter's region), and the on
 
 from dualanodiff.masks.foreground import foreground_mask
 from dualanodiff.masks.part import (
+    area_ratio,
     attention_to_mask,
     clean_mask,
     filter_verdict,
@@ -19,6 +20,6 @@ from dualanodiff.masks.part import (
 from dualanodiff.masks.u2net import load_u2net, u2net_saliency
 
 __all__ = [
-    "attention_to_mask", "clean_mask", "filter_verdict", "foreground_mask", "load_u2net", "mask_overlay",
+    "area_ratio", "attention_to_mask", "clean_mask", "filter_verdict", "foreground_mask", "load_u2net", "mask_overlay",
     "pair_consistency", "part_onto", "part_to_mask", "u2net_part_mask", "u2net_saliency",
 ]

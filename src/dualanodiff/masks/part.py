@@ -184,3 +184,16 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.
     out[mask] = (1.0 - alpha) * out[mask] + alpha * _TINT
     out[find_boundaries(mask, mode="inner")] = _TINT
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def area_ratio(generated: list[float], few_shot: list[float]) -> float:
+    """How large generated defects are against the real ones they were learned from: the median of the generated
+    masks' areas over the median of the few-shot masks' (areas as shares of the image, so sizes may differ).
+    About 1 for defects as large as the real ones; nan when either list is empty or the few-shot masks are.
+
+    >>> area_ratio([0.01, 0.02, 0.03], [0.04, 0.05])
+    0.4444444444444444
+    """
+    if not generated or not few_shot or np.median(few_shot) == 0:
+        return float("nan")
+    return float(np.median(generated) / np.median(few_shot))
