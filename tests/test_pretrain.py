@@ -378,7 +378,7 @@ def test_the_shipped_base_loads_in_fp32_within_40_mib_in_files_of_at_most_16_mib
 
 
 def test_the_gpu_script_runs_start_to_finish_at_its_tiny_setting_on_the_cpu(tmp_path):
-    """What a GPU session runs, at test size: wheels skipped (they are in this environment), a tiny
+    """What one GPU run does, at test size: wheels skipped (they are in this environment), a tiny
     pretraining, the run packed into files of at most 16 MiB under $OUT, unpacked the base loads."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),
