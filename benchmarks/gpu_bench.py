@@ -118,7 +118,7 @@ TRAIN_GROUPS = ("steps", "steps with checkpointing", "cuts", "cuts with checkpoi
 
 def train_part(settings: Settings, rows: Rows, clock: Clock, groups: tuple[str, ...] = TRAIN_GROUPS) -> None:
     """The four steps, then the FLOP cuts, each without and with gradient checkpointing, while time is left;
-    `groups` (of TRAIN_GROUPS) picks some, in that order: what an earlier run left unmeasured."""
+    `groups` (of TRAIN_GROUPS) picks some, in that order: the rows still missing."""
     device = resolve_device(settings.device)
     base = build_base(settings.config)
     last = 0.0  # seconds the previous group took: the estimate for the next

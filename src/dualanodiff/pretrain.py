@@ -169,8 +169,8 @@ PRESETS: dict[str, Preset] = {
         about="the shipped base trained on from its weights on the wider world at batch 128 on one GPU (bf16): "
               "its architecture, so the demo's CPU cost, and its VAE (refined decoder) stay as they are",
     ),
-    # the v1 UNet's step at batch 128 on an H100 was launch-bound (18 ms of GPU work in 113 ms): 8x the batch
-    # should cost little more time per step (not measured yet)
+    # the v1 UNet's step at batch 128 on an H100 is launch-bound, so 8x the batch should cost little more time
+    # per step (not measured; experiments/BASE_MODELS.md#candidate-bases)
     "gpu-v1-large": Preset(
         dataclasses.replace(_GPU_V1, train_images=24000, unet_batch=1024, unet_lr=4e-4, warmup=100),
         steps_vae=0, steps_unet=40000,
