@@ -15,7 +15,7 @@ bf16, batch 4 pairs per training step:
 Rows go to OUT/rows.jsonl (``{"section", "cells", "result"}`` per line) and OUT/rows.md (the same rows under
 RESULTS.md's headings and table headers); skipped measurements leave a note. ``--dry-run`` runs all of it at
 the test size on the CPU (inductor replaced by dynamo's eager backend) in under 2 minutes of CPU time.
-Afterwards, here::
+Afterwards, in the repository::
 
     python benchmarks/gpu_bench.py --record OUT/rows.jsonl    # append the measured rows to RESULTS.md
 """

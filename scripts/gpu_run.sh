@@ -3,9 +3,9 @@
 # one GPU (issue 13: by default preset gpu, the v2 architecture, and preset gpu-small, a base whose few-shot
 # training stays CPU-cheap), then the SD-1.5-scale benchmark rows alone on the GPU (issue 17).
 #
-#   bash scripts/pretrain_gpu.sh --fetch-wheels   # here, once: the pinned wheels into .whl/ (git-ignored)
-#   bash scripts/gpu_run.sh --tiny            # here: the whole path at test size on the CPU
-#   bash scripts/gpu_run.sh                   # there: run(command=..., carry=[".whl"], timeout_s=600)
+#   bash scripts/pretrain_gpu.sh --fetch-wheels   # once, with network access: the pinned wheels into .whl/ (git-ignored)
+#   bash scripts/gpu_run.sh --tiny                # on any CPU: the whole path at test size
+#   bash scripts/gpu_run.sh                       # on the GPU machine, with .whl/ copied along (under 10 minutes)
 #
 # Environment: OUT (default ./gpu_run_out), PRESETS (the pretrainings, side by side; default "gpu gpu-small"),
 # PRETRAIN_BUDGET (seconds for the pretrainings, default 350), BENCH_BUDGET (seconds for the benchmark, default
