@@ -1,6 +1,6 @@
 """Pretrain the project's own small Stable-Diffusion-shaped base model (``dualanodiff pretrain-base``).
 
-Stable Diffusion's weights cannot be downloaded here, yet DualAnoDiff tunes LoRA branches on top of a
+The package downloads no weights, yet DualAnoDiff tunes LoRA branches on top of a
 *frozen pretrained* base. So the project trains its own, with SD's recipe at a small size, in stages:
 
 1. **data**: the pretraining world of `dualanodiff.synthetic` (every family but the held-out one): normal
