@@ -2,7 +2,7 @@
 
 `--config tiny` is the embedded base (128 px, 32x32 latents) that runs on a CPU; `--config sd15` is Stable
 Diffusion 1.5's UNet / VAE / CLIP text encoder architecture with random weights, for GPU runs (speed and
-memory do not depend on the weights, and no weights can be downloaded here); `test` is the random test-size
+memory do not depend on the weights, and the package downloads no weights); `test` is the random test-size
 base (32 px), for checking a benchmark's whole path in seconds.
 """
 

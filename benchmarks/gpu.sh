@@ -4,10 +4,10 @@
 # four steps with and without gradient checkpointing, the two FLOP cuts, generation pairs/s at 512 px and
 # torch.compile, all at SD-1.5 scale with random weights (benchmarks/gpu_bench.py says what each part does).
 #
-#   bash scripts/pretrain_gpu.sh --fetch-wheels   # here, once: the pinned wheels into .whl/ (git-ignored)
-#   bash benchmarks/gpu.sh --dry-run              # here: every part at test size on the CPU, seconds each
-#   bash benchmarks/gpu.sh                        # there: with .whl carried along, PyTorch already installed
-#   python benchmarks/gpu_bench.py --record OUT/rows.jsonl   # here, afterwards: the rows into RESULTS.md
+#   bash scripts/pretrain_gpu.sh --fetch-wheels   # once, with network access: the pinned wheels into .whl/ (git-ignored)
+#   bash benchmarks/gpu.sh --dry-run              # on any CPU: every part at test size, seconds each
+#   bash benchmarks/gpu.sh                        # on the GPU machine: with .whl copied along, PyTorch installed
+#   python benchmarks/gpu_bench.py --record OUT/rows.jsonl   # afterwards, in the repository: the rows into RESULTS.md
 #
 # As scripts/pretrain_gpu.sh does, the GPU run installs the wheels in $WHEELS (diffusers, transformers, peft,
 # ...) with --no-deps into a private folder first on PYTHONPATH; without wheels the installed packages are

@@ -15,7 +15,7 @@ bf16, batch 4 pairs per training step:
 Rows go to OUT/rows.jsonl (``{"section", "cells", "result"}`` per line) and OUT/rows.md (the same rows under
 RESULTS.md's headings and table headers); skipped measurements leave a note. ``--dry-run`` runs all of it at
 the test size on the CPU (inductor replaced by dynamo's eager backend) in under 2 minutes of CPU time.
-Afterwards, here::
+Afterwards, in the repository::
 
     python benchmarks/gpu_bench.py --record OUT/rows.jsonl    # append the measured rows to RESULTS.md
 """
@@ -118,7 +118,7 @@ TRAIN_GROUPS = ("steps", "steps with checkpointing", "cuts", "cuts with checkpoi
 
 def train_part(settings: Settings, rows: Rows, clock: Clock, groups: tuple[str, ...] = TRAIN_GROUPS) -> None:
     """The four steps, then the FLOP cuts, each without and with gradient checkpointing, while time is left;
-    `groups` (of TRAIN_GROUPS) picks some, in that order: what an earlier run left unmeasured."""
+    `groups` (of TRAIN_GROUPS) picks some, in that order: the rows still missing."""
     device = resolve_device(settings.device)
     base = build_base(settings.config)
     last = 0.0  # seconds the previous group took: the estimate for the next

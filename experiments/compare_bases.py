@@ -1,4 +1,4 @@
-"""Two bases side by side on the same held-out images: the README's before/after of the embedded base.
+"""Two bases side by side on the same held-out images: the before/after of the embedded base in experiments/BASE_MODELS.md.
 
     python experiments/compare_bases.py tiny runs/base-warm --preset warm > base_comparison.json
 

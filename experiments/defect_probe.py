@@ -10,7 +10,7 @@ both, and of crop-paste with the same seed), with no sampling:
 - ``through-vae``: that defect's part image encoded and decoded by the run's VAE (its category decoder where
   it has one), the mask thresholded from it inside the grown region and the part laid on, as `--on-normals`
   does: `--on-normals` at strength 0.
-The run's `--on-normals` pairs at strength 0.3 add the redraw (thirteenth session, `ON_NORMALS.md`).
+The run's `--on-normals` pairs at strength 0.3 add the redraw (`ON_NORMALS.md`, the defect-probe study, 2026-11-28).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 # Pretrain the embedded base model (`dualanodiff pretrain-base --preset gpu`) on a fresh GPU machine,
 # start to finish inside a wall-clock budget (default 540 s), and leave the results under $OUT.
 #
-#   bash scripts/pretrain_gpu.sh --fetch-wheels   # here, once: the pinned wheels into .whl/ (git-ignored)
-#   bash scripts/pretrain_gpu.sh --tiny           # here: the whole path at test size on the CPU, seconds
-#   bash scripts/pretrain_gpu.sh                  # there: with .whl carried along, PyTorch already installed
+#   bash scripts/pretrain_gpu.sh --fetch-wheels   # once, with network access: the pinned wheels into .whl/ (git-ignored)
+#   bash scripts/pretrain_gpu.sh --tiny           # on any CPU: the whole path at test size, seconds
+#   bash scripts/pretrain_gpu.sh                  # on the GPU machine: with .whl copied along, PyTorch installed
 #
 # The machine needs PyTorch (with CUDA), numpy, scipy and pillow; everything else the pretraining imports
 # (diffusers, transformers, tokenizers, ...) is installed from the wheels in $WHEELS, with --no-deps, into

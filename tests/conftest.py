@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic MVTec-format dataset made once per test session."""
+"""Shared fixtures: a small synthetic MVTec-format dataset made once per pytest run."""
 
 from __future__ import annotations
 

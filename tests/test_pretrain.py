@@ -366,7 +366,7 @@ def test_the_shipped_base_loads_in_fp32_within_40_mib_in_files_of_at_most_16_mib
     assert base.resolution == record["settings"]["resolution"] == 128
     assert base.vae.config.scaling_factor == pytest.approx(record["latent_scaling_factor"])
     assert {p.dtype for m in (base.unet, base.vae, base.text_encoder) for p in m.parameters()} == {torch.float32}
-    # the README's account: the v1 run (5500 UNet steps), its decoder refined (--preset decoder), then its UNet
+    # docs/base-model.md's account: the v1 run (5500 UNet steps), its decoder refined (--preset decoder), then its UNet
     # and text encoder trained on on the wider world (--preset cpu-v1, 1990 steps)
     assert record["preset"] == "cpu-v1" and record["steps"] == {"vae": 0, "unet": 1990, "decoder": 0}
     decoder = record["init_from_record"]
@@ -378,7 +378,7 @@ def test_the_shipped_base_loads_in_fp32_within_40_mib_in_files_of_at_most_16_mib
 
 
 def test_the_gpu_script_runs_start_to_finish_at_its_tiny_setting_on_the_cpu(tmp_path):
-    """What a GPU session runs, at test size: wheels skipped (they are in this environment), a tiny
+    """What one GPU run does, at test size: wheels skipped (they are in this environment), a tiny
     pretraining, the run packed into files of at most 16 MiB under $OUT, unpacked the base loads."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),

@@ -70,7 +70,7 @@ def test_offset_noise_adds_a_constant_per_row_and_channel(mode):
     if mode == "shared":
         base, expected = (torch.cat([x[:, :1], x[:, :1], x[:, 2:]], 1) for x in (base, expected))
         assert torch.equal(offset[:, 0], offset[:, 1])
-    assert torch.equal(plain, base)  # no offset: the random stream of earlier runs, draw for draw
+    assert torch.equal(plain, base)  # no offset: the same random stream as without the option, draw for draw
     assert torch.equal(offset, expected)
     spatial = (offset - plain).flatten(3)
     assert torch.allclose(spatial, spatial[..., :1].expand_as(spatial))

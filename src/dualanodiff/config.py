@@ -79,7 +79,8 @@ class ModelConfig:
     learned_words: str = ""  # words whose input token embeddings train (textual inversion), e.g. "vfx sks"
     lora_targets: Literal["attention", "attention+ff", "attention+ff+conv"] = "attention"  # UNet layers with LoRA
     # the ResNet blocks whose convolutions get LoRA (lora_targets with conv): all, or the up path only, which spares
-    # the backward pass through the frozen down path (11 % faster, level within noise: experiments/ON_NORMALS.md)
+    # the backward pass through the frozen down path (11 % faster, level within noise; the recipe keeps all)
+    # (experiments/ON_NORMALS.md#resnet-lora-on-the-up-path-only-modelconv_blocks-up-2026-11-27)
     conv_blocks: Literal["all", "up"] = "all"
     saim: bool = True
     saim_rank: Size = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
@@ -178,15 +179,15 @@ class GenerateConfig:
     on_normals: bool = False
     # with on_normals: sampling starts from the placed real defect noised to this share of the schedule (as
     # img2img's strength); 1 starts from pure noise, where the defect rarely lands inside its small region.
-    # 0.3: the best mean pixel AP over 3 localizer seeds on nut/hole (94.5; 0.7: 94.1) and on the held-out
-    # bottle/contamination (35.3; 0.7: 11.3, 0.2: 23.4); experiments/ON_NORMALS.md
+    # 0.3: the best mean pixel AP on nut/hole and on the held-out bottle
+    # (experiments/ON_NORMALS.md#2026-11-26-generate---on-normals-and-at-which-strength)
     on_normals_strength: Annotated[float, Range(0, 1, open_low=True)] = 0.3
 
 
 @dataclass
 class EvaluateConfig:
     # optimizer steps of the localizer and of the classifier, the same for every set of pairs; 3000 is
-    # about the former 50 epochs over 500 images at batch 8 (the localizer's batches hold 4 pairs)
+    # about the reference code's 50 epochs over 500 images at batch 8 (the localizer's batches hold 4 pairs)
     steps: Count = 3000
     batch_size: Count = 8
     lr: Positive = 1e-3

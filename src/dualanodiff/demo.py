@@ -50,11 +50,9 @@ COMBINED = f"crop-paste+{ON_NORMALS}"  # how users will use it: the few-shot rea
 ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
 HELD_OUT_DEFECT = "contamination"  # of synthetic.HELD_OUT: a small dark blob on the object, as nut/hole is
 DATA_SIDE = 128  # the synthetic images' side, which the localizer also sees unless LOCALIZER_SIDE says less
-# The localizer's image side in the demo where the data's 128 px is more than it needs. On nut a step costs 0.30 s
-# at 96 px instead of 0.55 (62 s a row instead of 98, 145 s off the demo) and the rows keep their figures: over
-# localizer seeds 0-2 whole images 90.8 (128 px, seeds 0-4: 88.7), on normals 92.9, crop-paste 98.0, Perlin 56.8
-# (55.4). The held-out bottle's small defects need the pixels: at 96 px crop-paste drops from 54.4 to 43.6 over
-# seeds 0-3, ours on normals from 39.8 to 25.9, Perlin from 31.9 to 29.1 (experiments/ON_NORMALS.md, twelfth session)
+# The localizer's image side where the data's 128 px is more than it needs: nut's rows keep their figures at 96 px
+# for about half the cost; the held-out bottle's small defects need 128 px
+# (experiments/ON_NORMALS.md#2026-11-28-a-cheaper-demo-measured-on-the-pairs)
 LOCALIZER_SIDE = {"nut": 96}
 
 
@@ -76,8 +74,7 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     cfg.model.base_model = "tiny"
     cfg.generate.num = 30
     cfg.generate.batch_size = 6
-    # crop-paste plateaus by 80 steps (pixel AP 92 at 40, 98 at 80, 99 at 400); generated pairs need more:
-    # on the demo's pairs 4.0 at 80 steps, 22.4 at 200 (crop-paste 97.1 and 97.2, Perlin 74.0 and 77.4)
+    # generated pairs still learn after crop-paste's plateau (experiments/DEMO.md#the-localizers-steps-2026-11-26)
     cfg.evaluate.steps = 200
     cfg.evaluate.resolution = localizer_side(category)
     return cfg

@@ -1,6 +1,6 @@
 """Pretrain the project's own small Stable-Diffusion-shaped base model (``dualanodiff pretrain-base``).
 
-Stable Diffusion's weights cannot be downloaded here, yet DualAnoDiff tunes LoRA branches on top of a
+The package downloads no weights, yet DualAnoDiff tunes LoRA branches on top of a
 *frozen pretrained* base. So the project trains its own, with SD's recipe at a small size, in stages:
 
 1. **data**: the pretraining world of `dualanodiff.synthetic` (every family but the held-out one): normal
@@ -169,8 +169,8 @@ PRESETS: dict[str, Preset] = {
         about="the shipped base trained on from its weights on the wider world at batch 128 on one GPU (bf16): "
               "its architecture, so the demo's CPU cost, and its VAE (refined decoder) stay as they are",
     ),
-    # the v1 UNet's step at batch 128 on an H100 was launch-bound (18 ms of GPU work in 113 ms): 8x the batch
-    # should cost little more time per step (not measured yet)
+    # the v1 UNet's step at batch 128 on an H100 is launch-bound, so 8x the batch should cost little more time
+    # per step (not measured; experiments/BASE_MODELS.md#candidate-bases)
     "gpu-v1-large": Preset(
         dataclasses.replace(_GPU_V1, train_images=24000, unet_batch=1024, unet_lr=4e-4, warmup=100),
         steps_vae=0, steps_unet=40000,

@@ -112,7 +112,7 @@ def train_localization_model(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     target_device = resolve_device(device)
-    # channels-last: the convolutions' fast layout (measured 0.31 -> 0.22 s per step on the 2-core CPU)
+    # channels-last: the convolutions' fast layout on the CPU (benchmarks/RESULTS.md#localizer)
     model = DiscriminativeUNet(base_width=base_width).to(target_device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     half = max(1, cfg.batch_size // 2)

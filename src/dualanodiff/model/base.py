@@ -3,7 +3,7 @@
 Nothing here ever reaches a model hub: every `from_pretrained` runs with `local_files_only=True`, and a
 missing path is a `UserError` listing what to provide.
 
-- `tiny`: the project's small pretrained latent diffusion model shipped in the package (see README).
+- `tiny`: the project's small pretrained latent diffusion model shipped in the package (see docs/base-model.md).
 - `tiny-random`: the same architecture family at test size, randomly initialised (seeded).
 
 The project's own base comes in the sizes of ``ARCHITECTURES`` (``dualanodiff pretrain-base --preset``):

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# A whole GPU session's work in one device call (about 9.5 minutes): base pretrainings side by side on the
+# One GPU run's work in one device call (about 9.5 minutes): base pretrainings side by side on the
 # one GPU (issue 13: by default preset gpu, the v2 architecture, and preset gpu-small, a base whose few-shot
 # training stays CPU-cheap), then the SD-1.5-scale benchmark rows alone on the GPU (issue 17).
 #
-#   bash scripts/pretrain_gpu.sh --fetch-wheels   # here, once: the pinned wheels into .whl/ (git-ignored)
-#   bash scripts/gpu_session.sh --tiny            # here: the whole path at test size on the CPU
-#   bash scripts/gpu_session.sh                   # there: run(command=..., carry=[".whl"], timeout_s=600)
+#   bash scripts/pretrain_gpu.sh --fetch-wheels   # once, with network access: the pinned wheels into .whl/ (git-ignored)
+#   bash scripts/gpu_run.sh --tiny                # on any CPU: the whole path at test size
+#   bash scripts/gpu_run.sh                       # on the GPU machine, with .whl/ copied along (under 10 minutes)
 #
-# Environment: OUT (default ./gpu_session_out), PRESETS (the pretrainings, side by side; default "gpu gpu-small"),
+# Environment: OUT (default ./gpu_run_out), PRESETS (the pretrainings, side by side; default "gpu gpu-small"),
 # PRETRAIN_BUDGET (seconds for the pretrainings, default 350), BENCH_BUDGET (seconds for the benchmark, default
 # 190), TRAIN_CAP / GENERATE_CAP (the benchmark's parts, default 80 / 60), TRAIN_GROUPS (benchmarks/gpu.sh),
 # PYTHON, WHEELS (default .whl), WORK.
@@ -18,13 +18,13 @@ set -euo pipefail
 
 START=$(date +%s)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${OUT:-$PWD/gpu_session_out}
+OUT=${OUT:-$PWD/gpu_run_out}
 PRESETS=${PRESETS:-gpu gpu-small}
 PRETRAIN_BUDGET=${PRETRAIN_BUDGET:-350}
 BENCH_BUDGET=${BENCH_BUDGET:-190}
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$REPO/.whl}
-WORK=${WORK:-/tmp/dualanodiff-gpu-session}
+WORK=${WORK:-/tmp/dualanodiff-gpu-run}
 tiny=0
 case "${1:-}" in
   --tiny) tiny=1 ;;
@@ -33,10 +33,10 @@ case "${1:-}" in
 esac
 
 mkdir -p "$OUT" "$WORK"
-LOG="$WORK/session.log"
+LOG="$WORK/run.log"
 : >"$LOG"
 source "$REPO/scripts/wheels.sh"
-say() { echo "[gpu_session $(($(date +%s) - START)) s] $*" | tee -a "$LOG"; }
+say() { echo "[gpu_run $(($(date +%s) - START)) s] $*" | tee -a "$LOG"; }
 [ "$tiny" = 0 ] || WHEELS=""  # the test size uses the installed packages
 use_wheels "$WHEELS" "$WORK"  # once: the parts below use what it put on PYTHONPATH
 export PYTHON OUT
