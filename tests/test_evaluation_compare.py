@@ -100,6 +100,10 @@ def test_each_row_reports_the_mean_alignment_of_its_pairs(synthetic_root, roots,
     assert row["per_defect"]["hole"]["alignment"] == pytest.approx(np.nanmean(expected))
     assert row["metrics"]["pairs"] == row["per_defect"]["hole"]["pairs"] == 2
     assert "alignment" in results["protocol"]
+    # the row's pairs are the few-shot pairs themselves: their masks are exactly as large as the few-shot masks
+    few_shot = [load_mask(pair.mask).mean() for pair in few_shot_split(open_category(synthetic_root / "nut").defects["hole"])[0]]
+    assert row["per_defect"]["hole"]["few_shot_area_median"] == pytest.approx(np.median(few_shot))
+    assert row["per_defect"]["hole"]["area_ratio"] == row["metrics"]["area_ratio"] == 1.0
 
     # recorded in the manifest: taken from there (null = not scorable, left out of the mean)
     writer = PairWriter(tmp_path, "nut", "hole")
@@ -110,6 +114,25 @@ def test_each_row_reports_the_mean_alignment_of_its_pairs(synthetic_root, roots,
                                   defects=["hole"], classification=False)  # fmt: skip
     assert results["generators"][0]["metrics"]["alignment"] == pytest.approx(3.0)
     assert results["generators"][0]["metrics"]["pairs"] == 4
+
+
+def test_mask_areas_compare_the_medians_of_generated_and_few_shot_masks(synthetic_root, tmp_path):
+    from dualanodiff.evaluation.compare import mask_areas
+    from dualanodiff.evaluation.inputs import generated_pairs
+
+    category = open_category(synthetic_root / "nut")
+    pair = few_shot_split(category.defects["hole"])[0][0]
+    image, mask = load_image(pair.image), load_mask(pair.mask)
+    grown = np.zeros_like(mask)
+    grown[:16, :16] = True  # 256 of 4096 pixels
+    writer = PairWriter(tmp_path, "nut", "hole")
+    for attempt, written in enumerate([grown, grown, np.zeros_like(mask)]):
+        writer.write(image, written, None, {"attempt": attempt, "seed": 0})
+    generated = generated_pairs(tmp_path, "nut")["hole"]
+    areas = mask_areas(category, "hole", generated, "floor")
+    few_shot = np.median([load_mask(p.mask).mean() for p in few_shot_split(category.defects["hole"])[0]])
+    assert areas["area_median"] == 256 / mask.size
+    assert areas["area_ratio"] == pytest.approx(256 / mask.size / few_shot)
 
 
 def test_several_seeds_give_the_mean_of_one_training_per_seed(synthetic_root, roots, recorded_bars):

@@ -36,6 +36,7 @@ def _results(**metrics) -> dict:
             "classification": "not run",
             "generation": "IS, IC-LPIPS",
             "alignment": "mean alignment score of each row's pairs",
+            "mask_area": "median mask area over the few-shot masks'",
             "selection": "fixed steps, no test-set selection",
         },
         "notes": ["IS not computed: needs --inception-weights FILE"],
@@ -50,6 +51,29 @@ def test_values_are_percent_with_one_decimal_and_a_dash_when_missing():
     assert format_value(1.8765, False) == "1.88"
     assert format_value(math.nan, True) == format_value(None, False) == "–"
     assert format_value(12, False) == "12"  # a count
+
+
+def test_seed_spread_is_the_mean_and_sample_standard_deviation():
+    from dualanodiff.evaluation.report import seed_spread
+
+    per_seed = [{"pixel_ap": v} for v in (0.50, 0.54, 0.58)]
+    assert seed_spread(per_seed) == "54.0 ± 4.0"  # sample std of 50, 54, 58
+    assert seed_spread(per_seed[:1]) == "50.0 ± nan"
+
+
+@pytest.mark.parametrize(
+    ("ours", "other", "expected"),
+    [
+        ((0.50, 0.60, 0.55), (0.30, 0.35, 0.40), "above"),  # differences 20, 25, 15: mean 20 > std 5
+        ((0.30, 0.35, 0.40), (0.50, 0.60, 0.55), "below"),
+        ((0.50, 0.20, 0.45), (0.30, 0.35, 0.40), "level"),  # differences 20, -15, 5: mean 3.3 < std 17.6
+        ((0.90,), (0.10,), "level"),  # one seed shows no spread
+    ],
+)
+def test_a_verdict_needs_a_mean_gap_beyond_the_spread_of_the_per_seed_differences(ours, other, expected):
+    from dualanodiff.evaluation.report import verdict
+
+    assert verdict([{"pixel_ap": v} for v in ours], [{"pixel_ap": v} for v in other]) == expected
 
 
 def test_report_files_and_no_overwrite_without_force(tmp_path):

@@ -559,12 +559,13 @@ def demo(
                                   "and run the whole demo on the held-out category "
                                   "(bottle / contamination, never in the embedded bases' pretraining) in OUT/held-out."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config whose keys replace the demo's settings (the rest stay the demo's)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your own category folder (MVTec layout) instead of a synthetic --category; --defect names its defect type."),
     force: bool = typer.Option(False, "--force", help="Delete OUT and start over."),
 ) -> None:
     """The whole method on a CPU in minutes: synthetic data, few-shot training, generation, baselines, evaluation."""
     from dualanodiff.demo import DemoHooks, demo_settings, run_demo
 
-    cfg = demo_settings(category, defect, config)
+    cfg = demo_settings(category, defect, config, data)
     check_writable(out)
     start = time.perf_counter()
     try:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from dualanodiff.config import Config, read_yaml
+from dualanodiff.data import open_category
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
 from dualanodiff.model.base import base_recipe
@@ -80,8 +81,14 @@ def demo_config(category: str = "nut", defect: str = "hole") -> Config:
     return cfg
 
 
-def demo_settings(category: str, defect: str, config: Path | None) -> Config:
-    """`demo_config`, with a --config file's keys on top (the options it leaves out stay the demo's)."""
+def demo_settings(category: str, defect: str, config: Path | None, data: Path | None = None) -> Config:
+    """`demo_config`, with a --config file's keys on top (the options it leaves out stay the demo's). With `data`
+    (a category folder of the user's, MVTec layout), the demo runs on it instead of a synthetic `category`."""
+    if data is not None:  # checked now: a bad folder or defect type fails before any work
+        found = open_category(data)
+        if defect not in found.defects:
+            raise UserError(f"--defect {defect!r}: not a defect type of {found.root}; choose one of {sorted(found.defects)}")
+        category = str(found.root.resolve())
     cfg = demo_config(category, defect)
     if config is None:
         return cfg
@@ -133,11 +140,12 @@ def run_demo(
     clock = time.perf_counter()
 
     data_root = out / "data"
-    if not stages.done("data"):
-        with stages.run("data"):
-            hooks.log(f"synthesising the {category_name} category")
-            write_dataset(data_root, seed=cfg.train.seed, size=DATA_SIDE, categories=[category_name])
-    cfg.data.data = str(data_root / category_name)
+    if not Path(cfg.data.data).is_absolute():  # a synthetic category's name; a user's folder is used as it is
+        if not stages.done("data"):
+            with stages.run("data"):
+                hooks.log(f"synthesising the {category_name} category")
+                write_dataset(data_root, seed=cfg.train.seed, size=DATA_SIDE, categories=[category_name])
+        cfg.data.data = str(data_root / category_name)
 
     variants = {OURS: cfg} | ({name: _ablated(cfg, **change) for name, change in ABLATIONS.items()} if ablation else {})
     runs = {}
@@ -300,12 +308,12 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
     variants = [name for name in pair_sets if name != ON_NORMALS]
     reproduction = few_shot_reproduction(out, cfg)
 
-    def compare(first: str, second: str) -> str:
-        relation = "at least" if ap[first] >= ap[second] else "below"
-        return f"{first} {100 * ap[first]:.1f} is **{relation}** {second} {100 * ap[second]:.1f}"
-
-    comparisons = [compare(ON_NORMALS, "perlin"), compare(OURS, "perlin")]
-    comparisons += [compare(COMBINED, "crop-paste")] if COMBINED in ap else []
+    if results["protocol"].get("seeds", 1) > 1:
+        pairs = [(ON_NORMALS, "perlin"), (OURS, "perlin")] + ([(COMBINED, "crop-paste")] if COMBINED in ap else [])
+        comparisons = "; ".join(compare_rows(results, first, second) for first, second in pairs)
+    else:
+        comparisons = ", ".join(f"{name} {100 * value:.1f}" for name, value in ap.items())
+    area = {row["name"]: row["metrics"].get("area_ratio", math.nan) for row in results["generators"]}
     lines = [
         f"# DualAnoDiff demo: {category} / {defect}",
         "",
@@ -317,8 +325,8 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         "",
         "## Result",
         "",
-        f"Pixel AP of a localizer trained on each set: {'; '.join(comparisons)} "
-        f"({', '.join(f'{n} {100 * ap[n]:.1f}' for n in ap)}). Mean image-mask alignment of our pairs "
+        f"Pixel AP of a localizer trained on each set, {_seeds_phrase(results)}: {comparisons}. "
+        f"Mean image-mask alignment of our pairs "
         f"{stats['alignment_mean']:.2f} (crop-paste of the real defects {figures_of['crop-paste']['alignment_mean']:.2f}, "
         f"Perlin {figures_of['perlin']['alignment_mean']:.2f}; about 1 means the mask is no more on a defect than "
         f"anywhere else); {stats['kept']} of {stats['kept'] + stats['dropped']} generation attempts kept "
@@ -337,7 +345,8 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         f"Image-mask alignment (the image's difference from its own inpainting inside the mask, over the same "
         f"with the mask moved elsewhere on the object): mean {stats['alignment_mean']:.2f}, median "
         f"{stats['alignment_median']:.2f}. Pair consistency (PSNR of image·M vs part·M inside the mask): mean "
-        f"{stats['consistency_mean']:.2f} dB; mean mask area {100 * stats['mask_area_mean']:.2f} % of the image.",
+        f"{stats['consistency_mean']:.2f} dB; mean mask area {100 * stats['mask_area_mean']:.2f} % of the image, median "
+        f"area {area[OURS]:.2f}× the few-shot masks' (on normals {area[ON_NORMALS]:.2f}×).",
         "",
         *_whole_image_notes(cfg),
         "![alignment](figures/alignment.png)",
@@ -367,7 +376,9 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         "",
     ]
     summary = {
-        "category": category, "defect": defect, "pixel_ap": ap, "alignment_mean": stats["alignment_mean"],
+        "category": category, "defect": defect, "pixel_ap": ap, "area_ratio": area,
+        "pixel_ap_per_seed": {row["name"]: [one["pixel_ap"] for one in row["per_seed"]] for row in results["generators"]},
+        "alignment_mean": stats["alignment_mean"],
         "kept": stats["kept"], "attempts": stats["kept"] + stats["dropped"], "few_shot_reproduction": reproduction,
         "on_normals": {"alignment_mean": on_normals["alignment_mean"], "kept": on_normals["kept"],
                        "attempts": on_normals["kept"] + on_normals["dropped"]},
@@ -385,6 +396,24 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         "",
     ]
     return _write_markdown_and_html(out, "\n".join(lines))
+
+
+def compare_rows(results: dict, first: str, second: str) -> str:
+    """One comparison of the report, worded from the per-seed pixel AP: "above" or "below" only where the mean
+    per-seed difference exceeds the spread of those differences (`evaluation.report.verdict`)."""
+    from dualanodiff.evaluation.report import seed_spread, verdict
+
+    rows = {row["name"]: row["per_seed"] for row in results["generators"]}
+    relation = {"above": "above", "below": "below", "level": "level with"}[verdict(rows[first], rows[second])]
+    return f"{first} {seed_spread(rows[first])} is **{relation}** {second} {seed_spread(rows[second])}"
+
+
+def _seeds_phrase(results: dict) -> str:
+    seeds = results["protocol"].get("seeds", 1)
+    if seeds == 1:
+        return ("at one localizer seed (no verdict: one seed can move pixel AP by tens of points; "
+                "`evaluate: {seeds: 5}` in a --config file gives one)")
+    return f"mean ± standard deviation over {seeds} localizer seeds"
 
 
 def _write_figures(out: Path, category: str, defect: str, pair_sets: list[str], results: dict) -> dict[str, dict]:
