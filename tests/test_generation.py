@@ -22,6 +22,7 @@ from dualanodiff.generation import (
 )
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
+from dualanodiff.runs import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +44,8 @@ def manifest(folder) -> list[dict]:
 
 def test_without_filter_every_pair_is_written_with_its_verdict(run, synthetic_root, tmp_path):
     cfg = fast(num=3, filter=False)
-    summary = generate(run, tmp_path, cfg)
+    messages = []
+    summary = generate(run, tmp_path, cfg, log=messages.append)
     folder = tmp_path / "nut" / "hole"
     assert (summary.folder, summary.kept, summary.dropped, summary.attempts) == (folder, 3, 0, 3)
     rows = manifest(folder)
@@ -59,6 +61,14 @@ def test_without_filter_every_pair_is_written_with_its_verdict(run, synthetic_ro
         assert np.array_equal(mask, part_to_mask(part, cfg.mask_floor, cfg.min_component))
         assert row["verdict"] == filter_verdict(mask, foreground_mask(image, kind), cfg.max_area, cfg.min_on_object)
         assert row["mask_area"] == pytest.approx(mask.mean(), abs=1e-6)
+    # the log compares the median mask area with the few-shot masks' (at their own size: areas are shares)
+    areas = [load_mask(folder / row["mask"]).mean() for row in rows]
+    train = RunFolder(run).load_config().split["train"]
+    real = [load_mask(p.mask).mean() for p in open_category(synthetic_root / "nut").defects["hole"] if p.stem in train]
+    expected = f"mask areas: median {100 * np.median(areas):.2f} % of the image"
+    if np.median(areas) > 0:
+        expected += f", {np.median(areas) / np.median(real):.2f}x the few-shot masks' ({100 * np.median(real):.2f} %)"
+    assert expected in messages
     sheet = load_image(folder / "contact_sheet.png")
     assert sheet.shape == (3 * 132 + 4, 3 * 132 + 4, 3)
 

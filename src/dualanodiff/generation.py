@@ -28,8 +28,8 @@ from dualanodiff.data import load_image, load_mask, open_category, recorded_spli
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
-from dualanodiff.masks import filter_verdict, foreground_mask, pair_consistency
-from dualanodiff.pairs import PairWriter, pair_size
+from dualanodiff.masks import area_ratio, filter_verdict, foreground_mask, pair_consistency
+from dualanodiff.pairs import PairWriter, kept_rows, pair_size
 from dualanodiff.pipeline import (
     DualAnoDiffPipeline,
     make_scheduler,
@@ -333,6 +333,7 @@ def generate(
             raise Stopped(stop(), _resume_note(kept, cfg.num, writer.dir))
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
+    log(mask_area_note(summary.folder, run_cfg))
     return summary
 
 
@@ -375,6 +376,19 @@ def _background_name(pipe: DualAnoDiffPipeline, source: str, seed: int) -> str |
     if not pipe.model.cfg.bcm:
         return None
     return source or pipe.background_names[pipe.background_index(seed)]
+
+
+def mask_area_note(folder: Path, run_cfg: Config) -> str:
+    """One line on how large the kept pairs' masks are against the few-shot masks the run learned from (median
+    areas): defects drawn much smaller or larger than the real ones teach a localizer the wrong size."""
+    generated = [row["mask_area"] for row in kept_rows(folder) if row.get("mask_area") is not None]
+    note = f"mask areas: median {100 * float(np.median(generated)):.2f} % of the image" if generated else "no masks"
+    if generated and Path(run_cfg.data.data).is_dir():
+        train, _ = recorded_split(run_cfg.data.data, run_cfg.data.defect, run_cfg.split.get("train", []))
+        few_shot = [float(load_mask(pair.mask).mean()) for pair in train]
+        note += (f", {area_ratio(generated, few_shot):.2f}x the few-shot masks' "
+                 f"({100 * float(np.median(few_shot)):.2f} %)" if few_shot else "")
+    return note
 
 
 def _report(summary: GenerationSummary, cfg: GenerateConfig, verdicts: Counter, log: Callable[[str], None]) -> None:
