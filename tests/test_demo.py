@@ -50,6 +50,16 @@ def test_a_config_file_changes_only_its_own_keys_of_the_demos_settings(tmp_path)
         demo_settings("nut", "hole", tmp_path / "bad.yaml")
 
 
+def test_the_demo_runs_on_a_category_folder_of_ones_own_checked_before_any_work(synthetic_root, tmp_path):
+    cfg = demo_settings("nut", "crack", None, synthetic_root / "nut")
+    assert cfg.data.data == str((synthetic_root / "nut").resolve()) and cfg.data.defect == "crack"
+    assert cfg.evaluate.resolution == 128  # not a synthetic category's: the data's side
+    with pytest.raises(UserError, match=r"--defect 'dent': not a defect type of .*nut; choose one of \['crack'"):
+        demo_settings("nut", "dent", None, synthetic_root / "nut")
+    with pytest.raises(UserError, match="missing"):
+        demo_settings("nut", "hole", None, tmp_path / "missing")
+
+
 def test_the_demo_localizes_nut_at_96_px_and_the_held_out_bottle_at_the_datas_128():
     nut = demo_config("nut", "hole")
     assert nut.evaluate.resolution == 96 and demo_config("bottle", "contamination").evaluate.resolution == 128
