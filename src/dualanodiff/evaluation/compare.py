@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +43,8 @@ from dualanodiff.masks import area_ratio
 from dualanodiff.progress import Bars, no_bars
 
 SELECTION = "fixed steps, no test-set selection"
+ESTIMATE_AFTER = 5  # training steps timed before the evaluation estimates its cost
+ESTIMATE_LIMIT = 600.0  # seconds above which it says so
 IS_SPLITS = 10  # torch-fidelity's default; fewer when a defect type has fewer generated images
 
 
@@ -96,6 +99,8 @@ def evaluate_generators(
     for note in notes:
         log(note)
 
+    trainings = len(pairs) * cfg.seeds * (2 if classify else 1)
+    bars = estimating_bars(bars, trainings * cfg.steps, log, f"{trainings} trainings of {cfg.steps} steps at {cfg.resolution} px")
     rows = []
     for name, found in pairs.items():
         by_defect = {defect: found[defect] for defect in defects}
@@ -173,6 +178,30 @@ def mask_areas(category: Category, defect: str, pairs: PairPaths, rounding: str)
         "few_shot_area_median": float(np.median(few_shot)) if few_shot else math.nan,
         "area_ratio": area_ratio(generated, few_shot),
     }
+
+
+def estimating_bars(bars: Bars, total_steps: int, log: Callable[[str], None], what: str) -> Bars:
+    """`bars` that, once the first training has run `ESTIMATE_AFTER` steps, say up front what the whole evaluation
+    will cost on this device and how to shorten it, when that is over `ESTIMATE_LIMIT` seconds (the paper's
+    protocol on a CPU takes hours, and a bar at 30 of 3000 steps does not say so)."""
+    first: list[float] = []
+
+    def factory(label: str, total: int | None = None):
+        bar = bars(label, total)
+
+        def update(done: int, total: int | None = None, note: str = "") -> None:
+            bar(done, total, note=note)
+            if len(first) <= ESTIMATE_AFTER:
+                first.append(time.perf_counter())
+                if len(first) == ESTIMATE_AFTER + 1:
+                    seconds = (first[-1] - first[0]) / ESTIMATE_AFTER * total_steps
+                    if seconds > ESTIMATE_LIMIT:
+                        log(f"the evaluation will take about {seconds / 60:.0f} min on this device ({what}); "
+                            "evaluate.steps (--steps) or evaluate.resolution (--resolution) shorten it")
+
+        return update
+
+    return factory
 
 
 def _labelled(bars: Bars, row: str) -> Bars:
