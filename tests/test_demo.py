@@ -60,6 +60,21 @@ def test_the_demo_runs_on_a_category_folder_of_ones_own_checked_before_any_work(
         demo_settings("nut", "hole", None, tmp_path / "missing")
 
 
+def test_the_reports_comparisons_rest_on_the_per_seed_pixel_ap():
+    from dualanodiff.demo import _seeds_phrase, compare_rows
+
+    def row(name, *values):
+        return {"name": name, "per_seed": [{"seed": k, "pixel_ap": v} for k, v in enumerate(values)]}
+
+    results = {"protocol": {"seeds": 3}, "generators": [row("ours", 0.50, 0.60, 0.55), row("perlin", 0.30, 0.35, 0.40),
+                                                         row("close", 0.30, 0.45, 0.35)]}
+    assert compare_rows(results, "ours", "perlin") == "ours 55.0 ± 5.0 is **above** perlin 35.0 ± 5.0"
+    assert compare_rows(results, "perlin", "ours") == "perlin 35.0 ± 5.0 is **below** ours 55.0 ± 5.0"
+    assert compare_rows(results, "close", "perlin").startswith("close 36.7 ± 7.6 is **level with** perlin")
+    assert _seeds_phrase(results) == "mean ± standard deviation over 3 localizer seeds"
+    assert _seeds_phrase({"protocol": {"seeds": 1}}).startswith("at one localizer seed (no verdict")
+
+
 def test_the_demo_localizes_nut_at_96_px_and_the_held_out_bottle_at_the_datas_128():
     nut = demo_config("nut", "hole")
     assert nut.evaluate.resolution == 96 and demo_config("bottle", "contamination").evaluate.resolution == 128
