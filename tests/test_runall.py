@@ -12,11 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import dualanodiff
 from dualanodiff import runall, training
 from dualanodiff.config import Config
-from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
+from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, OtherSettings, UserError
+from dualanodiff.model.base import base_recipe
 from dualanodiff.runall import (
     LOCAL_OBJECT_STORE,
     Job,
@@ -43,6 +45,11 @@ SYNTHETIC_DEFECTS = {  # natural name order, as open_category lists them
 
 def names(jobs: list[Job]) -> list[str]:
     return [job.name for job in jobs]
+
+
+def same_tensors(first, second) -> bool:
+    expected, actual = load_file(str(first)), load_file(str(second))
+    return expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -193,7 +200,7 @@ def test_the_outcome_says_failed_partial_or_done(tmp_path):
     assert run_outcome(jobs, generation_records(crack=done, hole=done))[0] == EXIT_FAILED  # an evaluation never ran
 
 
-def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(tmp_path, monkeypatch):
+def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(synthetic_root, tmp_path, monkeypatch):
     calls, stages = [], []
     monkeypatch.setattr(runall, "STAGE_INTERVAL_S", 0.0)
 
@@ -216,7 +223,7 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
-    job, cfg = Job("nut", tmp_path / "data" / "nut", "hole"), Config()
+    job, cfg = Job("nut", synthetic_root / "nut", "hole"), Config()
     cfg.train.steps, cfg.generate.num = 2, 5
     status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
     run = tmp_path / "runs" / "nut" / "hole"
@@ -234,9 +241,90 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
     RunFolder(run).adapters.unlink()  # interrupted before the end: resume
     train_and_generate(job, tmp_path, cfg, status)
     assert calls == [False, True, True]
-    cfg.model.rank = 8
-    with pytest.raises(UserError, match="other model settings"):
+    cfg.model.rank = 8  # a trained run is not reused with other settings
+    with pytest.raises(UserError, match=r"other model settings \(rank 32 -> 8\)"):
         train_and_generate(job, tmp_path, cfg, status)
+
+
+def recipe_config() -> Config:
+    """`tiny_config` with the embedded base's prompt templates (its recipe's), which training fills in."""
+    cfg = tiny_config()
+    recipe = base_recipe("tiny")["model"]
+    cfg.model.global_prompt, cfg.model.anomaly_prompt = recipe["global_prompt"], recipe["anomaly_prompt"]
+    cfg.train.steps, cfg.train.checkpoint_every = 3, 1
+    assert "{defect}" in cfg.model.anomaly_prompt
+    return cfg
+
+
+def job_run_config(cfg: Config, job: Job) -> Config:
+    """What `train_and_generate` trains: the job's config with its category and defect type."""
+    run_cfg = Config.from_dict(cfg.to_dict())
+    run_cfg.data.data, run_cfg.data.defect = str(job.data), job.defect
+    return run_cfg
+
+
+def stop_at(step: int):
+    """A training progress callback that interrupts after `step` (training checkpoints, then re-raises)."""
+
+    def progress(done, total, losses):
+        if done == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_an_interrupted_run_of_prompt_templates_resumes_under_run_all_as_if_never_stopped(synthetic_root, tmp_path):
+    """Issue 43: the run saved "a nut with hole", the job holds "a {object} with {defect}"; once both are
+    filled in they agree, so the retried job resumes from the checkpoint instead of failing on every re-run."""
+    cfg, job, out = recipe_config(), Job("nut", synthetic_root / "nut", "hole"), tmp_path / "out"
+    run = out / "runs" / "nut" / "hole"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(job_run_config(cfg, job), run, progress=stop_at(2))
+    saved = RunFolder(run).load_config().model
+    assert (saved.global_prompt, saved.anomaly_prompt) == ("a nut with hole", "hole")
+    status = JobStatus(out / "jobs" / job.name, 1, time.time())
+    result = train_and_generate(job, out, cfg, status)
+    assert "resuming" in (status.folder / "log.txt").read_text() and result["kept"] == 2
+    assert [int(row.split(",")[0]) for row in (run / "loss.csv").read_text().splitlines()[1:]] == [1, 2, 3]
+    whole = training.train(job_run_config(cfg, job), tmp_path / "whole")
+    assert same_tensors(whole / "adapters.safetensors", run / "adapters.safetensors")
+
+
+def test_a_run_folder_without_a_checkpoint_is_started_over_not_refused(synthetic_root, tmp_path):
+    """What a worker killed before the first checkpoint leaves (config.yaml, decoder, backgrounds), even of
+    other settings: nothing to resume, so the job trains from the start with its own settings."""
+    cfg, job, out = recipe_config(), Job("nut", synthetic_root / "nut", "hole"), tmp_path / "out"
+    run = RunFolder(out / "runs" / "nut" / "hole")
+    left = job_run_config(cfg, job)
+    left.model.rank = 8
+    left.to_yaml(run.config)
+    run.decoder.write_bytes(b"partial")
+    run.backgrounds.mkdir()
+    (run.backgrounds / "000.png").write_bytes(b"")
+    status = JobStatus(out / "jobs" / job.name, 1, time.time())
+    train_and_generate(job, out, cfg, status)
+    assert "starting training run" in (status.folder / "log.txt").read_text()
+    assert run.load_config().model.rank == cfg.model.rank and not run.decoder.exists()
+    whole = training.train(job_run_config(cfg, job), tmp_path / "whole")
+    assert same_tensors(whole / "adapters.safetensors", run.adapters)
+
+
+def test_resume_refuses_other_model_settings_naming_them_and_accepts_templates(synthetic_root, tmp_path):
+    """The one check `train --resume`, run-all and the demo share: a checkpointed run continues only with
+    its own model settings, templates counting as the prompts they fill in to."""
+    cfg, job = recipe_config(), Job("nut", synthetic_root / "nut", "hole")
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(job_run_config(cfg, job), run, progress=stop_at(1))
+    training.check_trained_with(RunFolder(run), job_run_config(cfg, job))  # templates: the same settings
+    other = job_run_config(cfg, job)
+    other.model.anomaly_prompt, other.model.saim = "{defect} mark", False
+    with pytest.raises(OtherSettings) as refused:
+        training.train(other, run, resume=True)
+    assert str(refused.value) == (
+        f"{run / 'config.yaml'}: this run was trained with other model settings (anomaly_prompt 'hole' -> "
+        "'hole mark'; saim True -> False); keep the run's settings, or start over in another --out (or delete the run)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -494,7 +582,7 @@ def test_an_evaluation_job_shows_its_trainings_steps_as_its_stage(tmp_path, monk
     assert stages == ["dualanodiff: localization U-Net 1/100", "dualanodiff: localization U-Net 40/100"]
 
 
-def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, monkeypatch):
+def test_train_and_generate_replaces_pairs_made_with_other_settings(synthetic_root, tmp_path, monkeypatch):
     """run-all's rule, a re-run with other settings redoes the job, holds for generate's refusal to mix pairs."""
     from dualanodiff.errors import OtherSettings
 
@@ -506,11 +594,11 @@ def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, mo
             raise OtherSettings(f"{out}: holds pairs made with other settings (steps 25 -> 50)")
         return SimpleNamespace(folder=out / "nut" / "hole", kept=cfg.num, dropped=0)
 
-    (tmp_path / "runs" / "nut" / "hole").mkdir(parents=True)
     monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
     monkeypatch.setattr("dualanodiff.runs.RunFolder.trained_steps", lambda self: 10)
-    job, cfg = Job("nut", tmp_path / "data" / "nut", "hole"), Config()
+    job, cfg = Job("nut", synthetic_root / "nut", "hole"), Config()
     cfg.train.steps, cfg.generate.num = 2, 3
+    job_run_config(cfg, job).to_yaml(tmp_path / "runs" / "nut" / "hole" / "config.yaml")
     logged = []
     status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
     monkeypatch.setattr(status, "log", logged.append)

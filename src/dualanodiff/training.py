@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import shutil
 from collections.abc import Callable
@@ -33,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from dualanodiff.config import Config, TrainConfig, validated
+from dualanodiff.config import Config, ModelConfig, TrainConfig, validated
 from dualanodiff.data import (
+    Category,
     Pair,
     few_shot_split,
     load_image,
@@ -44,7 +46,7 @@ from dualanodiff.data import (
 )
 from dualanodiff.decoder import refine_decoder, save_decoder
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
-from dualanodiff.errors import UserError
+from dualanodiff.errors import OtherSettings, UserError, describe_changes
 from dualanodiff.images import (
     as_batch,
     resize_image,
@@ -60,6 +62,7 @@ from dualanodiff.progress import Bars, no_bars
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
+PROMPT_OPTIONS = ("global_prompt", "anomaly_prompt", "learned_words")  # may name the category and defect
 LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly", "loss_anomaly_defect")
 ADDED_MODULES = (".saim.", ".bcm.")  # the paper's new modules, trained at lr * train.added_lr_scale
 
@@ -132,6 +135,26 @@ def fill_prompt(template: str, category: str, defect: str, kind: str) -> str:
     return template.replace("{object}", name).replace("{defect}", defect.replace("_", " "))
 
 
+def filled_prompts(model: ModelConfig, category: Category, defect: str) -> ModelConfig:
+    """`model` with its prompt options filled in (`fill_prompt`), as a run saves them."""
+    return dataclasses.replace(model, **{
+        option: fill_prompt(getattr(model, option), category.root.name, defect, category.kind) for option in PROMPT_OPTIONS
+    })
+
+
+def check_trained_with(run: RunFolder, cfg: Config) -> None:
+    """Refuse (`OtherSettings`) to continue or reuse `run` with model settings other than those it was trained
+    with: `train --resume`, run-all and the demo ask here. The saved prompts were filled in by training, so
+    ``cfg``'s are filled in the same way first: a recipe's "a {object} with {defect}" is the run's "a nut with crack"."""
+    wanted = filled_prompts(cfg.model, open_category(cfg.data.data), cfg.data.defect)
+    changes = describe_changes(dataclasses.asdict(run.load_config().model), dataclasses.asdict(wanted))
+    if changes:
+        raise OtherSettings(
+            f"{run.config}: this run was trained with other model settings ({changes}); keep the run's settings, "
+            "or start over in another --out (or delete the run)"
+        )
+
+
 def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The anomaly branch's training loss (MSE, or weighted toward the defect's latent cells when
     ``weight > 0``) and its MSE on the defect cells alone (for loss.csv; nan when no cell is defect)."""
@@ -145,13 +168,19 @@ def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.
 
 
 def prepare_run(cfg: Config, out: Path, resume: bool, force: bool) -> Config:
-    """Check the run folder: a fresh one, an existing run to resume, or one to replace with --force."""
+    """Check the run folder: a fresh one, an existing run to resume (with its own settings, `check_trained_with`;
+    one without a checkpoint starts over with ``cfg``'s), or one to replace with --force."""
     out = Path(out)
     existing = out.exists() and any(out.iterdir())
+    run = RunFolder(out)
     if resume:
-        if not RunFolder(out).is_run():
+        if not run.is_run():
             raise UserError(f"{out}: no run to resume here (config.yaml missing); drop --resume to start one")
-        saved = RunFolder(out).load_config()
+        if run.latest_checkpoint() is None:  # stopped before its first checkpoint: nothing to keep, start over
+            shutil.rmtree(out)
+            return cfg
+        check_trained_with(run, cfg)
+        saved = run.load_config()
         saved.train.steps = cfg.train.steps
         return saved
     if existing and not force:
@@ -267,8 +296,7 @@ def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair],
         )
     train_pairs, test_pairs = few_shot_split(category.defects[cfg.data.defect], cfg.data.split_rounding)
     train_pairs = with_marked_masks(train_pairs, cfg.data.allow_empty_masks, log)
-    for option in ("global_prompt", "anomaly_prompt", "learned_words"):
-        setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
+    cfg.model = filled_prompts(cfg.model, category, cfg.data.defect)
     cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
     kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
     return train_pairs, kind, category.train_good
@@ -335,7 +363,8 @@ def train(
     cfg = validated(cfg, "config")
     out = Path(out)
     run = RunFolder(out)
-    settings = run.load_config().train if resume and run.is_run() else cfg.train  # a resumed run keeps its own
+    resumed = resume and run.latest_checkpoint() is not None
+    settings = run.load_config().train if resumed else cfg.train  # a resumed run keeps its own
     accelerator = make_accelerator(settings.mixed_precision, settings.device)
     main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
     log = log if main else (lambda message: None)
