@@ -5,7 +5,8 @@ Targets per training pair, computed in ``[-1, 1]`` space: the image ``I``, the a
 latent distributions are encoded once for every flip variant; each step draws pairs, latents, the
 timestep (shared by a pair's rows) and the noise (independent per row as in the paper, or one draw for
 both rows with ``train.noise: shared``) from one seeded `torch.Generator` whose state is checkpointed
-with the optimizer, so an interrupted and resumed run equals an uninterrupted one.
+with the optimizer, so an interrupted and resumed run equals an uninterrupted one. Data-parallel
+(``accelerate launch``, ``torchrun``): every process draws the same global batch and trains on its share.
 
 Prompts may name the category and the defect (``a {object} with {defect}``); training fills them in and
 saves the filled prompts in the run's config. ``train.defect_loss_weight`` w weights the anomaly
@@ -328,12 +329,17 @@ def training_noise(shape: torch.Size, generator: torch.Generator, cfg: TrainConf
 
 def batch_losses(ddp_model, data: TrainingSet, generator: torch.Generator, cfg: Config, base: BaseModel, accelerator):
     """One batch drawn from `generator` (pairs, latents, shared timestep, noise) and its losses:
-    (total, global, anomaly, anomaly on the defect's cells)."""
+    (total, global, anomaly, anomaly on the defect's cells). Every process draws the global batch (P
+    processes x ``train.batch_size``) and keeps its share, so P processes train what one process does with
+    the global batch: the all-reduced gradient is that batch's mean."""
     scheduler = base.scheduler
-    indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
-    latents = data.sample(indices, generator, base.vae.config.scaling_factor)  # (B, 3, C, h, w)
+    rank, processes, size = accelerator.process_index, accelerator.num_processes, cfg.train.batch_size
+    indices = torch.randint(len(data.mean), (processes * size,), generator=generator)
+    latents = data.sample(indices, generator, base.vae.config.scaling_factor)  # (P * B, 3, C, h, w)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
     noise = training_noise(latents.shape, generator, cfg.train)
+    share = slice(rank * size, (rank + 1) * size)
+    indices, latents, timesteps, noise = indices[share], latents[share], timesteps[share], noise[share]
     noisy = _add_noise(scheduler, latents, noise, timesteps)
     target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
     device = accelerator.device
@@ -385,7 +391,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg.train)
     rank, processes = accelerator.process_index, accelerator.num_processes
-    generator = torch.Generator().manual_seed(cfg.train.seed + rank)  # each process draws its own batches
+    generator = torch.Generator().manual_seed(cfg.train.seed)  # the same global batches on every process
     checkpoint = run.latest_checkpoint() if resume else None
     step, rows = 0, []
     if checkpoint is not None:
