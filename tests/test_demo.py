@@ -163,15 +163,18 @@ def test_the_demo_command_stopped_by_sigterm_then_run_again_reuses_its_finished_
     tiny_demo_config().to_yaml(config)
     command = [sys.executable, "-m", "dualanodiff", "demo", "--out", str(out), "--config", str(config)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lock, deadline = out / "generated" / "dualanodiff" / "nut" / "hole" / LOCK, time.monotonic() + 300
-    while not lock.exists():  # the first generation has started, inside its signal handling
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.1))
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(120) == -signal.SIGTERM
-    first = process.stderr.read()
+    lock, deadline = out / "generated" / "dualanodiff" / "nut" / "hole" / LOCK, time.monotonic() + 600
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            while not lock.exists():  # the first generation has started, inside its signal handling
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+                time.sleep(0.02)
+            time.sleep(random.uniform(0.0, 0.1))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(300) == -signal.SIGTERM
+        finally:
+            process.kill()  # a no-op once it has ended
+        first = process.stderr.read()
     assert "training dualanodiff" in first and first.strip().splitlines()[-1] == (
         "stopped by SIGTERM with its finished work kept; run the same command again to continue")
     stages = json.loads((out / "stages.json").read_text())

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -499,8 +500,8 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
 
     data, out, cfg = tmp_path / "data", tmp_path / "out", tiny_config()
     write_dataset(data, seed=0, size=32, per_defect=6, good=4, categories=["nut", "weave"])
-    damaged = out / "runs" / "nut" / "crack" / "config.yaml"  # a damaged run folder fails nut/crack
-    damaged.parent.mkdir(parents=True)
+    damaged = out / "runs" / "nut" / "crack" / "config.yaml"  # a damaged run (with a checkpoint) fails nut/crack
+    (damaged.parent / "checkpoints" / "step-000001").mkdir(parents=True)
     damaged.write_text("model: {rank: [\n")
     quiet = Console(file=io.StringIO())
 
@@ -521,7 +522,7 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
     assert records["nut"]["without_pairs"] == {"crack": f"generation failed: {records['nut__crack']['error']}"}
     assert "nut__crack: UserError" in (out / "summary.md").read_text()
 
-    damaged.unlink()
+    shutil.rmtree(damaged.parent)
     finished = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/done.json")}
     _, records = run_all(data, out, cfg, max_defects=2, console=quiet)
     assert {name: r["status"] for name, r in records.items()} == {
@@ -619,16 +620,18 @@ def test_train_and_generate_replaces_pairs_made_with_other_settings(synthetic_ro
 # ---------------------------------------------------------------------------------------------- lost workers, stops
 
 
+# the --config that shrinks the embedded base's recipe (prompt templates, decoder refinement, dpm, start from
+# normals) to a test: nut/hole at 32 px, 16 steps (checkpoints at 4, 8, 12), 2 pairs kept unfiltered
+SHRUNK_RECIPE = {
+    "data": {"resolution": 32},
+    "train": {"steps": 16, "checkpoint_every": 4, "decoder_steps": 2, "batch_size": 2, "device": "cpu"},
+    "generate": {"num": 2, "batch_size": 2, "steps": 2, "filter": False, "device": "cpu"},
+    "evaluate": {"resolution": 32, "base_width": 4, "steps": 1},
+}
+
+
 def recipe_run_all_args(root: Path) -> list:
-    """run-all with the embedded base's recipe (prompt templates, decoder refinement, dpm, start from normals),
-    shrunk by a --config: nut/hole at 32 px, 16 steps (checkpoints at 4, 8, 12), 2 pairs kept unfiltered."""
-    shrink = {
-        "data": {"resolution": 32},
-        "train": {"steps": 16, "checkpoint_every": 4, "decoder_steps": 2, "batch_size": 2, "device": "cpu"},
-        "generate": {"num": 2, "batch_size": 2, "steps": 2, "filter": False, "device": "cpu"},
-        "evaluate": {"resolution": 32, "base_width": 4, "steps": 1},
-    }
-    (root / "shrink.yaml").write_text(yaml.safe_dump(shrink))
+    """run-all over `root`'s data with the embedded base's recipe, shrunk by `SHRUNK_RECIPE` in root/shrink.yaml."""
     return ["run-all", "--data", root / "data", "--base-model", "tiny", "--config", root / "shrink.yaml", "--defects", "hole"]
 
 
@@ -641,16 +644,13 @@ def recipe_config(root: Path) -> Config:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, local_ray) -> Path:
-    """The folder of a data set, its recipe config and an uninterrupted run-all of it (``out``)."""
-    from rich.console import Console
-
+    """A folder with a data set (``data``), shrink.yaml and an uninterrupted run-all of them (``out``)."""
     from dualanodiff.synthetic import write_dataset
 
     root = tmp_path_factory.mktemp("recipe")
     write_dataset(root / "data", seed=0, size=32, per_defect=6, good=4, categories=["nut"])
-    recipe_run_all_args(root)
-    _, records = run_all(root / "data", root / "out", recipe_config(root), defects=["hole"], console=Console(file=io.StringIO()))
-    assert {name: r["status"] for name, r in records.items()} == {"nut__hole": "done", "nut": "done"}
+    (root / "shrink.yaml").write_text(yaml.safe_dump(SHRUNK_RECIPE))
+    assert statuses(recipe_run_all(root, root / "out")[2]) == {"nut__hole": "done", "nut": "done"}
     return root
 
 
@@ -741,19 +741,22 @@ def test_sigterm_to_run_all_during_training_then_the_same_command_finishes_with_
     out, job = tmp_path / "out", tmp_path / "out" / "jobs" / "nut__hole"
     command = [sys.executable, "-m", "dualanodiff", *map(str, recipe_run_all_args(uninterrupted)), "--out", str(out),
                "--address", local_ray.get_runtime_context().gcs_address]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((running := training_stage(job)) and running["step"] >= 4):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.3))
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(120) == -signal.SIGTERM
-    line = process.stderr.read().strip().splitlines()[-1]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            deadline = time.monotonic() + 600  # 30 s on an idle 2-core CPU; the bound is for a busy one
+            while not ((running := training_stage(job)) and running["step"] >= 4):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+                time.sleep(0.02)
+            time.sleep(random.uniform(0.0, 0.3))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(300) == -signal.SIGTERM
+        finally:
+            process.kill()  # a no-op once it has ended
+        line = process.stderr.read().strip().splitlines()[-1]
     assert line == "stopped by SIGTERM after its running jobs saved their work; run the same command again to continue"
     stopped_at = int(RunFolder(out / "runs" / "nut" / "hole").latest_checkpoint().name.split("-")[1])
     assert 4 <= stopped_at < 16
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"from step {stopped_at}" in (job / "log.txt").read_text()
     assert generated_pairs(out) == generated_pairs(uninterrupted / "out")
