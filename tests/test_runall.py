@@ -743,7 +743,7 @@ def test_sigterm_to_run_all_during_training_then_the_same_command_finishes_with_
                "--address", local_ray.get_runtime_context().gcs_address]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
         try:
-            deadline = time.monotonic() + 600  # 30 s on an idle 2-core CPU; the bound is for a busy one
+            deadline = time.monotonic() + 600  # seconds on an idle 2-core CPU; the bound is for a busy one
             while not ((running := training_stage(job)) and running["step"] >= 4):
                 assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
                 time.sleep(0.02)
