@@ -1,10 +1,18 @@
-"""The demo end to end on a test-size configuration: report contents, stage reuse, refusal, ablation."""
+"""The demo end to end on a test-size configuration: report contents, stage reuse, refusal, ablation; from
+the command line, stopped by SIGTERM and run again."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from PIL import Image
 
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.demo import (
@@ -17,6 +25,7 @@ from dualanodiff.demo import (
     run_demo,
 )
 from dualanodiff.errors import UserError
+from dualanodiff.pairs import LOCK
 
 
 def tiny_demo_config(defect: str = "hole"):
@@ -168,3 +177,48 @@ def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
     with pytest.raises(UserError, match="not empty and holds no demo"):
         run_demo(tmp_path, tiny_demo_config())
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_demo_command_stopped_by_sigterm_then_run_again_reuses_its_finished_stages(tmp_path):
+    """`dualanodiff demo` at test size as a user runs it: SIGTERM while it generates (training done) ends it
+    by the signal with one line saying what to do; the same command then finishes (exit 0) without training
+    again, and writes a report whose figures are images."""
+    out, config = tmp_path / "demo", tmp_path / "tiny.yaml"
+    tiny_demo_config().to_yaml(config)
+    command = [sys.executable, "-m", "dualanodiff", "demo", "--out", str(out), "--config", str(config)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    lock, deadline = out / "generated" / "dualanodiff" / "nut" / "hole" / LOCK, time.monotonic() + 600
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            while not lock.exists():  # the first generation has started, inside its signal handling
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+                time.sleep(0.02)
+            time.sleep(random.uniform(0.0, 0.1))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(300) == -signal.SIGTERM
+        finally:
+            process.kill()  # a no-op once it has ended
+        first = process.stderr.read()
+    assert "training dualanodiff" in first and first.strip().splitlines()[-1] == (
+        "stopped by SIGTERM with its finished work kept; run the same command again to continue")
+    stages = json.loads((out / "stages.json").read_text())
+    assert "train dualanodiff" in stages and "generate dualanodiff" not in stages
+    adapters = (out / "runs" / "dualanodiff" / "adapters.safetensors").read_bytes()
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "training dualanodiff" not in done.stderr and "demo finished in " in done.stdout + done.stderr
+    assert (out / "runs" / "dualanodiff" / "adapters.safetensors").read_bytes() == adapters
+    assert json.loads((out / "stages.json").read_text())["train dualanodiff"] == stages["train dualanodiff"]
+    report, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    figures = sorted((out / "figures").glob("*.png"))
+    assert {"pairs_dualanodiff.png", "loss.png", "metrics.png"} <= {figure.name for figure in figures}
+    for figure in figures:
+        with Image.open(figure) as image:
+            image.load()
+            assert min(image.size) > 16, figure
+        assert f"figures/{figure.name}" in report + html
+    rows = [row["name"] for row in json.loads((out / "evaluation.json").read_text())["generators"]]
+    assert rows == ["dualanodiff", "dualanodiff-on-normals", "crop-paste", "perlin"]
+    assert all(f"| {name} | " in report for name in rows)

@@ -4,7 +4,8 @@
 |---------------------------------------------------|----------------------------------------------------------|
 | usage mistakes: traceback, exit 1                 | one line, exit 2; the installed entry point; --version   |
 | `[/]`, `[v2]`, `:train:` in messages              | printed verbatim                                         |
-| `train --resume` replaced the run's length        | kept; a finished run says so; --steps extends it         |
+| `train --resume` replaced the run's length        | kept; a finished run says so; --steps extends it; other  |
+|                                                   | model settings refused, naming them                      |
 | resume after an interrupt was not exact           | tests/test_training.py (a real SIGINT at a random step)  |
 | SIGTERM lost the work since the last checkpoint   | train, generate (SIGINT and SIGTERM at random moments),  |
 |                                                   | evaluate, pretrain-base, run-all: saved, one line, resume|
@@ -168,6 +169,8 @@ def test_resume_keeps_the_runs_length_and_a_finished_run_says_so(synthetic_root,
     code, _, err = run_cli("train", "--out", run, "--resume")
     assert code == EXIT_USAGE and last_line(err) == f"error: {run}: already trained for 3 steps; pass a larger --steps to continue"
     assert Config.from_yaml(run / "config.yaml").train.steps == 3  # not replaced by the default 5000
+    code, _, err = run_cli("train", "--out", run, "--resume", "--steps", "4", "--rank", "8")
+    assert code == EXIT_USAGE and "this run was trained with other model settings (rank 4 -> 8)" in one_error_line(err)
     assert run_cli("train", "--out", run, "--resume", "--steps", "4")[0] == 0
     assert (run / "loss.csv").read_text().splitlines()[-1].startswith("4,")
     assert Config.from_yaml(run / "config.yaml").model.rank == 4  # the run's own settings, not the defaults

@@ -344,6 +344,78 @@ def test_saim_closed_form_equals_two_token_softmax_attention():
     assert torch.equal(out[2 * pairs :], states[2 * pairs :])  # background rows untouched
 
 
+def _heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V per head, written out: (L, heads * d) -> (L, heads * d)."""
+    q, k, v = (t.view(t.shape[0], heads, -1).transpose(0, 1) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    return ((weights / weights.sum(-1, keepdim=True)) @ v).transpose(0, 1).reshape(q.shape[1], -1)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("stored", [False, True], ids=["background-rows", "stored-background"])
+@torch.no_grad()
+def test_bcm_equals_a_hand_written_reference_of_its_formula(variant, stored):
+    """BCM on one self-attention layer in float64 against the formula written out: the global rows' keys and
+    values come from c = h + gamma * MLP(b) (paper eq. 5, b the background rows' attention output at this
+    layer) or c = (1 - gamma) h + gamma * MLP(b) (the reference code, b the background rows' input states),
+    their queries from h alone; anomaly and background rows attend plainly, each row with its branch's LoRA
+    (W + scale * B A; the background takes the global one). `stored`: the background comes from a separate
+    storing call, as in training without autograd through it."""
+    from diffusers.models.attention_processor import Attention
+
+    from dualanodiff.model.attention import DualBranchAttnProcessor, RowLayout
+
+    torch.manual_seed(0)
+    dim, heads, pairs, length, gamma = 8, 2, 2, 5, 0.3
+    attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads, out_bias=True).double().eval()
+    layout = RowLayout()
+    processor = DualBranchAttnProcessor(attn, layout, rank=2, alpha=3.0, saim=False, saim_rank=0, bcm=True,
+                                        bcm_variant=variant, gamma_init=gamma, bcm_hidden=6).double()
+    for param in processor.parameters():  # LoRA B starts at zero: random everywhere, so every term counts
+        param.normal_()
+    processor.bcm.gamma.fill_(gamma)  # in float64 (gamma_init was stored in float32)
+    attn.set_processor(processor)
+    states = torch.randn(3, pairs, length, dim, dtype=torch.float64)  # global, anomaly, background rows
+    if stored:
+        layout.store_background = True
+        attn(states[2])
+        layout.store_background, layout.pairs, layout.stored_background = False, pairs, True
+        out = attn(states[:2].flatten(0, 1))
+    else:
+        layout.pairs, layout.background = pairs, True
+        out = attn(states.flatten(0, 1))
+
+    def weight(name: str, branch: str) -> torch.Tensor:
+        lora = processor.lora[name]
+        layer = {"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v, "to_out": attn.to_out[0]}[name]
+        return layer.weight + lora.scale * lora.lora_B[branch].weight @ lora.lora_A[branch].weight
+
+    def attention(h: torch.Tensor, context: torch.Tensor, branch: str) -> torch.Tensor:
+        q, k, v = (x @ weight(name, branch).T for x, name in ((h, "to_q"), (context, "to_k"), (context, "to_v")))
+        return _heads_attention(q, k, v, heads)
+
+    def out_projection(x: torch.Tensor, branch: str) -> torch.Tensor:
+        return x @ weight("to_out", branch).T + attn.to_out[0].bias
+
+    mlp = processor.bcm.mlp
+    first, second = mlp[0], mlp[-1]
+    activation = torch.nn.functional.gelu if variant == "paper" else (lambda x: x)  # the reference code's has none
+    expected = []
+    for row in range(pairs):
+        h, anomaly, background = states[0, row], states[1, row], states[2, row]
+        b = attention(background, background, "global") if variant == "paper" else background
+        injected = gamma * (activation(b @ first.weight.T + first.bias) @ second.weight.T + second.bias)
+        c = h + injected if variant == "paper" else (1 - gamma) * h + injected
+        expected.append((out_projection(attention(h, c, "global"), "global"),
+                         out_projection(attention(anomaly, anomaly, "anomaly"), "anomaly"),
+                         out_projection(attention(background, background, "global"), "global")))
+    for block in range(2 if stored else 3):
+        reference = torch.stack([rows[block] for rows in expected])
+        error = (out[block * pairs : (block + 1) * pairs] - reference).abs().max()
+        assert error <= 1e-12 * reference.abs().max(), (block, error)  # float64 rounding; a float32 gamma is 1e-7
+
+
 @torch.no_grad()
 def test_one_way_saim_leaves_the_global_rows_alone_and_feeds_the_anomaly_rows():
     model, _ = build(saim=True, saim_init="official", saim_direction="to_anomaly", bcm=False)

@@ -1,22 +1,34 @@
 """run-all: the job list, done records, retry-once, defect types without pairs, the summary table, exit
-codes; end-to-end runs on local Ray."""
+codes, resuming interrupted runs; end-to-end runs on local Ray, with workers killed and run-all stopped."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 import dualanodiff
 from dualanodiff import runall, training
 from dualanodiff.config import Config
-from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, UserError
+from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, OtherSettings, UserError
+from dualanodiff.model.base import base_recipe
 from dualanodiff.runall import (
     LOCAL_OBJECT_STORE,
     Job,
@@ -43,6 +55,11 @@ SYNTHETIC_DEFECTS = {  # natural name order, as open_category lists them
 
 def names(jobs: list[Job]) -> list[str]:
     return [job.name for job in jobs]
+
+
+def same_tensors(first, second) -> bool:
+    expected, actual = load_file(str(first)), load_file(str(second))
+    return expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -193,7 +210,7 @@ def test_the_outcome_says_failed_partial_or_done(tmp_path):
     assert run_outcome(jobs, generation_records(crack=done, hole=done))[0] == EXIT_FAILED  # an evaluation never ran
 
 
-def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(tmp_path, monkeypatch):
+def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(synthetic_root, tmp_path, monkeypatch):
     calls, stages = [], []
     monkeypatch.setattr(runall, "STAGE_INTERVAL_S", 0.0)
 
@@ -216,7 +233,7 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
-    job, cfg = Job("nut", tmp_path / "data" / "nut", "hole"), Config()
+    job, cfg = Job("nut", synthetic_root / "nut", "hole"), Config()
     cfg.train.steps, cfg.generate.num = 2, 5
     status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
     run = tmp_path / "runs" / "nut" / "hole"
@@ -234,9 +251,90 @@ def test_train_and_generate_resumes_a_started_run_and_skips_a_finished_training(
     RunFolder(run).adapters.unlink()  # interrupted before the end: resume
     train_and_generate(job, tmp_path, cfg, status)
     assert calls == [False, True, True]
-    cfg.model.rank = 8
-    with pytest.raises(UserError, match="other model settings"):
+    cfg.model.rank = 8  # a trained run is not reused with other settings
+    with pytest.raises(UserError, match=r"other model settings \(rank 32 -> 8\)"):
         train_and_generate(job, tmp_path, cfg, status)
+
+
+def templated_config() -> Config:
+    """`tiny_config` with the embedded base's prompt templates (its recipe's), which training fills in."""
+    cfg = tiny_config()
+    recipe = base_recipe("tiny")["model"]
+    cfg.model.global_prompt, cfg.model.anomaly_prompt = recipe["global_prompt"], recipe["anomaly_prompt"]
+    cfg.train.steps, cfg.train.checkpoint_every = 3, 1
+    assert "{defect}" in cfg.model.anomaly_prompt
+    return cfg
+
+
+def job_run_config(cfg: Config, job: Job) -> Config:
+    """What `train_and_generate` trains: the job's config with its category and defect type."""
+    run_cfg = Config.from_dict(cfg.to_dict())
+    run_cfg.data.data, run_cfg.data.defect = str(job.data), job.defect
+    return run_cfg
+
+
+def stop_at(step: int):
+    """A training progress callback that interrupts after `step` (training checkpoints, then re-raises)."""
+
+    def progress(done, total, losses):
+        if done == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_an_interrupted_run_of_prompt_templates_resumes_under_run_all_as_if_never_stopped(synthetic_root, tmp_path):
+    """Issue 43: the run saved "a nut with hole", the job holds "a {object} with {defect}"; once both are
+    filled in they agree, so the retried job resumes from the checkpoint instead of failing on every re-run."""
+    cfg, job, out = templated_config(), Job("nut", synthetic_root / "nut", "hole"), tmp_path / "out"
+    run = out / "runs" / "nut" / "hole"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(job_run_config(cfg, job), run, progress=stop_at(2))
+    saved = RunFolder(run).load_config().model
+    assert (saved.global_prompt, saved.anomaly_prompt) == ("a nut with hole", "hole")
+    status = JobStatus(out / "jobs" / job.name, 1, time.time())
+    result = train_and_generate(job, out, cfg, status)
+    assert "resuming" in (status.folder / "log.txt").read_text() and result["kept"] == 2
+    assert [int(row.split(",")[0]) for row in (run / "loss.csv").read_text().splitlines()[1:]] == [1, 2, 3]
+    whole = training.train(job_run_config(cfg, job), tmp_path / "whole")
+    assert same_tensors(whole / "adapters.safetensors", run / "adapters.safetensors")
+
+
+def test_a_run_folder_without_a_checkpoint_is_started_over_not_refused(synthetic_root, tmp_path):
+    """What a worker killed before the first checkpoint leaves (config.yaml, decoder, backgrounds), even of
+    other settings: nothing to resume, so the job trains from the start with its own settings."""
+    cfg, job, out = templated_config(), Job("nut", synthetic_root / "nut", "hole"), tmp_path / "out"
+    run = RunFolder(out / "runs" / "nut" / "hole")
+    left = job_run_config(cfg, job)
+    left.model.rank = 8
+    left.to_yaml(run.config)
+    run.decoder.write_bytes(b"partial")
+    run.backgrounds.mkdir()
+    (run.backgrounds / "000.png").write_bytes(b"")
+    status = JobStatus(out / "jobs" / job.name, 1, time.time())
+    train_and_generate(job, out, cfg, status)
+    assert "starting training run" in (status.folder / "log.txt").read_text()
+    assert run.load_config().model.rank == cfg.model.rank and not run.decoder.exists()
+    whole = training.train(job_run_config(cfg, job), tmp_path / "whole")
+    assert same_tensors(whole / "adapters.safetensors", run.adapters)
+
+
+def test_resume_refuses_other_model_settings_naming_them_and_accepts_templates(synthetic_root, tmp_path):
+    """The one check `train --resume`, run-all and the demo share: a checkpointed run continues only with
+    its own model settings, templates counting as the prompts they fill in to."""
+    cfg, job = templated_config(), Job("nut", synthetic_root / "nut", "hole")
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(job_run_config(cfg, job), run, progress=stop_at(1))
+    training.check_trained_with(RunFolder(run), job_run_config(cfg, job))  # templates: the same settings
+    other = job_run_config(cfg, job)
+    other.model.anomaly_prompt, other.model.saim = "{defect} mark", False
+    with pytest.raises(OtherSettings) as refused:
+        training.train(other, run, resume=True)
+    assert str(refused.value) == (
+        f"{run / 'config.yaml'}: this run was trained with other model settings (anomaly_prompt 'hole' -> "
+        "'hole mark'; saim True -> False); keep the run's settings, or start over in another --out (or delete the run)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -402,8 +500,8 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
 
     data, out, cfg = tmp_path / "data", tmp_path / "out", tiny_config()
     write_dataset(data, seed=0, size=32, per_defect=6, good=4, categories=["nut", "weave"])
-    damaged = out / "runs" / "nut" / "crack" / "config.yaml"  # a damaged run folder fails nut/crack
-    damaged.parent.mkdir(parents=True)
+    damaged = out / "runs" / "nut" / "crack" / "config.yaml"  # a damaged run (with a checkpoint) fails nut/crack
+    (damaged.parent / "checkpoints" / "step-000001").mkdir(parents=True)
     damaged.write_text("model: {rank: [\n")
     quiet = Console(file=io.StringIO())
 
@@ -424,7 +522,7 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
     assert records["nut"]["without_pairs"] == {"crack": f"generation failed: {records['nut__crack']['error']}"}
     assert "nut__crack: UserError" in (out / "summary.md").read_text()
 
-    damaged.unlink()
+    shutil.rmtree(damaged.parent)
     finished = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/done.json")}
     _, records = run_all(data, out, cfg, max_defects=2, console=quiet)
     assert {name: r["status"] for name, r in records.items()} == {
@@ -494,7 +592,7 @@ def test_an_evaluation_job_shows_its_trainings_steps_as_its_stage(tmp_path, monk
     assert stages == ["dualanodiff: localization U-Net 1/100", "dualanodiff: localization U-Net 40/100"]
 
 
-def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, monkeypatch):
+def test_train_and_generate_replaces_pairs_made_with_other_settings(synthetic_root, tmp_path, monkeypatch):
     """run-all's rule, a re-run with other settings redoes the job, holds for generate's refusal to mix pairs."""
     from dualanodiff.errors import OtherSettings
 
@@ -506,14 +604,159 @@ def test_train_and_generate_replaces_pairs_made_with_other_settings(tmp_path, mo
             raise OtherSettings(f"{out}: holds pairs made with other settings (steps 25 -> 50)")
         return SimpleNamespace(folder=out / "nut" / "hole", kept=cfg.num, dropped=0)
 
-    (tmp_path / "runs" / "nut" / "hole").mkdir(parents=True)
     monkeypatch.setattr(dualanodiff, "generation", SimpleNamespace(generate=fake_generate), raising=False)
     monkeypatch.setattr("dualanodiff.runs.RunFolder.trained_steps", lambda self: 10)
-    job, cfg = Job("nut", tmp_path / "data" / "nut", "hole"), Config()
+    job, cfg = Job("nut", synthetic_root / "nut", "hole"), Config()
     cfg.train.steps, cfg.generate.num = 2, 3
+    job_run_config(cfg, job).to_yaml(tmp_path / "runs" / "nut" / "hole" / "config.yaml")
     logged = []
     status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
     monkeypatch.setattr(status, "log", logged.append)
     result = train_and_generate(job, tmp_path, cfg, status)
     assert forced == [False, True] and result["kept"] == 3
     assert any("other settings" in line for line in logged)
+
+
+# ---------------------------------------------------------------------------------------------- lost workers, stops
+
+
+# the --config that shrinks the embedded base's recipe (prompt templates, decoder refinement, dpm, start from
+# normals) to a test: nut/hole at 32 px, 16 steps (checkpoints at 4, 8, 12), 2 pairs kept unfiltered
+SHRUNK_RECIPE = {
+    "data": {"resolution": 32},
+    "train": {"steps": 16, "checkpoint_every": 4, "decoder_steps": 2, "batch_size": 2, "device": "cpu"},
+    "generate": {"num": 2, "batch_size": 2, "steps": 2, "filter": False, "device": "cpu"},
+    "evaluate": {"resolution": 32, "base_width": 4, "steps": 1},
+}
+
+
+def recipe_run_all_args(root: Path) -> list:
+    """run-all over `root`'s data with the embedded base's recipe, shrunk by `SHRUNK_RECIPE` in root/shrink.yaml."""
+    return ["run-all", "--data", root / "data", "--base-model", "tiny", "--config", root / "shrink.yaml", "--defects", "hole"]
+
+
+def recipe_config(root: Path) -> Config:
+    """The config the command line builds from `recipe_run_all_args`."""
+    from dualanodiff.cli import config_with_recipe
+
+    return config_with_recipe(root / "shrink.yaml", "tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, local_ray) -> Path:
+    """A folder with a data set (``data``), shrink.yaml and an uninterrupted run-all of them (``out``)."""
+    from dualanodiff.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("recipe")
+    write_dataset(root / "data", seed=0, size=32, per_defect=6, good=4, categories=["nut"])
+    (root / "shrink.yaml").write_text(yaml.safe_dump(SHRUNK_RECIPE))
+    assert statuses(recipe_run_all(root, root / "out")[2]) == {"nut__hole": "done", "nut": "done"}
+    return root
+
+
+def generated_pairs(out: Path) -> tuple[list[dict], dict[str, bytes]]:
+    """nut/hole's kept rows (less the run folder they name) and the bytes of every pair file."""
+    from dualanodiff.pairs import kept_rows
+
+    folder = out / "generated" / "nut" / "hole"
+    rows = [{key: value for key, value in row.items() if key != "run"} for row in kept_rows(folder)]
+    return rows, {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.glob("*/*.png"))}
+
+
+def kill_training_worker(times: int, from_step: int, job_folder: Path, killed: list, done: threading.Event) -> None:
+    """SIGKILL the process running the job (its pid in running.json), as a preempted or out-of-memory node
+    does: `times` times, each once a new worker shows training step `from_step` or later (0: at once)."""
+    while len(killed) < times and not done.wait(0.02):
+        running = training_stage(job_folder)
+        if running and running["pid"] not in {pid for pid, _ in killed} and running["step"] >= from_step:
+            time.sleep(random.uniform(0.0, 0.3))
+            os.kill(running["pid"], signal.SIGKILL)
+            killed.append((running["pid"], running["stage"]))
+
+
+def training_stage(job_folder: Path) -> dict | None:
+    """The job's running.json, with ``step`` the training step its stage shows (0 before training)."""
+    try:
+        running = json.loads((job_folder / runall.RUNNING).read_text())
+    except (OSError, ValueError):  # not written yet, or replaced while read
+        return None
+    stage = running["stage"]
+    return {**running, "step": int(stage.split()[1].split("/")[0]) if stage.startswith("training ") else 0}
+
+
+def recipe_run_all(root: Path, out: Path, killer=None) -> tuple[list, list[Job], dict]:
+    """run-all of `recipe_config` into `out` in this process, while ``killer(job_folder, killed, done)``
+    runs beside it; the processes it killed, the jobs and their records."""
+    from rich.console import Console
+
+    killed, done = [], threading.Event()
+    thread = threading.Thread(target=killer or (lambda *args: None), args=(out / "jobs" / "nut__hole", killed, done))
+    thread.start()
+    try:
+        jobs, records = run_all(root / "data", out, recipe_config(root), defects=["hole"], console=Console(file=io.StringIO()))
+    finally:
+        done.set()
+        thread.join()
+    return killed, jobs, records
+
+
+def statuses(records: dict) -> dict[str, str]:
+    return {name: record["status"] for name, record in records.items()}
+
+
+@pytest.mark.slow
+def test_a_killed_training_worker_costs_one_retry_and_gives_the_pairs_of_an_uninterrupted_run(uninterrupted, tmp_path):
+    """Issue 43's fault run: Ray retries the job, which resumes from its last checkpoint; run-all finishes
+    with the same pairs, byte for byte, and a re-run skips every job."""
+    out = tmp_path / "out"
+    killed, _, records = recipe_run_all(uninterrupted, out, functools.partial(kill_training_worker, 1, 4))
+    assert len(killed) == 1, "the job finished before its worker could be killed"
+    assert statuses(records) == {"nut__hole": "done", "nut": "done"}, records
+    log = (out / "jobs" / "nut__hole" / "log.txt").read_text()
+    assert log.count("starting training run") == 1 and "resuming training run" in log, (killed, log)
+    assert generated_pairs(out) == generated_pairs(uninterrupted / "out")
+    assert (out / "reports" / "nut" / "report.md").is_file()
+    assert statuses(recipe_run_all(uninterrupted, out)[2]) == {"nut__hole": "done earlier", "nut": "done earlier"}
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_dies_twice_fails_saying_what_to_do_and_a_rerun_retries_it(uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    killed, jobs, records = recipe_run_all(uninterrupted, out, functools.partial(kill_training_worker, 2, 0))
+    assert len(killed) == 2 and records["nut__hole"]["status"] == "failed", (killed, records)
+    assert records["nut__hole"]["error"] == (
+        "WorkerCrashedError: its worker died on both tries (killed, out of memory, or its node lost); see "
+        "jobs/nut__hole/log.txt, then run the same command again to retry it (a training resumes from its last checkpoint)"
+    )
+    assert run_outcome(jobs, records) == (EXIT_FAILED, "2 job(s) failed: nut__hole, nut; see summary.md, re-run to retry them")
+    assert f"- nut__hole: {records['nut__hole']['error']}" in (out / "summary.md").read_text()
+    assert statuses(recipe_run_all(uninterrupted, out)[2]) == {"nut__hole": "done", "nut": "done"}
+    assert generated_pairs(out) == generated_pairs(uninterrupted / "out")
+
+
+@pytest.mark.slow
+def test_sigterm_to_run_all_during_training_then_the_same_command_finishes_with_the_same_pairs(uninterrupted, local_ray, tmp_path):
+    """What a scheduler sends: run-all forwards it to the training job, which checkpoints; run-all ends by
+    SIGTERM saying to run the same command again, which resumes and finishes (the embedded base's recipe)."""
+    out, job = tmp_path / "out", tmp_path / "out" / "jobs" / "nut__hole"
+    command = [sys.executable, "-m", "dualanodiff", *map(str, recipe_run_all_args(uninterrupted)), "--out", str(out),
+               "--address", local_ray.get_runtime_context().gcs_address]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            deadline = time.monotonic() + 600  # seconds on an idle 2-core CPU; the bound is for a busy one
+            while not ((running := training_stage(job)) and running["step"] >= 4):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+                time.sleep(0.02)
+            time.sleep(random.uniform(0.0, 0.3))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(300) == -signal.SIGTERM
+        finally:
+            process.kill()  # a no-op once it has ended
+        line = process.stderr.read().strip().splitlines()[-1]
+    assert line == "stopped by SIGTERM after its running jobs saved their work; run the same command again to continue"
+    stopped_at = int(RunFolder(out / "runs" / "nut" / "hole").latest_checkpoint().name.split("-")[1])
+    assert 4 <= stopped_at < 16
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"from step {stopped_at}" in (job / "log.txt").read_text()
+    assert generated_pairs(out) == generated_pairs(uninterrupted / "out")

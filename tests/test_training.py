@@ -292,26 +292,70 @@ def test_bf16_with_gradient_checkpointing_tracks_fp32_and_saves_fp32_adapters(sy
     assert all(t.dtype == torch.float32 for t in load_file(str(half / "adapters.safetensors")).values())
 
 
+# `dualanodiff train` as torchrun runs it in each process, then what this rank's model holds is saved (only
+# rank 0 writes the run): the ranks' adapters, which the run folder cannot show.
+RANK_ADAPTERS = """
+import sys
+
+import torch
+
+from dualanodiff import cli, training
+
+models, build = [], training.trainable_model
+training.trainable_model = lambda *args, **kwargs: models.append(build(*args, **kwargs)) or models[-1]
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as exc:
+    if exc.code:
+        raise
+out = sys.argv[sys.argv.index("--out") + 1]
+models[0].save_trainable(f"{out}/rank-{torch.distributed.get_rank()}.safetensors")
+"""
+
+
 @pytest.mark.slow
-def test_two_process_data_parallel_training_checkpoints_every_rank(synthetic_root, tmp_path):
-    """`torchrun --nproc_per_node 2 -m dualanodiff train` (what `accelerate launch` runs): one writer,
-    each rank's RNG saved, and a resume with another process count refused."""
-    import os
+def test_two_processes_train_what_one_process_does_with_the_same_global_batch(synthetic_root, tmp_path):
+    """`torchrun --nproc_per_node 2 -m dualanodiff train` (what `accelerate launch` runs), gloo on the CPU:
+    one writer, both ranks' RNG saved, a resume with another process count refused. Two processes of batch
+    1 against one process of batch 2, same seed: every process draws the global batch and keeps its share,
+    so the gradients are the same batch mean. Both ranks hold the very same adapters (DDP all-reduces the
+    gradients, each rank steps the same optimizer). Against one process they agree to float32 rounding
+    only, hence a tolerance: the batch mean is summed in another order (each rank's row, then the
+    all-reduce) and batch-1 kernels round differently, and Adam divides each gradient by its own running
+    size, so a rounding error in a gradient near Adam's eps (1e-8) moves its weight by a share of lr.
+    Measured 5e-6 after 2 steps at lr 1e-3; the bound, 5e-5, is 5 % of one step's update, while a run of
+    other batches (one process of batch 1) differs by 4e-3."""
     import subprocess
     import sys
 
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dualanodiff", "train",
+    run, script = tmp_path / "run", tmp_path / "ranks.py"
+    script.write_text(RANK_ADAPTERS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train",
                "--data", str(synthetic_root / "nut"), "--defect", "hole", "--base-model", "tiny-random", "--rank", "4",
-               "--batch-size", "1", "--steps", "2", "--device", "cpu", "--out", str(run)]
+               "--batch-size", "1", "--lr", "1e-3", "--steps", "2", "--device", "cpu", "--out", str(run)]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("trained ") == 1
     state = torch.load(run / "checkpoints" / "step-000002" / "state.pt")
-    assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])
+    assert len(state["generators"]) == 2 and torch.equal(*state["generators"])  # both drew the global batches
     assert [int(r["step"]) for r in losses(run)] == [1, 2]
+    first, second = (load_file(str(run / f"rank-{rank}.safetensors")) for rank in (0, 1))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    def one_process(batch_size: int, out) -> dict:
+        cfg = Config.from_yaml(run / "config.yaml")
+        cfg.train.batch_size = batch_size
+        return load_file(str(train(cfg, out) / "adapters.safetensors"))
+
+    one, other = one_process(2, tmp_path / "one"), one_process(1, tmp_path / "other")
+    assert one.keys() == first.keys() == other.keys()
+    difference = max((one[k] - first[k]).abs().max().item() for k in one)
+    other_batches = max((other[k] - first[k]).abs().max().item() for k in one)  # what a wrong batch looks like
+    assert difference <= 5e-5 and other_batches >= 1e-3, (difference, other_batches)
+    cfg = Config.from_yaml(run / "config.yaml")
+    cfg.train.steps = 3
     with pytest.raises(UserError, match="saved by 2 process"):
-        train(tiny_config(synthetic_root, steps=3), run, resume=True)
+        train(cfg, run, resume=True)
 
 
 def test_an_empty_training_mask_is_refused_before_anything_is_written(synthetic_root, tmp_path):

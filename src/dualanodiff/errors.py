@@ -28,3 +28,9 @@ class UserError(Exception):
 class OtherSettings(UserError):
     """An output folder holds results made with other settings (`generate` refuses to mix them; `run-all`,
     whose re-runs redo a job whose settings changed, replaces them)."""
+
+
+def describe_changes(saved: dict, wanted: dict) -> str:
+    """What an `OtherSettings` message names: ``steps 2 -> 3; rank 4 -> 8`` for each of ``wanted``'s keys whose
+    value ``saved`` does not hold ("" when none)."""
+    return "; ".join(f"{key} {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value)

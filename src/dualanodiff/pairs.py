@@ -42,7 +42,7 @@ from dualanodiff.data import (
     natural_key,
     open_category,
 )
-from dualanodiff.errors import OtherSettings, UserError
+from dualanodiff.errors import OtherSettings, UserError, describe_changes
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.io import atomic_write_text, jsonable, save_png
 from dualanodiff.masks import mask_overlay
@@ -113,10 +113,10 @@ class PairWriter:
         rows = self.kept() + rejected_rows(self.dir)
         if not rows:
             return
-        changed = [f"{key} {rows[0].get(key)!r} -> {value!r}" for key, value in settings.items() if rows[0].get(key) != value]
+        changed = describe_changes(rows[0], settings)
         if changed:
             raise OtherSettings(
-                f"{self.dir}: holds pairs made with other settings ({'; '.join(changed)}); "
+                f"{self.dir}: holds pairs made with other settings ({changed}); "
                 "use another --out, or pass --force to replace them"
             )
 

@@ -7,23 +7,24 @@ The output folder::
     generated/<category>/<defect>/  generated pairs (`dualanodiff.generation.generate`)
     reports/<category>/report.md    the category's evaluation (+ report.png, results.json, results.csv)
     jobs/<category>__<defect>/      one folder per job (the evaluation's is jobs/<category>/):
-                                    running.json while it runs (stage, start time), then done.json or
-                                    failed.json (error, traceback), and log.txt
+                                    running.json while it runs (stage, start time, host, process
+                                    id), then done.json or failed.json (error, traceback), and log.txt
     summary.md, summary.csv         one table over all jobs (`summary_rows`)
 
 A generation job records the pairs it kept of those asked (``kept``, ``asked``, and the quality filter's
 ``reasons``); one that kept fewer than asked finishes as "short" rather than "done". A job whose
 done.json records the settings it would run with now is skipped on a re-run (its status gets
 " earlier"); any other job runs again, and a training run left unfinished resumes from its last
-checkpoint. A job that raises is tried once more (`run_job`), a job whose worker dies is retried once by
-Ray; then it is reported failed and the other jobs go on. A category's evaluation waits for its
-generation jobs, scores every defect type that has pairs and lists the others with the reason
-(`evaluation_job`); it fails only when no defect type has pairs. `run_outcome` gives the exit code:
-failed jobs, a partial run (some generation short of ``--num``) or all done. SIGINT or SIGTERM stops the
-run: the driver forwards it to the running jobs as Ray's cancel (a KeyboardInterrupt there: a training
-checkpoints at its step boundary, a generation keeps its written pairs), waits up to `CANCEL_GRACE_S`,
-writes the summary and raises `dualanodiff.signals.Stopped`; a re-run continues. On a cluster, the output
-and dataset folders must be on a file system every node sees under the same path.
+checkpoint (one stopped before its first checkpoint starts over). A job that raises is tried once more
+(`run_job`), a job whose worker dies (killed, out of memory) is retried once by Ray, picking up the same
+way; then it is reported failed (`lost_job_error` says what to do) and the other jobs go on. A category's
+evaluation waits for its generation jobs, scores every defect type that has pairs and lists the others
+with the reason (`evaluation_job`); it fails only when no defect type has pairs. `run_outcome` gives the
+exit code: failed jobs, a partial run (some generation short of ``--num``) or all done. SIGINT or SIGTERM
+stops the run: the driver forwards it to the running jobs as Ray's cancel (a KeyboardInterrupt there: a
+training checkpoints at its step boundary, a generation keeps its written pairs), waits up to
+`CANCEL_GRACE_S`, writes the summary and raises `dualanodiff.signals.Stopped`; a re-run continues. On a
+cluster, the output and dataset folders must be on a file system every node sees under the same path.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class JobStatus:
 
     def stage(self, text: str, force: bool = False) -> None:
         if force or time.monotonic() - self.written >= STAGE_INTERVAL_S:
-            record = {"stage": text, "attempt": self.attempt, "started": self.started, "host": os.uname().nodename}
+            record = {"stage": text, "attempt": self.attempt, "started": self.started, "host": os.uname().nodename,
+                      "pid": os.getpid()}
             _write_json(self.folder / RUNNING, record)
             self.written = time.monotonic()
 
@@ -194,17 +196,14 @@ def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> d
     folder = RunFolder(run)
     cfg = copy.deepcopy(cfg)
     cfg.data.data, cfg.data.defect = str(job.data), job.defect
-    resume = folder.is_run()
-    if resume and folder.load_config().model != cfg.model:
-        raise UserError(
-            f"{folder.config}: this run was trained with other model settings; delete the run or use another --out"
-        )
-    if folder.trained_steps() < cfg.train.steps:
-        status.log(f"{'resuming' if resume else 'starting'} training run {run}")
+    if folder.trained_steps() < cfg.train.steps:  # a started run resumes, or starts over without a checkpoint
+        status.log(f"{'resuming' if folder.latest_checkpoint() else 'starting'} training run {run}")
         training.train(
-            cfg, run, resume=resume, log=status.log, bars=status.bars,
+            cfg, run, resume=folder.is_run(), log=status.log, bars=status.bars,
             progress=lambda step, total, losses: status.stage(f"training {step}/{total}"),
         )
+    else:  # a trained run is reused with its own settings only
+        training.check_trained_with(folder, cfg)
     def pairs(force: bool) -> generation.GenerationSummary:
         return generation.generate(
             run, out / GENERATED, cfg.generate, u2net_weights=cfg.data.u2net_weights, log=status.log,
@@ -392,7 +391,7 @@ def run_all(
                     try:
                         record_of(job, ray.get(ref))
                     except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
-                        record_of(job, _failure(out, job, cfg, f"{type(exc).__name__}: {exc}"))
+                        record_of(job, _failure(out, job, cfg, lost_job_error(job, exc)))
                 submit_evaluations()
                 live.update(job_table(jobs, records, pending.values(), out))
                 if plain and pending and time.monotonic() - last_line >= PLAIN_INTERVAL_S:
@@ -490,6 +489,19 @@ def run_outcome(jobs: list[Job], records: dict[str, dict]) -> tuple[int, str]:
             "(raise generate.max_tries_factor or loosen generate.max_area/min_on_object/min_alignment in --config, then re-run)"
         )
     return 0, ""
+
+
+def lost_job_error(job: Job, exc: Exception) -> str:
+    """The error of a job Ray gave up on: its worker died on both tries (killed, out of memory, its node lost),
+    or Ray could not run it. Ray's own text points at its log files; this says what to do."""
+    from ray.exceptions import NodeDiedError, OutOfMemoryError, WorkerCrashedError
+
+    if isinstance(exc, (WorkerCrashedError, OutOfMemoryError, NodeDiedError)):
+        why = "its worker died on both tries (killed, out of memory, or its node lost)"
+    else:
+        why = f"Ray could not run it ({' '.join(str(exc).split())[:200]})"
+    return (f"{type(exc).__name__}: {why}; see jobs/{job.name}/{LOG}, then run the same command again to retry it "
+            "(a training resumes from its last checkpoint)")
 
 
 def _failure(out: Path, job: Job, cfg: Config, error: str, **fields) -> dict:

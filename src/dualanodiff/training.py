@@ -5,7 +5,8 @@ Targets per training pair, computed in ``[-1, 1]`` space: the image ``I``, the a
 latent distributions are encoded once for every flip variant; each step draws pairs, latents, the
 timestep (shared by a pair's rows) and the noise (independent per row as in the paper, or one draw for
 both rows with ``train.noise: shared``) from one seeded `torch.Generator` whose state is checkpointed
-with the optimizer, so an interrupted and resumed run equals an uninterrupted one.
+with the optimizer, so an interrupted and resumed run equals an uninterrupted one. Data-parallel
+(``accelerate launch``, ``torchrun``): every process draws the same global batch and trains on its share.
 
 Prompts may name the category and the defect (``a {object} with {defect}``); training fills them in and
 saves the filled prompts in the run's config. ``train.defect_loss_weight`` w weights the anomaly
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import shutil
 import time
@@ -35,8 +37,9 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from dualanodiff.category import CategoryOptions, adapt_to_category, category_caption, fuse_category, save_category
-from dualanodiff.config import Config, TrainConfig, validated
+from dualanodiff.config import Config, ModelConfig, TrainConfig, validated
 from dualanodiff.data import (
+    Category,
     Pair,
     few_shot_split,
     load_image,
@@ -46,7 +49,7 @@ from dualanodiff.data import (
 )
 from dualanodiff.decoder import refine_decoder, save_decoder
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
-from dualanodiff.errors import UserError
+from dualanodiff.errors import OtherSettings, UserError, describe_changes
 from dualanodiff.images import (
     as_batch,
     resize_image,
@@ -62,6 +65,7 @@ from dualanodiff.progress import Bars, no_bars
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
+PROMPT_OPTIONS = ("global_prompt", "anomaly_prompt", "learned_words")  # may name the category and defect
 LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly", "loss_anomaly_defect")
 ADDED_MODULES = (".saim.", ".bcm.")  # the paper's new modules, trained at lr * train.added_lr_scale
 
@@ -134,6 +138,26 @@ def fill_prompt(template: str, category: str, defect: str, kind: str) -> str:
     return template.replace("{object}", name).replace("{defect}", defect.replace("_", " "))
 
 
+def filled_prompts(model: ModelConfig, category: Category, defect: str) -> ModelConfig:
+    """`model` with its prompt options filled in (`fill_prompt`), as a run saves them."""
+    return dataclasses.replace(model, **{
+        option: fill_prompt(getattr(model, option), category.root.name, defect, category.kind) for option in PROMPT_OPTIONS
+    })
+
+
+def check_trained_with(run: RunFolder, cfg: Config) -> None:
+    """Refuse (`OtherSettings`) to continue or reuse `run` with model settings other than those it was trained
+    with: `train --resume`, run-all and the demo ask here. The saved prompts were filled in by training, so
+    ``cfg``'s are filled in the same way first: a recipe's "a {object} with {defect}" is the run's "a nut with crack"."""
+    wanted = filled_prompts(cfg.model, open_category(cfg.data.data), cfg.data.defect)
+    changes = describe_changes(dataclasses.asdict(run.load_config().model), dataclasses.asdict(wanted))
+    if changes:
+        raise OtherSettings(
+            f"{run.config}: this run was trained with other model settings ({changes}); keep the run's settings, "
+            "or start over in another --out (or delete the run)"
+        )
+
+
 def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The anomaly branch's training loss (MSE, or weighted toward the defect's latent cells when
     ``weight > 0``) and its MSE on the defect cells alone (for loss.csv; nan when no cell is defect)."""
@@ -147,13 +171,19 @@ def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.
 
 
 def prepare_run(cfg: Config, out: Path, resume: bool, force: bool) -> Config:
-    """Check the run folder: a fresh one, an existing run to resume, or one to replace with --force."""
+    """Check the run folder: a fresh one, an existing run to resume (with its own settings, `check_trained_with`;
+    one without a checkpoint starts over with ``cfg``'s), or one to replace with --force."""
     out = Path(out)
     existing = out.exists() and any(out.iterdir())
+    run = RunFolder(out)
     if resume:
-        if not RunFolder(out).is_run():
+        if not run.is_run():
             raise UserError(f"{out}: no run to resume here (config.yaml missing); drop --resume to start one")
-        saved = RunFolder(out).load_config()
+        if run.latest_checkpoint() is None:  # stopped before its first checkpoint: nothing to keep, start over
+            shutil.rmtree(out)
+            return cfg
+        check_trained_with(run, cfg)
+        saved = run.load_config()
         saved.train.steps = cfg.train.steps
         return saved
     if existing and not force:
@@ -269,8 +299,7 @@ def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair],
         )
     train_pairs, test_pairs = few_shot_split(category.defects[cfg.data.defect], cfg.data.split_rounding)
     train_pairs = with_marked_masks(train_pairs, cfg.data.allow_empty_masks, log)
-    for option in ("global_prompt", "anomaly_prompt", "learned_words"):
-        setattr(cfg.model, option, fill_prompt(getattr(cfg.model, option), category.root.name, cfg.data.defect, category.kind))
+    cfg.model = filled_prompts(cfg.model, category, cfg.data.defect)
     cfg.split = {"train": [p.stem for p in train_pairs], "test": [p.stem for p in test_pairs]}
     kind = category.kind if cfg.data.foreground == "auto" else cfg.data.foreground
     return train_pairs, kind, category.train_good
@@ -302,12 +331,17 @@ def training_noise(shape: torch.Size, generator: torch.Generator, cfg: TrainConf
 
 def batch_losses(ddp_model, data: TrainingSet, generator: torch.Generator, cfg: Config, base: BaseModel, accelerator):
     """One batch drawn from `generator` (pairs, latents, shared timestep, noise) and its losses:
-    (total, global, anomaly, anomaly on the defect's cells)."""
+    (total, global, anomaly, anomaly on the defect's cells). Every process draws the global batch (P
+    processes x ``train.batch_size``) and keeps its share, so P processes train what one process does with
+    the global batch: the all-reduced gradient is that batch's mean."""
     scheduler = base.scheduler
-    indices = torch.randint(len(data.mean), (cfg.train.batch_size,), generator=generator)
-    latents = data.sample(indices, generator, base.vae.config.scaling_factor)  # (B, 3, C, h, w)
+    rank, processes, size = accelerator.process_index, accelerator.num_processes, cfg.train.batch_size
+    indices = torch.randint(len(data.mean), (processes * size,), generator=generator)
+    latents = data.sample(indices, generator, base.vae.config.scaling_factor)  # (P * B, 3, C, h, w)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
     noise = training_noise(latents.shape, generator, cfg.train)
+    share = slice(rank * size, (rank + 1) * size)
+    indices, latents, timesteps, noise = indices[share], latents[share], timesteps[share], noise[share]
     noisy = _add_noise(scheduler, latents, noise, timesteps)
     target = noise if scheduler.config.prediction_type == "epsilon" else _velocity(scheduler, latents, noise, timesteps)
     device = accelerator.device
@@ -337,7 +371,8 @@ def train(
     cfg = validated(cfg, "config")
     out = Path(out)
     run = RunFolder(out)
-    settings = run.load_config().train if resume and run.is_run() else cfg.train  # a resumed run keeps its own
+    resumed = resume and run.latest_checkpoint() is not None
+    settings = run.load_config().train if resumed else cfg.train  # a resumed run keeps its own
     accelerator = make_accelerator(settings.mixed_precision, settings.device)
     main = accelerator.is_main_process  # under `accelerate launch` only the main process writes and logs
     log = log if main else (lambda message: None)
@@ -361,7 +396,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg.train)
     rank, processes = accelerator.process_index, accelerator.num_processes
-    generator = torch.Generator().manual_seed(cfg.train.seed + rank)  # each process draws its own batches
+    generator = torch.Generator().manual_seed(cfg.train.seed)  # the same global batches on every process
     checkpoint = run.latest_checkpoint() if resume else None
     step, rows = 0, []
     if checkpoint is not None:
