@@ -384,7 +384,7 @@ def train(
     cfg.data.resolution = cfg.data.resolution or base.resolution
     if cfg.data.resolution % (8 * base.vae_scale_factor):
         raise UserError(f"data.resolution {cfg.data.resolution}: must be a multiple of {8 * base.vae_scale_factor}")
-    if main and not resume:
+    if main and not run.is_run():
         cfg.to_yaml(run.config)  # the run exists from here: a stop while adapting continues with --resume
     adapt_base(base, cfg, normals, kind, run, accelerator, log, bars)
     # an fp32 copy, taken before mixed precision casts the frozen parts; none once the run has its decoder
