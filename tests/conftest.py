@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,5 +99,29 @@ def run_cli(capsys):
             code = exc.code
         captured = capsys.readouterr()
         return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
+def sigterm_when():
+    """``sigterm_when(command, ready, env=None, jitter=0.1) -> stderr``: start `command`, wait until ``ready()``
+    (at most 600 s: a bound for a busy 2-core CPU), send SIGTERM a random moment of up to `jitter` seconds later,
+    and check that the process ended by that signal."""
+
+    def run(command: list[str], ready, env: dict | None = None, jitter: float = 0.1) -> str:
+        deadline = time.monotonic() + 600
+        with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+            try:
+                while not ready():
+                    assert process.poll() is None and time.monotonic() < deadline, (
+                        process.stderr.read() if process.poll() else "timeout")
+                    time.sleep(0.02)
+                time.sleep(random.uniform(0.0, jitter))
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(300) == -signal.SIGTERM
+            finally:
+                process.kill()  # a no-op once it has ended
+            return process.stderr.read()
 
     return run

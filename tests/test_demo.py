@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -180,7 +177,7 @@ def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_command_stopped_by_sigterm_then_run_again_reuses_its_finished_stages(tmp_path):
+def test_the_demo_command_stopped_by_sigterm_then_run_again_reuses_its_finished_stages(tmp_path, sigterm_when):
     """`dualanodiff demo` at test size as a user runs it: SIGTERM while it generates (training done) ends it
     by the signal with one line saying what to do; the same command then finishes (exit 0) without training
     again, and writes a report whose figures are images."""
@@ -188,18 +185,8 @@ def test_the_demo_command_stopped_by_sigterm_then_run_again_reuses_its_finished_
     tiny_demo_config().to_yaml(config)
     command = [sys.executable, "-m", "dualanodiff", "demo", "--out", str(out), "--config", str(config)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    lock, deadline = out / "generated" / "dualanodiff" / "nut" / "hole" / LOCK, time.monotonic() + 600
-    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
-        try:
-            while not lock.exists():  # the first generation has started, inside its signal handling
-                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
-                time.sleep(0.02)
-            time.sleep(random.uniform(0.0, 0.1))
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(300) == -signal.SIGTERM
-        finally:
-            process.kill()  # a no-op once it has ended
-        first = process.stderr.read()
+    lock = out / "generated" / "dualanodiff" / "nut" / "hole" / LOCK  # the first generation has started
+    first = sigterm_when(command, lock.exists, env)
     assert "training dualanodiff" in first and first.strip().splitlines()[-1] == (
         "stopped by SIGTERM with its finished work kept; run the same command again to continue")
     stages = json.loads((out / "stages.json").read_text())

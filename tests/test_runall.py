@@ -735,24 +735,14 @@ def test_a_job_whose_worker_dies_twice_fails_saying_what_to_do_and_a_rerun_retri
 
 
 @pytest.mark.slow
-def test_sigterm_to_run_all_during_training_then_the_same_command_finishes_with_the_same_pairs(uninterrupted, local_ray, tmp_path):
+def test_sigterm_to_run_all_during_training_then_the_same_command_finishes_with_the_same_pairs(uninterrupted, local_ray, tmp_path, sigterm_when):
     """What a scheduler sends: run-all forwards it to the training job, which checkpoints; run-all ends by
     SIGTERM saying to run the same command again, which resumes and finishes (the embedded base's recipe)."""
     out, job = tmp_path / "out", tmp_path / "out" / "jobs" / "nut__hole"
     command = [sys.executable, "-m", "dualanodiff", *map(str, recipe_run_all_args(uninterrupted)), "--out", str(out),
                "--address", local_ray.get_runtime_context().gcs_address]
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
-        try:
-            deadline = time.monotonic() + 600  # seconds on an idle 2-core CPU; the bound is for a busy one
-            while not ((running := training_stage(job)) and running["step"] >= 4):
-                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
-                time.sleep(0.02)
-            time.sleep(random.uniform(0.0, 0.3))
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(300) == -signal.SIGTERM
-        finally:
-            process.kill()  # a no-op once it has ended
-        line = process.stderr.read().strip().splitlines()[-1]
+    stderr = sigterm_when(command, lambda: (running := training_stage(job)) and running["step"] >= 4, jitter=0.3)
+    line = stderr.strip().splitlines()[-1]
     assert line == "stopped by SIGTERM after its running jobs saved their work; run the same command again to continue"
     stopped_at = int(RunFolder(out / "runs" / "nut" / "hole").latest_checkpoint().name.split("-")[1])
     assert 4 <= stopped_at < 16

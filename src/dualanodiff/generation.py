@@ -28,7 +28,12 @@ from dualanodiff.data import load_image, load_mask, open_category, recorded_spli
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
 from dualanodiff.images import resize_image, resize_mask
-from dualanodiff.masks import area_ratio, filter_verdict, foreground_mask, pair_consistency
+from dualanodiff.masks import (
+    area_ratio,
+    filter_verdict,
+    foreground_mask,
+    pair_consistency,
+)
 from dualanodiff.pairs import PairWriter, kept_rows, pair_size
 from dualanodiff.pipeline import (
     DualAnoDiffPipeline,

@@ -45,9 +45,9 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from dualanodiff.category import fuse_category
 from dualanodiff.config import GenerateConfig, ModelConfig
 from dualanodiff.data import load_image
-from dualanodiff.category import fuse_category
 from dualanodiff.decoder import decoder_state, load_decoder
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from dualanodiff.category import CategoryOptions, adapt_to_category, category_caption, fuse_category, save_category
+from dualanodiff.category import (
+    CategoryOptions,
+    adapt_to_category,
+    category_caption,
+    fuse_category,
+    save_category,
+)
 from dualanodiff.config import Config, ModelConfig, TrainConfig, validated
 from dualanodiff.data import (
     Category,

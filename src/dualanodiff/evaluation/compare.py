@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from dualanodiff.config import EvaluateConfig
-from dualanodiff.data import Category, few_shot_split, load_image, load_mask, open_category
+from dualanodiff.data import (
+    Category,
+    few_shot_split,
+    load_image,
+    load_mask,
+    open_category,
+)
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation.classification import evaluate_classification
 from dualanodiff.evaluation.generation_metrics import (
