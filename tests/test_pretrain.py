@@ -24,6 +24,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.evaluation.metrics import psnr
 from dualanodiff.model.base import (
     ARCHITECTURES,
+    build_base,
     build_tokenizer,
     load_base_model,
     tiny_architecture,
@@ -131,7 +132,7 @@ def test_vae_loss_decreases_on_a_fixed_batch():
 
 def test_the_weighted_l1_term_is_the_mean_of_each_pixels_error_times_its_weight():
     """Hand check: with a weight of 1 + w on some pixels, the loss grows by w times those pixels' L1 share."""
-    vae = pretrain.build_base(TINY.architecture, 32)[2].eval()
+    vae = build_base(TINY.architecture, 32)[2].eval()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     weight = torch.ones(2, 1, 16, 16)
     weight[0, :, 4:8, 4:8] = 10.0
@@ -186,7 +187,7 @@ def test_recoloured_turns_hue_about_the_grey_axis_and_keeps_grey_and_each_pixels
 
 def test_decoder_recolour_recolours_that_share_of_the_decoders_rows(finished, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pretrain, "recoloured", lambda images, angle, saturation: calls.append((angle, saturation))
+    monkeypatch.setattr(pretrain.vae, "recoloured", lambda images, angle, saturation: calls.append((angle, saturation))
                         or recoloured(images, angle, saturation))
     options = dataclasses.replace(TINY, init_from=str(finished[0]), decoder_recolour=1.0)
     run(tmp_path / "all", steps_vae=0, steps_unet=0, options=options, steps_decoder=2)
@@ -251,7 +252,7 @@ def test_each_stage_advances_its_bar_to_its_step_count_and_a_resumed_one_starts_
 
 def test_a_time_budget_stops_each_stage_by_the_clock_and_plans_its_steps(tmp_path, monkeypatch):
     ticks = iter(range(10**9))
-    monkeypatch.setattr(pretrain, "_now", lambda: next(ticks) * 0.05)  # a clock that moves only when read
+    monkeypatch.setattr(pretrain.stage, "_now", lambda: next(ticks) * 0.05)  # a clock that moves only when read
     monkeypatch.setattr(_Stage, "CALIBRATE", (1, 3))
     record = run(tmp_path / "timed", steps_vae=10**6, steps_unet=10**6, time_budget=2.0, steps_decoder=10**6)
     assert 3 <= record["steps"]["vae"] < record["steps"]["unet"] < 100, "the VAE has a fifth of the time"
@@ -265,7 +266,7 @@ def test_a_time_budget_stops_each_stage_by_the_clock_and_plans_its_steps(tmp_pat
 
 def test_every_stage_takes_a_step_even_when_the_budget_is_spent(tmp_path, monkeypatch):
     ticks = iter(range(10**9))
-    monkeypatch.setattr(pretrain, "_now", lambda: next(ticks) * 100.0)
+    monkeypatch.setattr(pretrain.stage, "_now", lambda: next(ticks) * 100.0)
     record = run(tmp_path / "late", steps_vae=50, steps_unet=50, time_budget=1.0)
     assert record["steps"] == {"vae": 1, "unet": 1, "decoder": 0}
     assert set(record["stopped_early"]) == {"vae", "unet"}
@@ -325,8 +326,6 @@ def test_the_v2_tokenizer_keeps_caption_words_whole_and_spells_names():
 
 
 def test_v2_fits_the_package_budget_in_fp16():
-    from dualanodiff.model.base import build_base
-
     tokenizer, unet, vae, text_encoder = build_base(ARCHITECTURES["v2"], 128, tokenizer_words(ARCHITECTURES["v2"],
                                                                                              PRETRAIN_FAMILIES))
     parameters = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
@@ -413,7 +412,7 @@ def test_a_warm_start_adds_attention_blocks_that_start_as_the_identity(tmp_path)
     base_dir = tmp_path / "base"
     run(base_dir, options=dataclasses.replace(TINY, architecture=without))
     base = load_base_model(str(base_dir))
-    tokenizer, unet, vae, text_encoder = pretrain.build_base(TINY.architecture, 32)
+    tokenizer, unet, vae, text_encoder = build_base(TINY.architecture, 32)
     assert any("down_blocks.0.attentions" in key for key in unet.state_dict())
     tokenizer, unet, vae, text_encoder = pretrain.warm_start(unet, str(base_dir))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
@@ -424,7 +423,7 @@ def test_a_warm_start_adds_attention_blocks_that_start_as_the_identity(tmp_path)
     warm = run(tmp_path / "warm", steps_vae=0, steps_unet=2, options=dataclasses.replace(TINY, init_from=str(base_dir)))
     assert warm["steps"]["vae"] == 0 and warm["latent_scaling_factor"] == base.vae.config.scaling_factor
     with pytest.raises(UserError, match="does not fit this architecture"):
-        pretrain.warm_start(pretrain.build_base(dataclasses.replace(TINY.architecture, unet_channels=(16, 16, 32)), 32)[1],
+        pretrain.warm_start(build_base(dataclasses.replace(TINY.architecture, unet_channels=(16, 16, 32)), 32)[1],
                             str(base_dir))
 
 
@@ -435,7 +434,7 @@ def test_the_gpu_v1_presets_train_on_from_the_shipped_base_itself(preset):
     options = PRESETS[preset].options
     assert options.init_from == "tiny" and PRESETS[preset].steps_vae == 0
     shipped = load_base_model("tiny")
-    tokenizer, unet, vae, text_encoder = pretrain.build_base(options.architecture, 128)
+    tokenizer, unet, vae, text_encoder = build_base(options.architecture, 128)
     tokenizer, unet, vae, text_encoder = pretrain.warm_start(unet, "tiny")
     assert unet.state_dict().keys() == shipped.unet.state_dict().keys()
     x, t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
