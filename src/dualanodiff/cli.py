@@ -582,10 +582,9 @@ def demo(
 @app.command("pretrain-base")
 def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
-    preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, gpu-v1 and gpu-v1-large (the shipped "
-                               "base trained on, on a GPU), cpu-v1 (gpu-v1 on the CPU), cpu, warm, v1 (the earlier base's sizes), "
-                               "decoder (refine a base's VAE decoder), decoder-colour (the same on recoloured images) or tiny; auto: "
-                               "gpu when a CUDA GPU is visible, else cpu."),
+    preset: str = typer.Option("v1", "--preset", help="The shipped base's runs in order: v1 (its architecture "
+                               "from scratch), decoder (refine a base's VAE decoder), cpu-v1 (train a base's UNet and text "
+                               "encoder on); or tiny (test size)."),
     steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
     steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),
     steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder alone, "
@@ -604,14 +603,10 @@ def pretrain_base_command(
     force: bool = typer.Option(False, "--force", help="Delete an earlier pretrain-base run in OUT and start over."),
 ) -> None:
     """Pretrain the small Stable-Diffusion-shaped base model (`--base-model tiny`) on synthetic images."""
-    import torch
-
     from dualanodiff.pretrain import PRESETS, pretrain_base
 
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() and device != "cpu" else "cpu"
     if preset not in PRESETS:
-        raise UserError(f"--preset {preset}: unknown; choose auto, {', '.join(PRESETS)}")
+        raise UserError(f"--preset {preset}: unknown or removed (CHANGELOG.md); choose {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     options = chosen.options if init_from is None else dataclasses.replace(chosen.options, init_from=init_from)
     if init_from not in (None, "tiny") and not (Path(init_from).expanduser() / "unet").is_dir():

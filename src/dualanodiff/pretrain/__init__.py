@@ -22,7 +22,7 @@ The package downloads no weights, yet DualAnoDiff tunes LoRA branches on top of 
    ``reconstructions.png`` beside it.
 
 Compute: on a GPU when there is one (bf16 autocast, fused AdamW), else on the CPU (fp32). ``PRESETS`` name
-the settings for each (``gpu``, ``cpu``, ``v1``: the earlier shipped architecture, ``tiny``: tests).
+the settings of the shipped base's runs (``v1``, ``decoder``, ``cpu-v1``) and of the tests (``tiny``).
 With a ``time_budget`` each training stage stops by the wall clock: after a few timed steps it plans how
 many steps fit (the VAE's learning-rate schedule follows that plan) and it never starts a step past its
 deadline.
@@ -31,7 +31,7 @@ Everything else follows from (resolution, seed, options): a seeded ``torch.Gener
 device drives every random draw, its state is checkpointed with the models and optimisers, so a resumed
 run continues exactly where it stopped (on the same kind of device). Example::
 
-    record = pretrain_base(Path("base"), steps_vae=2400, steps_unet=5500, options=PRESETS["cpu"].options)
+    record = pretrain_base(Path("base"), steps_vae=2400, steps_unet=5500, options=PRESETS["v1"].options)
     print(record["heldout"]["vae_psnr_db"])
 
 Modules, in the order a run uses them: ``options`` (`PretrainOptions`, `PRESETS`), ``data`` (the rendered
@@ -47,10 +47,10 @@ from dualanodiff.pretrain.options import PRESETS, PretrainOptions, Preset
 from dualanodiff.pretrain.run import warm_start
 from dualanodiff.pretrain.stage import _Stage
 from dualanodiff.pretrain.unet import profile_unet_step
-from dualanodiff.pretrain.vae import latent_scaling_factor, recoloured, vae_loss
+from dualanodiff.pretrain.vae import latent_scaling_factor, vae_loss
 
 __all__ = [
     "Architecture", "PretrainOptions", "Preset", "PRESETS", "TIMESTEP_BUCKETS", "latent_scaling_factor", "measure_base",
-    "pretrain_base", "profile_unet_step", "recoloured", "render_corpus", "tokenizer_words", "vae_loss", "warm_start",
+    "pretrain_base", "profile_unet_step", "render_corpus", "tokenizer_words", "vae_loss", "warm_start",
     "_Stage",
 ]

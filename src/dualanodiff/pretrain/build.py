@@ -25,7 +25,7 @@ def pretrain_base(
     steps_unet: int,
     resolution: int = 128,
     seed: int = 0,
-    options: PretrainOptions = PRESETS["cpu"].options,
+    options: PretrainOptions = PRESETS["v1"].options,
     *,
     resume: bool = False,
     force: bool = False,

@@ -91,12 +91,12 @@ def _measure(run: _Run, models: Models, data: Data, seed: int) -> tuple[dict, di
     return figures, sheets
 
 
-def measure_base(spec: str, resolution: int = 128, seed: int = 0, options: PretrainOptions = PRESETS["cpu"].options,
+def measure_base(spec: str, resolution: int = 128, seed: int = 0, options: PretrainOptions = PRESETS["v1"].options,
                  device: str = "auto", workers: int = 1) -> dict:
     """The held-out figures of any base (``load_base_model`` spec) on the same held-out images a pretraining
-    run with (resolution, seed, options) measures: the way to put an earlier base beside a new one.
+    run with (resolution, seed, options) measures: the way to put two bases side by side.
 
-        before = measure_base("tiny", options=PRESETS["gpu"].options)  # the shipped base, the gpu run's images
+        before = measure_base("tiny", options=PRESETS["cpu-v1"].options)  # the shipped base, a cpu-v1 run's images
     """
     base = load_base_model(spec)
     target = resolve_device(device)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
@@ -16,7 +15,6 @@ from dualanodiff.pretrain.data import Data
 from dualanodiff.pretrain.run import Models, _Run
 from dualanodiff.pretrain.stage import _Stage, _stage_deadline
 from dualanodiff.progress import Bars
-from dualanodiff.synthetic import hue_rotation
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator,
@@ -121,11 +119,6 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
         y, x = torch.randint(resolution - crop + 1, (2,), generator=run.host_generator).tolist()
         batch = images[index, :, y : y + crop, x : x + crop]
         defect = (batch != 128).any(1, keepdim=True).float() * is_part  # a part image's defect: its non-grey pixels
-        if opts.decoder_recolour:  # the chosen rows: a uniform hue turn, saturation x U(1, 2)
-            chosen = torch.rand(len(batch), generator=run.generator, device=run.device) < opts.decoder_recolour
-            angle = torch.rand(len(batch), generator=run.generator, device=run.device) * 2 * math.pi * chosen
-            saturation = 1 + torch.rand(len(batch), generator=run.generator, device=run.device) * chosen
-            batch = recoloured(batch, angle, saturation)
         with run.autocast():
             loss = vae_loss(vae, batch_to_model_range(batch), opts.kl_weight, run.generator, 1 + opts.defect_weight * defect)
         optimizer.zero_grad()
@@ -137,16 +130,6 @@ def _refine_decoder(run: _Run, models: Models, data: Data, max_steps: int, bars:
     if stage.finish():
         checkpoint()
     vae.requires_grad_(False).eval()
-
-
-def recoloured(images: torch.Tensor, angle: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
-    """uint8 N x 3 x H x W images with each row's hue turned by its `angle` (radians) about the grey axis and its
-    saturation scaled by its `saturation`: every pixel's channel mean is kept, so grey stays grey."""
-    turn = torch.tensor(np.stack([hue_rotation(a) for a in angle.tolist()]), dtype=torch.float32, device=images.device)
-    x = images.float()
-    mean = x.mean(1, keepdim=True)
-    out = mean + torch.einsum("nij,njhw->nihw", saturation[:, None, None] * turn, x - mean)
-    return out.round().clamp(0, 255).to(images.dtype)
 
 
 def _encode_corpus(run: _Run, models: Models, data: Data) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -66,7 +66,6 @@ from dualanodiff.synthetic.dataset import (
     render_sample,
     write_dataset,
 )
-from dualanodiff.synthetic.defects import hue_rotation
 from dualanodiff.synthetic.world import (
     GREY,
     WORLD_KINDS,
@@ -80,6 +79,6 @@ from dualanodiff.synthetic.world import (
 
 __all__ = [
     "CATEGORIES", "FAMILIES", "GREY", "HELD_OUT", "PRETRAIN_FAMILIES", "WORLD_KINDS", "WORLD_MIX",
-    "background_image", "dataset_jobs", "hue_rotation", "part_image", "render_defect", "render_normal",
+    "background_image", "dataset_jobs", "part_image", "render_defect", "render_normal",
     "render_sample", "thing_name", "world_item", "world_words", "write_dataset",
 ]
