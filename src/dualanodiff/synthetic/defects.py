@@ -26,7 +26,7 @@ from dualanodiff.synthetic.scenes import _glyphs
 _Defect = Callable[[_Scene, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 def _object_region(scene: _Scene) -> np.ndarray:
     region = scene.foreground > 0.999
-    if scene.framed:  # a distance transform needs a border to measure from; weave keeps its old behaviour
+    if scene.framed:  # a distance transform needs a border to measure from (the world's textures, not weave)
         region[[0, -1], :] = region[:, [0, -1]] = False
     return region
 
