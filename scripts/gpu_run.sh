@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One GPU run's work in one device call (about 9.5 minutes): base pretrainings side by side on the
-# one GPU (issue 13: by default preset gpu, the v2 architecture, and preset gpu-small, a base whose few-shot
-# training stays CPU-cheap), then the SD-1.5-scale benchmark rows alone on the GPU (issue 17).
+# one GPU (by default preset cpu-v1, the shipped base's last run), then the SD-1.5-scale benchmark rows alone
+# on the GPU.
 #
 #   bash scripts/pretrain_gpu.sh --fetch-wheels   # once, with network access: the pinned wheels into .whl/ (git-ignored)
 #   bash scripts/gpu_run.sh --tiny                # on any CPU: the whole path at test size
 #   bash scripts/gpu_run.sh                       # on the GPU machine, with .whl/ copied along (under 10 minutes)
 #
-# Environment: OUT (default ./gpu_run_out), PRESETS (the pretrainings, side by side; default "gpu gpu-small"),
+# Environment: OUT (default ./gpu_run_out), PRESETS (the pretrainings, side by side; default "cpu-v1"),
 # PRETRAIN_BUDGET (seconds for the pretrainings, default 350), BENCH_BUDGET (seconds for the benchmark, default
 # 190), TRAIN_CAP / GENERATE_CAP (the benchmark's parts, default 80 / 60), TRAIN_GROUPS (benchmarks/gpu.sh),
 # PYTHON, WHEELS (default .whl), WORK.
@@ -19,7 +19,7 @@ set -euo pipefail
 START=$(date +%s)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$PWD/gpu_run_out}
-PRESETS=${PRESETS:-gpu gpu-small}
+PRESETS=${PRESETS:-cpu-v1}
 PRETRAIN_BUDGET=${PRETRAIN_BUDGET:-350}
 BENCH_BUDGET=${BENCH_BUDGET:-190}
 PYTHON=${PYTHON:-python3}

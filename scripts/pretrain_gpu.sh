@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrain the embedded base model (`dualanodiff pretrain-base --preset gpu`) on a fresh GPU machine,
+# Pretrain a base model (`dualanodiff pretrain-base --preset cpu-v1`: the shipped base's last run) on a fresh GPU machine,
 # start to finish inside a wall-clock budget (default 540 s), and leave the results under $OUT.
 #
 #   bash scripts/pretrain_gpu.sh --fetch-wheels   # once, with network access: the pinned wheels into .whl/ (git-ignored)
@@ -12,7 +12,7 @@
 #
 # Environment: OUT (results, default ./pretrain_out), BUDGET (seconds for the whole script, default 540),
 # RESERVE (seconds kept for measuring, samples, export and packing; default 75), PROFILE=0 (no step profile
-# in the log), PRESET (gpu, gpu-small, gpu-v1 or gpu-v1-large, default gpu), NAME (the results' file names, default PRESET),
+# in the log), PRESET (a pretrain-base preset, default cpu-v1), NAME (the results' file names, default PRESET),
 # SKIP_BEFORE=1 (do not measure the shipped base, when a run beside this one does), INIT_FROM (a base directory
 # that a warm-starting preset trains on from, instead of the shipped one), WORKERS (data processes,
 # default all cores), PYTHON (default python3), WHEELS (default .whl; empty: the installed packages),
@@ -36,7 +36,7 @@ BUDGET=${BUDGET:-540}
 RESERVE=${RESERVE:-75}
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-/tmp/dualanodiff-pretrain}
-PRESET=${PRESET:-gpu}
+PRESET=${PRESET:-cpu-v1}
 NAME=${NAME:-$PRESET}
 WHEELS=${WHEELS-$REPO/.whl}
 
@@ -92,7 +92,7 @@ if [ "$mode" = tiny ]; then
   RESERVE=30
 else
   if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    say "no CUDA GPU visible: refusing to run the gpu preset here (use --tiny to test the path on a CPU)"
+    say "no CUDA GPU visible: refusing to run here (use --tiny to test the path on a CPU)"
     exit 1
   fi
   preset=$PRESET resolution=128 device=cuda workers=${WORKERS:-$(nproc)}

@@ -505,27 +505,12 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Overwrite existing report files."),
 ) -> None:
     """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
-    from rich.table import Table
-
-    from dualanodiff.evaluation import (
-        combined_rows,
-        evaluate_generators,
-        parse_generated,
-        write_report,
-    )
-    from dualanodiff.evaluation.report import (
-        COLUMNS,
-        chart_path,
-        check_outputs,
-        table_rows,
-    )
+    from dualanodiff.evaluation import evaluate_generators, write_report
+    from dualanodiff.evaluation.report import chart_path, check_outputs
 
     options = {"steps": steps, "resolution": resolution, "seed": seed, "seeds": seeds, "base_width": base_width}
     cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
-    roots = dict(parse_generated(spec) for spec in generated)
-    if len(roots) != len(generated):
-        raise UserError("--generated: two folders share a row name; label them as NAME=DIR")
-    roots.update(combined_rows(combine or [], roots))
+    roots = generated_rows(generated, combine or [])
     check_outputs([report, report and chart_path(report), json_path, csv_path], force)
     for path in {Path(p).parent for p in (report, json_path, csv_path) if p is not None}:
         check_writable(path)  # before the U-Net trains
@@ -537,14 +522,34 @@ def evaluate(
                 classification=not no_classification, device=device, log=_log, bars=bars,
             )
         written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
+    print_results(results)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+def generated_rows(generated: list[str], combine: list[str]) -> dict[str, Path]:
+    """The evaluation's rows: each --generated folder by its name, then each --combine of them."""
+    from dualanodiff.evaluation import combined_rows, parse_generated
+
+    roots = dict(parse_generated(spec) for spec in generated)
+    if len(roots) != len(generated):
+        raise UserError("--generated: two folders share a row name; label them as NAME=DIR")
+    roots.update(combined_rows(combine, roots))
+    return roots
+
+
+def print_results(results: dict) -> None:
+    """The evaluation's table on the console: a row per generator, a column per metric."""
+    from rich.table import Table
+
+    from dualanodiff.evaluation.report import COLUMNS, table_rows
+
     table = Table(title=f"{results['category']} ({results['protocol']['selection']})")
     for title in ["generator"] + [title for _, title, _ in COLUMNS]:
         table.add_column(title)
     for cells in table_rows(results):
         table.add_row(*cells)
     print_table(table)
-    for path in written:
-        console.print(f"wrote {path}")
 
 
 # --- base model and demo: pretrain-base, demo ------------------------------------------------------
@@ -582,10 +587,9 @@ def demo(
 @app.command("pretrain-base")
 def pretrain_base_command(
     out: Path = typer.Option(..., "--out", help="Folder for the diffusers directory (unet, vae, text_encoder, ...)."),
-    preset: str = typer.Option("auto", "--preset", help="gpu, gpu-small, gpu-v1 and gpu-v1-large (the shipped "
-                               "base trained on, on a GPU), cpu-v1 (gpu-v1 on the CPU), cpu, warm, v1 (the earlier base's sizes), "
-                               "decoder (refine a base's VAE decoder), decoder-colour (the same on recoloured images) or tiny; auto: "
-                               "gpu when a CUDA GPU is visible, else cpu."),
+    preset: str = typer.Option("v1", "--preset", help="The shipped base's runs in order: v1 (its architecture "
+                               "from scratch), decoder (refine a base's VAE decoder), cpu-v1 (train a base's UNet and text "
+                               "encoder on); or tiny (test size)."),
     steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="VAE training steps (default: the preset's)."),
     steps_unet: Optional[int] = typer.Option(None, "--steps-unet", help="UNet + text encoder steps (default: the preset's)."),
     steps_decoder: Optional[int] = typer.Option(None, "--steps-decoder", help="Steps refining the VAE decoder alone, "
@@ -604,14 +608,10 @@ def pretrain_base_command(
     force: bool = typer.Option(False, "--force", help="Delete an earlier pretrain-base run in OUT and start over."),
 ) -> None:
     """Pretrain the small Stable-Diffusion-shaped base model (`--base-model tiny`) on synthetic images."""
-    import torch
-
     from dualanodiff.pretrain import PRESETS, pretrain_base
 
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() and device != "cpu" else "cpu"
     if preset not in PRESETS:
-        raise UserError(f"--preset {preset}: unknown; choose auto, {', '.join(PRESETS)}")
+        raise UserError(f"--preset {preset}: unknown or removed (CHANGELOG.md); choose {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     options = chosen.options if init_from is None else dataclasses.replace(chosen.options, init_from=init_from)
     if init_from not in (None, "tiny") and not (Path(init_from).expanduser() / "unet").is_dir():

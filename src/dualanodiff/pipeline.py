@@ -371,47 +371,57 @@ class DualAnoDiffPipeline:
         guidance = cfg.guidance if guidance_scale is None else guidance_scale
         initial_noise = initial_noise or cfg.initial_noise
         lay_part = cfg.lay_part if lay_part is None else lay_part
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
-        if (normal_image is None) != (mask is None) or (init_image is None) != (init_part is None):
-            raise ValueError("normal_image and mask go together, as do init_image and init_part")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength {strength}: must lie in (0, 1]")
-        if steps < 1:
-            raise UserError(f"--steps {steps}: must be at least 1")
+        check_call(output_type, normal_image, mask, init_image, init_part, strength, steps)
         generators, pair_seeds = self._generators(num_images, generator, seeds)
         sampler = copy.deepcopy(self.scheduler)  # set_timesteps and multistep solvers keep state per call
         sampler.set_timesteps(steps, device=self.device)
-        pairs, shape = len(generators), (self.latent_channels, self.latent_size, self.latent_size)
-
-        def noise(rows_per_pair: int) -> torch.Tensor:  # each pair's draws come from its own generator
-            draws = [torch.randn((rows_per_pair, *shape), generator=g) for g in generators]
-            return torch.stack(draws, 1).flatten(0, 1).to(self.device)  # (rows_per_pair * pairs, ...) row-blocked
-
-        draw = noise(2) if initial_noise == "independent" else noise(1).repeat(2, 1, 1, 1)
+        pairs = len(generators)
+        independent = initial_noise == "independent"
+        draw = self._noise(generators, 2) if independent else self._noise(generators, 1).repeat(2, 1, 1, 1)
         init = None if init_image is None else per_pair(init_image, pairs, "init_image") + per_pair(init_part, pairs, "init_part")
         latents, timesteps = self._start(sampler, draw, init, strength)
-        step_kwargs = {"generator": generators + generators} if "generator" in inspect.signature(sampler.step).parameters else {}
-
-        clean_background = None
-        if self.model.cfg.bcm:
-            if background is not None:
-                clean_background = self.encode(per_pair(background, pairs, "background"))
-            elif self.background_latents is not None:  # by seed, else by position in the call
-                chosen = [self.background_index(k if s is None else s) for k, s in enumerate(pair_seeds)]
-                clean_background = self.background_latents[chosen]
-            else:
-                raise UserError("background: the model uses BCM but the run has no backgrounds/; pass --background IMAGE")
-
+        clean_background = self._clean_background(background, pairs, pair_seeds)
         inpaint = None if normal_image is None else self._inpainting(normal_image, mask, pairs)
         capture = return_attention or cfg.mask_method == "attention"
-        attention = torch.zeros((pairs, *shape[1:]), device=self.device) if capture else None
+        latents, maps = self._denoise(sampler, timesteps, latents, generators, clean_background, inpaint, guidance,
+                                      capture)
+        images, masks, parts = self._pairs(latents, maps, inpaint, lay_part, pairs)
+        if output_type == "pil":
+            images, parts = [Image.fromarray(i) for i in images], [Image.fromarray(p) for p in parts]
+            masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
+        return DualAnoDiffPipelineOutput(images, masks, parts, pair_seeds, maps if return_attention else None)
+
+    def _noise(self, generators: list[torch.Generator], rows_per_pair: int) -> torch.Tensor:
+        """Latent noise, each pair's draws from its own generator: (rows_per_pair * pairs, ...), row-blocked."""
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        draws = [torch.randn((rows_per_pair, *shape), generator=g) for g in generators]
+        return torch.stack(draws, 1).flatten(0, 1).to(self.device)
+
+    def _clean_background(self, background: PerPair | None, pairs: int,
+                          pair_seeds: list[int | None]) -> torch.Tensor | None:
+        """BCM's background latents: the given images, else the run's backgrounds by seed (else by position in
+        the call); None without BCM."""
+        if not self.model.cfg.bcm:
+            return None
+        if background is not None:
+            return self.encode(per_pair(background, pairs, "background"))
+        if self.background_latents is not None:
+            chosen = [self.background_index(k if s is None else s) for k, s in enumerate(pair_seeds)]
+            return self.background_latents[chosen]
+        raise UserError("background: the model uses BCM but the run has no backgrounds/; pass --background IMAGE")
+
+    def _denoise(self, sampler, timesteps, latents, generators, clean_background, inpaint, guidance, capture):
+        """The sampling loop with both LoRA branches merged; with `capture` the attention maps averaged over the
+        later half of the steps (else None)."""
+        pairs = len(generators)
+        step_kwargs = {"generator": generators + generators} if "generator" in inspect.signature(sampler.step).parameters else {}
+        attention = torch.zeros((pairs, self.latent_size, self.latent_size), device=self.device) if capture else None
         late = len(timesteps) // 2
         with self.model.merged_adapters():  # no training here: each branch's LoRA folded into the weights
             for i, t in enumerate(timesteps):
                 rows = [latents]
                 if clean_background is not None:
-                    rows.append(sampler.add_noise(clean_background, noise(1), t.expand(pairs)))
+                    rows.append(sampler.add_noise(clean_background, self._noise(generators, 1), t.expand(pairs)))
                 model_input = sampler.scale_model_input(torch.cat(rows), t)
                 x_global, x_anomaly = model_input[:pairs], model_input[pairs : 2 * pairs]
                 x_background = model_input[2 * pairs :] if clean_background is not None else None
@@ -425,11 +435,15 @@ class DualAnoDiffPipeline:
                 if inpaint is not None:  # both branches: the image is the normal one, the part grey, outside `free`
                     target = inpaint.known
                     if i + 1 < len(timesteps):
-                        target = sampler.add_noise(target, noise(2), timesteps[i + 1].expand(2 * pairs))
+                        noise = self._noise(generators, 2)
+                        target = sampler.add_noise(target, noise, timesteps[i + 1].expand(2 * pairs))
                     latents = inpaint.free * latents + (1 - inpaint.free) * target
-
-        pixels = self.model.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
         maps = None if attention is None else list((attention / (len(timesteps) - late)).cpu().numpy())
+        return latents, maps
+
+    def _pairs(self, latents: torch.Tensor, maps, inpaint: Inpainting | None, lay_part: bool, pairs: int):
+        """Decoded images, their masks from the part images, and the parts (uint8 arrays)."""
+        pixels = self.model.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
         images, parts = list(to_uint8(pixels[:pairs])), list(to_uint8(pixels[pairs:]))
         masks = [self.part_mask(part, None if maps is None else maps[k]) for k, part in enumerate(parts)]
         if inpaint is not None:
@@ -437,7 +451,16 @@ class DualAnoDiffPipeline:
             images = [part_onto(normal, part, m) for normal, part, m in zip(inpaint.normals, parts, masks)]
         elif lay_part:
             images = [part_onto(image, part, m) for image, part, m in zip(images, parts, masks)]
-        if output_type == "pil":
-            images, parts = [Image.fromarray(i) for i in images], [Image.fromarray(p) for p in parts]
-            masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
-        return DualAnoDiffPipelineOutput(images, masks, parts, pair_seeds, maps if return_attention else None)
+        return images, masks, parts
+
+
+def check_call(output_type, normal_image, mask, init_image, init_part, strength: float, steps: int) -> None:
+    """A pipeline call's arguments that go together or have a range, checked before any work."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+    if (normal_image is None) != (mask is None) or (init_image is None) != (init_part is None):
+        raise ValueError("normal_image and mask go together, as do init_image and init_part")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength {strength}: must lie in (0, 1]")
+    if steps < 1:
+        raise UserError(f"--steps {steps}: must be at least 1")
