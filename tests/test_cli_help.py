@@ -66,7 +66,7 @@ def test_help_of_train_names_the_config_defaults():
 def _results(names: list[str]) -> dict:
     metrics = {"pairs": 123456, "pixel_auroc": 0.98765, "pixel_ap": 0.5, "pixel_f1max": 0.25, "pixel_aupro": 0.875,
                "image_auroc": 1.0, "image_ap": math.nan, "image_f1max": 0.0625, "is": 1.2345, "ic_lpips": 0.3333,
-               "accuracy": 0.75, "alignment": 4.7171}
+               "accuracy": 0.75, "alignment": 4.7171, "area_ratio": 0.4567}
     return {
         "category": "a-category-with-a-long-name",
         "protocol": {"selection": "fixed steps, no test-set selection"},
@@ -84,9 +84,9 @@ def test_a_wide_results_table_is_printed_whole_outside_a_terminal(monkeypatch, t
     assert lines[0] == "a-category-with-a-long-name (fixed steps, no test-set selection)"
     assert lines[1].split() == ["generator", "pairs", "pixel", "AUROC", "pixel", "AP", "pixel", "F1-max", "pixel",
                                 "AUPRO", "image", "AUROC", "image", "AP", "image", "F1-max", "IS", "IC-LPIPS",
-                                "accuracy", "alignment"]
+                                "accuracy", "alignment", "mask", "area", "×few-shot"]
     assert set(lines[2]) == {"-", " "}
-    cells = ["123456", "98.8", "50.0", "25.0", "87.5", "100.0", "–", "6.2", "1.23", "0.33", "75.0", "4.72"]
+    cells = ["123456", "98.8", "50.0", "25.0", "87.5", "100.0", "–", "6.2", "1.23", "0.33", "75.0", "4.72", "0.46"]
     assert lines[3].split() == [names[0], *cells] and lines[4].split() == [names[1], *cells]
     assert max(map(len, lines)) > 200 and "…" not in result.output
     assert len({line.index("98.8") for line in lines[3:5]}) == 1  # columns aligned
