@@ -43,7 +43,7 @@ from dualanodiff.model.base import Architecture
 from dualanodiff.pretrain.build import pretrain_base
 from dualanodiff.pretrain.data import render_corpus, tokenizer_words
 from dualanodiff.pretrain.measure import TIMESTEP_BUCKETS, measure_base
-from dualanodiff.pretrain.options import PRESETS, PretrainOptions, Preset
+from dualanodiff.pretrain.options import PRESETS, Preset, PretrainOptions
 from dualanodiff.pretrain.run import warm_start
 from dualanodiff.pretrain.stage import _Stage
 from dualanodiff.pretrain.unet import profile_unet_step

@@ -18,7 +18,6 @@ from dualanodiff.pretrain.run import Models, _Run
 from dualanodiff.pretrain.sheets import sample_prompts
 from dualanodiff.synthetic import FAMILIES, HELD_OUT, WORLD_MIX
 
-
 BASE_FILES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
 
 

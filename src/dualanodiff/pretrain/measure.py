@@ -21,7 +21,6 @@ from dualanodiff.pretrain.unet import diffusion_loss
 from dualanodiff.pretrain.vae import reconstruct
 from dualanodiff.synthetic import HELD_OUT, WORLD_KINDS
 
-
 TIMESTEP_BUCKETS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
 
 

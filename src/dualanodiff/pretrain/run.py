@@ -26,7 +26,6 @@ from dualanodiff.pretrain.data import Data, render_corpus, tokenizer_words
 from dualanodiff.pretrain.options import PretrainOptions
 from dualanodiff.synthetic import FAMILIES, HELD_OUT
 
-
 CHECKPOINT = "checkpoint/state.pt"
 
 

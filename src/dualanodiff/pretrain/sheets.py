@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dualanodiff.images import to_uint8

@@ -20,7 +20,6 @@ from dualanodiff.synthetic.draw import (
 )
 from dualanodiff.synthetic.scenes import _glyphs
 
-
 # A defect paints `target` over the base with opacity `alpha` (HxW); where alpha > 0.02 (and, for
 # objects, on the object) is its mask.
 _Defect = Callable[[_Scene, np.random.Generator], tuple[np.ndarray, np.ndarray]]

@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dualanodiff.synthetic.dataset import _category, PRETRAIN_FAMILIES, render_sample, _to_uint8
+from dualanodiff.synthetic.dataset import (
+    PRETRAIN_FAMILIES,
+    _category,
+    _to_uint8,
+    render_sample,
+)
 from dualanodiff.synthetic.defects import _recolour
-
 
 WORLD_KINDS = ("normal", "defective", "part", "background")
 """The four kinds of image the embedded base is pretrained on, as DualAnoDiff's branches and BCM see them:
