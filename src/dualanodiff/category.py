@@ -50,16 +50,6 @@ def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True)
 
 
-def category_caption(category: str, kind: str) -> str:
-    """The caption the category's normal images train under: what the few-shot prompts' ``{object}`` fills in.
-
-    >>> category_caption("metal_nut", "object"), category_caption("magnetic_tile", "texture")
-    ('a metal nut', 'magnetic tile texture')
-    """
-    name = category.replace("_", " ")
-    return f"{name} texture" if kind == "texture" else f"a {name}"
-
-
 def adapt_to_category(
     base, images: torch.Tensor, caption: str, options: CategoryOptions,
     stop: Callable[[], int] = lambda: 0, bars: Bars = no_bars,

@@ -155,7 +155,7 @@ class DualAnoDiffPipeline:
         self.resolution = resolution
         self.use_config(config or GenerateConfig())
         self._base_decoder: dict | None = None  # the base's decoder weights, once a run's refined one replaced them
-        self.category: Path | None = None  # the run's category LoRA fused into the base (`from_run`), if any
+        self.category: Path | None = None  # the run's category LoRA fused into the base, if any
         self.u2net_weights = ""  # a TorchScript U²-Net file, for config.mask_method "u2net"
         self.latent_size = resolution // model.base.vae_scale_factor
         self.latent_channels = model.unet.config.in_channels
@@ -179,26 +179,28 @@ class DualAnoDiffPipeline:
     @classmethod
     def from_pretrained(
         cls, base_model: str | Path, model_config: ModelConfig | None = None, device: str = "auto",
-        dtype: str = "fp32", resolution: int = 0,
+        dtype: str = "fp32", resolution: int = 0, category: Path | None = None,
     ) -> DualAnoDiffPipeline:
         """A local base model ('tiny', a diffusers directory, a .safetensors file) with untrained adapters of
-        `model_config`'s shape; `load_adapters` then brings a run's trained ones."""
+        `model_config`'s shape; `load_adapters` then brings a run's trained ones. `category`: a run's category
+        LoRA (`dualanodiff.category`), fused into the base before the adapters wrap it."""
         resolve_dtype(dtype, resolve_device(device))  # fail on bad options before loading the model
         cfg = replace(model_config or ModelConfig(), base_model=str(base_model))
-        model = DualAnoDiffModel(load_base_model(cfg.base_model), cfg)
-        return cls(model, [], resolution or model.base.resolution, device, dtype)
+        base = load_base_model(cfg.base_model)
+        if category is not None:
+            fuse_category(base.unet, category)
+        pipe = cls(DualAnoDiffModel(base, cfg), [], resolution or base.resolution, device, dtype)
+        pipe.category = category
+        return pipe
 
     @classmethod
     def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32") -> DualAnoDiffPipeline:
-        """The run's base model with its trained adapters, few-shot backgrounds and generate settings."""
+        """The run's base model (with its category LoRA where it has one), trained adapters, few-shot backgrounds
+        and generate settings."""
         folder = RunFolder(run)
         cfg = folder.load_config()
-        resolve_dtype(dtype, resolve_device(device))  # fail on bad options before loading the model
-        base = load_base_model(cfg.model.base_model)
-        if folder.category.is_file():
-            fuse_category(base.unet, folder.category)
-        pipe = cls(DualAnoDiffModel(base, cfg.model), [], cfg.data.resolution or base.resolution, device, dtype)
-        pipe.category = folder.category if folder.category.is_file() else None
+        category = folder.category if folder.category.is_file() else None
+        pipe = cls.from_pretrained(cfg.model.base_model, cfg.model, device, dtype, cfg.data.resolution, category)
         return pipe.load_adapters(run)
 
     @classmethod

@@ -39,7 +39,6 @@ from accelerate.utils import gather_object
 from dualanodiff.category import (
     CategoryOptions,
     adapt_to_category,
-    category_caption,
     fuse_category,
     save_category,
 )
@@ -484,7 +483,8 @@ def adapt_base(base: BaseModel, cfg: Config, normals: list[Path], kind: str, run
         return
     with deferred_signals() as stop:
         if accelerator.is_main_process and not run.category.is_file():
-            caption = category_caption(Path(cfg.data.data).name, kind)
+            # named as the prompts name it: "a metal nut", and a texture "magnetic tile texture"
+            caption = fill_prompt("{object}" if kind == "texture" else "a {object}", Path(cfg.data.data).name, "", kind)
             log(f"adapting the base to the category: {cfg.train.category_steps} steps on {len(normals)} normal images "
                 f"under {caption!r}")
             options = CategoryOptions(cfg.train.category_steps, cfg.train.category_rank, cfg.train.category_lr,
