@@ -358,19 +358,24 @@ def test_summary_rows_and_averages(tmp_path):
               "per_defect": {"x": metrics(0.9, None)}, "without_pairs": without},
         "b__z": {"job": "b__z", "status": "short earlier", "kept": 2, "asked": 3, "dropped": 0, "seconds": 18.0},
         "b": {"job": "b", "status": "done", "seconds": 8.0, "pairs": {"z": 2}, "metrics": metrics(0.8, 0.5),
-              "per_defect": {"z": metrics(0.8, 0.6)}},
+              "per_defect": {"z": metrics(0.8, 0.6)},
+              "compared": {"crop-paste": {**metrics(0.1, 0.2), "accuracy": 0.25}, "crop-paste+dualanodiff": {}}},
     }
+    records["a"]["metrics"]["accuracy"] = 0.5
     rows = summary_rows(jobs, records)
     assert [(r["category"], r["defect"], r["status"]) for r in rows] == [
         ("a", "w", "short"), ("a", "x", "done"), ("a", "y", "failed"), ("a", "(evaluation)", "done"),
         ("b", "z", "short earlier"), ("b", "(evaluation)", "done"),
+        ("b", "(evaluation: crop-paste)", "done"), ("b", "(evaluation: crop-paste+dualanodiff)", "done"),
         ("average", "over 2 of 4 defect types", "3/4 finished"),  # the types without pairs have no metrics
-        ("average", "over 2 categories (2 defect types)", "2/2 finished"),
+        ("average", "over 2 categories (2 defect types)", "2/2 finished"),  # ours only, not the compared rows
     ]
     assert [r["note"] for r in rows[:6]] == [
         "kept 0 of 4 pairs (filter dropped empty 3, too_large 1); not scored", "", "UserError: bad mask; not scored",
         "not scored (no pairs): w, y", "kept 2 of 3 pairs", "",
     ]
+    assert (rows[6]["pixel_auroc"], rows[6]["accuracy"], rows[6]["pairs"]) == (0.1, 0.25, None)
+    assert rows[-1]["accuracy"] == 0.5  # b's evaluation has one defect type: no accuracy
     assert rows[2]["pixel_auroc"] is None and rows[2]["pairs"] is None
     assert (rows[3]["pixel_auroc"], rows[3]["pairs"], rows[3]["seconds"]) == (0.7, 4, 6.0)
     over_defects, over_categories = rows[-2], rows[-1]
@@ -385,8 +390,7 @@ def test_summary_rows_and_averages(tmp_path):
     table = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert table[-2] == {"category": "average", "defect": "over 2 of 4 defect types", "pixel_auroc": "85.0",
                          "pixel_ap": "50.0", "pixel_f1max": "40.0", "pixel_aupro": "30.0", "image_auroc": "100.0",
-                         "image_ap": "100.0",
-                         "image_f1max": "60.0", "pairs": "2.0", "asked": "3.7", "dropped": "1.7", "seconds": "8.5",
+                         "image_ap": "100.0", "image_f1max": "60.0", "accuracy": "", "pairs": "2.0", "asked": "3.7", "dropped": "1.7", "seconds": "8.5",
                          "status": "3/4 finished", "note": ""}
     assert table[2]["pixel_auroc"] == "" and (table[0]["pairs"], table[0]["asked"]) == ("0", "4")
     assert table[3]["note"] == "not scored (no pairs): w, y"
@@ -514,11 +518,21 @@ def test_run_all_reports_a_failed_job_and_skips_finished_jobs_on_rerun(tmp_path,
     assert records["nut"]["pairs"] == {"hole": 2}  # evaluated on the type that was generated
     assert records["weave"]["pairs"] == {"cut": 2, "hole": 2}
     assert all(0 <= v <= 1 for v in records["weave"]["metrics"].values() if v is not None)
+    assert records["nut"]["metrics"]["accuracy"] is None  # one defect type: nothing to classify
+    for compared in ("crop-paste", "crop-paste+dualanodiff"):  # scored beside ours, with classification
+        assert 0 <= records["weave"]["compared"][compared]["accuracy"] <= 1
+        assert 0 <= records["weave"]["compared"][compared]["pixel_ap"] <= 1
+    assert 0 <= records["weave"]["metrics"]["accuracy"] <= 1
+    report = json.loads((out / "reports" / "weave" / "results.json").read_text())
+    assert [row["name"] for row in report["generators"]] == ["crop-paste", "dualanodiff", "crop-paste+dualanodiff"]
+    assert report["generators"][2]["pairs"] == {"cut": 4, "hole": 4}  # the two sets' pairs together
     assert (out / "reports" / "nut" / "report.md").is_file()
     assert len(list((out / "generated" / "weave" / "cut" / "image").glob("*.png"))) == 2
+    assert len(list((out / "baselines" / "crop-paste" / "weave" / "cut" / "image").glob("*.png"))) == 2
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert [row["status"] for row in summary] == [
-        "failed", "done", "done", "done", "done", "done", "3/4 finished", "2/2 finished"]
+        "failed", "done", "done", "done", "done", "done", "done", "done", "done", "done", "3/4 finished", "2/2 finished"]
+    assert [row["defect"] for row in summary[3:5]] == ["(evaluation: crop-paste)", "(evaluation: crop-paste+dualanodiff)"]
     assert records["nut"]["without_pairs"] == {"crack": f"generation failed: {records['nut__crack']['error']}"}
     assert "nut__crack: UserError" in (out / "summary.md").read_text()
 
@@ -571,11 +585,11 @@ def test_a_defect_type_without_kept_pairs_leaves_its_category_evaluated_on_the_o
     assert "not scored (no pairs): crack" in table
 
 
-def test_an_evaluation_job_shows_its_trainings_steps_as_its_stage(tmp_path, monkeypatch):
+def test_an_evaluation_job_shows_its_trainings_steps_as_its_stage(synthetic_root, tmp_path, monkeypatch):
     from dualanodiff import evaluation
 
     monkeypatch.setattr(runall, "STAGE_INTERVAL_S", 0.0)
-    job = Job("nut", tmp_path / "data" / "nut", None, ("hole",))
+    job = Job("nut", synthetic_root / "nut", None, ("hole",))
     status = JobStatus(tmp_path / "jobs" / job.name, 1, time.time())
     stages = []
 
@@ -587,9 +601,12 @@ def test_an_evaluation_job_shows_its_trainings_steps_as_its_stage(tmp_path, monk
         raise KeyboardInterrupt  # enough: what the table showed meanwhile is checked
 
     monkeypatch.setattr(evaluation, "evaluate_generators", fake_evaluate)
+    cfg = Config()
+    cfg.generate.num = 2
     with pytest.raises(KeyboardInterrupt):
-        runall.evaluate_category(job, tmp_path, Config(), status)
+        runall.evaluate_category(job, tmp_path, cfg, status)
     assert stages == ["dualanodiff: localization U-Net 1/100", "dualanodiff: localization U-Net 40/100"]
+    assert len(list((tmp_path / "baselines" / "crop-paste" / "nut" / "hole" / "image").glob("*.png"))) == 2
 
 
 def test_train_and_generate_replaces_pairs_made_with_other_settings(synthetic_root, tmp_path, monkeypatch):

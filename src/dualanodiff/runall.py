@@ -1,11 +1,14 @@
 """Whole-dataset runs (`dualanodiff run-all`): train and generate for every (category, defect type),
-then one localization evaluation per category, as Ray tasks on this machine or on a Ray cluster.
+then one evaluation per category (localization, and classification over its defect types), as Ray tasks
+on this machine or on a Ray cluster.
 
 The output folder::
 
     runs/<category>/<defect>/       training runs (`dualanodiff.training.train`)
     generated/<category>/<defect>/  generated pairs (`dualanodiff.generation.generate`)
-    reports/<category>/report.md    the category's evaluation (+ report.png, results.json, results.csv)
+    baselines/crop-paste/<category>/<defect>/  crop-paste pairs of the same few-shot defects
+    reports/<category>/report.md    the category's evaluation, ours beside crop-paste and beside both together
+                                    (+ report.png, results.json, results.csv)
     jobs/<category>__<defect>/      one folder per job (the evaluation's is jobs/<category>/):
                                     running.json while it runs (stage, start time, host, process
                                     id), then done.json or failed.json (error, traceback), and log.txt
@@ -56,6 +59,10 @@ from dualanodiff.signals import Stopped, deferred_signals
 
 GENERATED = "generated"
 GENERATOR = "dualanodiff"  # the row name in the evaluation reports
+CROP_PASTE = Path("baselines") / "crop-paste"  # crop-paste pairs of the same few-shot defects, for comparison
+COMBINED = f"crop-paste+{GENERATOR}"  # how users will use it: the few-shot real pairs plus generated ones
+COMPARED = ("crop-paste", COMBINED)  # the rows each category's evaluation scores beside ours
+SCORE_KEYS = (*METRIC_KEYS, "accuracy")  # a category's figures: localization, then classification
 RUNNING, DONE, FAILED, LOG = "running.json", "done.json", "failed.json", "log.txt"
 FINISHED = ("done", "short")  # ran to its end; "short": a generation that kept fewer pairs than asked
 EARLIER = " earlier"  # status suffix of a job skipped on a re-run: its done.json is from an earlier run
@@ -141,6 +148,8 @@ def job_settings(job: Job, cfg: Config) -> dict:
             "split_rounding": cfg.data.split_rounding,
             "defects": list(job.defects),
             "without_pairs": dict(job.without_pairs),  # listed in the report: a change rewrites it
+            "crop_paste": {"num": cfg.generate.num, "seed": cfg.generate.seed,
+                           "allow_empty_masks": cfg.data.allow_empty_masks},
         }
     return json.loads(json.dumps(sections))
 
@@ -223,13 +232,22 @@ def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> d
 
 
 def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> dict:
-    """The localization protocol on the category's generated pairs of ``job.defects``; writes its report."""
+    """The localization protocol (and classification, with two or more defect types: the paper's Table 3) on
+    the category's pairs of ``job.defects``, ours beside crop-paste of the same few-shot defects and beside
+    the two together; writes its report."""
+    from dualanodiff.baselines import crop_paste
     from dualanodiff.evaluation import evaluate_generators, write_report
 
+    status.stage("crop-paste pairs", force=True)
+    category = open_category(job.data)
+    for defect in job.defects:
+        crop_paste(category, defect, cfg.generate.num, out / CROP_PASTE, cfg.generate.seed, cfg.data.split_rounding,
+                   allow_empty_masks=cfg.data.allow_empty_masks, log=status.log)
     status.stage("evaluating", force=True)
+    rows = {"crop-paste": out / CROP_PASTE, GENERATOR: out / GENERATED, COMBINED: [out / CROP_PASTE, out / GENERATED]}
     results = evaluate_generators(
-        job.data, {GENERATOR: out / GENERATED}, cfg.evaluate, defects=list(job.defects),
-        rounding=cfg.data.split_rounding, classification=False, log=status.log, bars=status.bars,
+        job.data, rows, cfg.evaluate, defects=list(job.defects),
+        rounding=cfg.data.split_rounding, log=status.log, bars=status.bars,
     )
     results["without_pairs"] = dict(job.without_pairs)
     results["notes"] = list(results.get("notes", [])) + [
@@ -237,12 +255,14 @@ def evaluate_category(job: Job, out: Path, cfg: Config, status: JobStatus) -> di
     ]
     report = out / "reports" / job.category / "report.md"
     write_report(results, report, json_path=report.with_name("results.json"), csv_path=report.with_name("results.csv"), force=True)
-    row = results["generators"][0]
+    scored = {row["name"]: row for row in results["generators"]}
+    ours = scored[GENERATOR]
     return {
         "report": str(report),
-        "pairs": row["pairs"],
-        "metrics": _localization(row["metrics"]),
-        "per_defect": {defect: _localization(metrics) for defect, metrics in row["per_defect"].items()},
+        "pairs": ours["pairs"],
+        "metrics": _scores(ours["metrics"]),
+        "per_defect": {defect: _scores(metrics) for defect, metrics in ours["per_defect"].items()},
+        "compared": {name: _scores(scored[name]["metrics"]) for name in COMPARED},
         "without_pairs": dict(job.without_pairs),
     }
 
@@ -289,9 +309,9 @@ def _finish(folder: Path, name: str, record: dict) -> None:
         (folder / stale).unlink(missing_ok=True)
 
 
-def _localization(metrics: dict) -> dict:
-    """The localization metrics, None where not computed (strict JSON)."""
-    return {key: None if math.isnan(metrics[key]) else float(metrics[key]) for key in METRIC_KEYS}
+def _scores(metrics: dict) -> dict:
+    """The localization metrics and the classification accuracy, None where not computed (strict JSON)."""
+    return {key: None if math.isnan(metrics[key]) else float(metrics[key]) for key in SCORE_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -541,7 +561,7 @@ def job_table(jobs: list[Job], records: dict[str, dict], submitted, out: Path):
 SUMMARY_COLUMNS = (
     ("category", "category"),
     ("defect", "defect"),
-    *[(key, title) for key, title, _ in COLUMNS if key in METRIC_KEYS],
+    *[(key, title) for key, title, _ in COLUMNS if key in SCORE_KEYS],
     ("pairs", "pairs"),
     ("asked", "asked"),
     ("dropped", "dropped"),
@@ -550,7 +570,7 @@ SUMMARY_COLUMNS = (
     ("note", "note"),
 )
 EVALUATION_ROW = "(evaluation)"
-_AVERAGED = (*METRIC_KEYS, "pairs", "asked", "dropped", "seconds")
+_AVERAGED = (*SCORE_KEYS, "pairs", "asked", "dropped", "seconds")
 
 
 def summary_rows(jobs: list[Job], records: dict[str, dict]) -> list[dict]:
@@ -560,9 +580,11 @@ def summary_rows(jobs: list[Job], records: dict[str, dict]) -> list[dict]:
     test/good, its kept pairs of those asked, dropped pairs, train + generate seconds, status, and a
     note: the error, or why it was not scored), then the evaluation row (metrics over the category's
     test split of the defect types it scored, pairs evaluated, evaluation seconds; the note names the
-    defect types without pairs). Then two averages, whose ``defect`` cell says what they were taken
-    over: the defect types with metrics, and the evaluated categories (with their defect types, as the
-    paper's per-category mean). Averages skip missing values; their status counts the finished rows.
+    defect types without pairs; with two or more, also the classification accuracy), then a row for each
+    pair set scored beside ours (`COMPARED`: crop-paste, and crop-paste with ours). Then two averages of ours,
+    whose ``defect`` cell says what they were taken over: the defect types with metrics, and the evaluated
+    categories (with their defect types, as the paper's per-category mean). Averages skip missing values;
+    their status counts the finished rows.
     """
     defect_rows, evaluation_rows, scored, rows = [], [], [], []  # scored: defect types per evaluated category
     for job in jobs:
@@ -572,7 +594,7 @@ def summary_rows(jobs: list[Job], records: dict[str, dict]) -> list[dict]:
             metrics = (evaluation.get("per_defect") or {}).get(job.defect, {}) if finished(evaluation) else {}
             not_scored = finished(evaluation) and job.defect in (evaluation.get("without_pairs") or {})
             note = job_note(record) + ("; not scored" if not_scored else "")
-            row = {"category": job.category, "defect": job.defect, **{k: metrics.get(k) for k in METRIC_KEYS},
+            row = {"category": job.category, "defect": job.defect, **{k: metrics.get(k) for k in SCORE_KEYS},
                    "pairs": record.get("kept"), "asked": record.get("asked"), "dropped": record.get("dropped"),
                    "note": note.strip("; ")}
             defect_rows.append(row)
@@ -580,12 +602,18 @@ def summary_rows(jobs: list[Job], records: dict[str, dict]) -> list[dict]:
             done = finished(record)
             metrics = record.get("metrics", {}) if done else {}
             pairs = sum(record["pairs"].values()) if done else None
-            row = {"category": job.category, "defect": EVALUATION_ROW, **{k: metrics.get(k) for k in METRIC_KEYS},
+            row = {"category": job.category, "defect": EVALUATION_ROW, **{k: metrics.get(k) for k in SCORE_KEYS},
                    "pairs": pairs, "asked": None, "dropped": None, "note": job_note(record)}
             evaluation_rows.append(row)
             scored += [len(record["pairs"])] if done else []
         row.update(seconds=record.get("seconds"), status=record.get("status", "not run"))
         rows.append(row)
+        if not job.defect and finished(record):
+            rows += [
+                {"category": job.category, "defect": f"(evaluation: {name})", **{k: scores.get(k) for k in SCORE_KEYS},
+                 "pairs": None, "asked": None, "dropped": None, "seconds": None, "status": row["status"], "note": ""}
+                for name, scores in (record.get("compared") or {}).items()
+            ]
     with_metrics = sum(any(row[k] is not None for k in METRIC_KEYS) for row in defect_rows)
     rows.append(_average(defect_rows, f"over {with_metrics} of {len(defect_rows)} defect types"))
     rows.append(_average(evaluation_rows, f"over {len(scored)} categories ({sum(scored)} defect types)"))
@@ -634,8 +662,9 @@ def write_summary(out: Path, jobs: list[Job], records: dict[str, dict]) -> tuple
         "|" + "|".join(["---", "---"] + ["---:"] * (len(titles) - 4) + ["---", "---"]) + "|",
         *["| " + " | ".join(_md_cell(cell) for cell in line) + " |" for line in cells],
         "",
-        "Localization metrics in percent (per defect type: its test images plus test/good; evaluation rows: "
-        "the category's test split of the defect types it scored); pairs = generated pairs kept; asked = --num; "
+        "Localization metrics and classification accuracy in percent (per defect type: its test images plus "
+        "test/good; evaluation rows: the category's test split of the defect types it scored; crop-paste: the "
+        "few-shot defects pasted on normal images, scored the same way); pairs = generated pairs kept; asked = --num; "
         f"seconds = wall time of the job; {NOT_COMPUTED} = not computed.",
     ]
     without = [
