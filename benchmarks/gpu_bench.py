@@ -7,7 +7,7 @@ bf16, batch 4 pairs per training step:
 - ``train``: the four steps of `train_step.py` (dual, no-BCM, plain LoRA, official-style) with and without
   gradient checkpointing (the default options): peak memory of each and interleaved step times; then the
   full form (autograd through the background, full-width SAIM) against each FLOP cut
-  (``bcm_background_grad: false``, ``saim_rank`` 64 and 128) without and with checkpointing;
+  (``bcm_background_grad: false``) without and with checkpointing;
 - ``generate``: pairs per second at 512 px, DPM-Solver 25 steps and PNDM 100 steps, batch 8 and 16;
 - ``compile``: the dual training step, then one DPM-Solver sampling call, with the UNet under
   `torch.compile` against the same model eager (the first compiled call includes the compilation).

@@ -13,9 +13,9 @@ noised (as `dualanodiff.training` does after its one-off VAE encoding). Four ste
   layer runs the global and anomaly rows in separate calls in a Python loop and SAIM loops as well. It
   shares the dual model's parameters and is checked to compute the same noise predictions.
 
-``--cuts`` instead compares the full form of the dual step (``dual_full``: ``bcm_background_grad: true``,
-``saim_rank: 0``) with it plus one FLOP cut (issue 17): ``dual_bg_nograd`` (``model.bcm_background_grad:
-false``, the default) and ``dual_saim<N>`` (``model.saim_rank: N``), in time and FLOPs.
+``--cuts`` instead compares the full form of the dual step (``dual_full``: ``bcm_background_grad: true``)
+with it plus its FLOP cut ``dual_bg_nograd`` (``model.bcm_background_grad: false``, the default), in time and
+FLOPs.
 
 Times are measured in one process, interleaved (one step of each variant per round, rotating the order),
 after warm-up; the ratios are medians of per-round ratios. Peak memory is what each variant adds while it
@@ -24,7 +24,7 @@ Prints JSON and appends a row to RESULTS.md::
 
     python benchmarks/train_step.py --config tiny
     python benchmarks/train_step.py --config sd15 --device cuda --dtype bf16 --gradient-checkpointing
-    python benchmarks/train_step.py --config tiny --cuts dual_bg_nograd,dual_saim16,dual_saim32
+    python benchmarks/train_step.py --config tiny --cuts dual_bg_nograd
     python benchmarks/train_step.py --config sd15 --cuts --flops
 """
 
@@ -57,7 +57,7 @@ from dualanodiff.model.dual import DualAnoDiffModel
 
 VARIANTS = ("dual", "dual_no_bcm", "plain", "official")
 FULL = "dual_full"  # the dual step with no FLOP cut (the paper's form): what the cuts are measured against
-CUTS = ("dual_bg_nograd", "dual_saim64", "dual_saim128")  # the full form with one FLOP cut; dual_saim<N>: any rank
+CUTS = ("dual_bg_nograd",)  # the full form with one FLOP cut
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -83,7 +83,7 @@ class LoopedBranchProcessor(nn.Module):
     def _linear(self, attn: Attention, name: str, x: torch.Tensor, adapter: str) -> torch.Tensor:
         layer = attn.to_out[0] if name == "to_out" else getattr(attn, name)
         lora = self.dual.lora[name]
-        return layer(x) + lora.lora_B[adapter](lora.lora_A[adapter](x)) * lora.scale
+        return layer(x) + lora.lora_B[adapter](lora.lora_A[adapter](x))
 
     def _attention(self, attn: Attention, x: torch.Tensor, context: torch.Tensor, adapter: str) -> torch.Tensor:
         query, key, value = (self._linear(attn, n, s, adapter) for n, s in (("to_q", x), ("to_k", context), ("to_v", context)))
@@ -168,16 +168,14 @@ def official_style(model: DualAnoDiffModel) -> Callable:
 
 def variant_config(name: str) -> ModelConfig:
     """The model options of a dual-model variant: the defaults (``dual``, ``official``), ``dual_no_bcm``, the
-    full form ``dual_full`` (no FLOP cut), or the full form with one cut: ``dual_bg_nograd``, ``dual_saim<rank>``."""
-    full = ModelConfig(bcm_background_grad=True, saim_rank=0)
+    full form ``dual_full`` (no FLOP cut), or the full form with its cut: ``dual_bg_nograd``."""
+    full = ModelConfig(bcm_background_grad=True)
     if name == "dual_no_bcm":
         return ModelConfig(bcm=False)
     if name == FULL:
         return full
     if name == "dual_bg_nograd":
         return dataclasses.replace(full, bcm_background_grad=False)
-    if name.startswith("dual_saim"):
-        return dataclasses.replace(full, saim_rank=int(name.removeprefix("dual_saim")))
     if name in ("dual", "official"):
         return ModelConfig()
     raise ValueError(f"unknown variant {name!r}")

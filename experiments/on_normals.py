@@ -1,4 +1,4 @@
-"""Defects drawn into real normal images (`generate --on-normals`): which start strength teaches a localizer.
+"""Defects drawn into real normal images (`generate --canvas on-normals`): which start strength teaches a localizer.
 
 Takes a finished demo folder (its trained run, its data and its baseline pairs), generates the run's
 pairs on normal images at each strength, and trains the demo's localizer on every set at several
@@ -32,12 +32,12 @@ from dualanodiff.pairs import kept_rows
 
 def pair_sets(demo: Path, out: Path, strengths: list[float]) -> dict[str, Path]:
     """The on-normals folders, generated here when missing, beside the demo's own sets."""
-    cfg = Config.from_yaml(demo / "runs" / OURS / "config.yaml")
+    cfg = Config.of_run(demo / "runs" / OURS / "config.yaml")
     sets = {}
     for strength in strengths:
         name = f"on-normals-{strength:g}"
         settings = Config.from_dict(cfg.to_dict()).generate
-        settings.on_normals, settings.on_normals_strength = True, strength
+        settings.canvas, settings.strength = "on-normals", strength
         generate(demo / "runs" / OURS, out / name, settings)
         sets[name] = out / name
     return sets | {name: demo / "generated" / name for name in (OURS, "crop-paste", "perlin")}
@@ -49,7 +49,7 @@ def evaluation(demo: Path, out: Path, sets: dict[str, Path], seed: int) -> dict[
     cached = json.loads(path.read_text()) if path.is_file() else {}
     missing = {name: folder for name, folder in sets.items() if name not in cached}
     if missing:
-        cfg = Config.from_yaml(demo / "runs" / OURS / "config.yaml")
+        cfg = Config.of_run(demo / "runs" / OURS / "config.yaml")
         cfg.evaluate.seed = seed
         results = evaluate_generators(cfg.data.data, missing, cfg.evaluate, defects=[cfg.data.defect],
                                       classification=False, device=cfg.train.device)
@@ -71,7 +71,7 @@ def distance_from_pasted(cfg: Config, folder: Path) -> float:
 
 
 def table(demo: Path, sets: dict[str, Path], by_seed: dict[int, dict[str, dict]]) -> str:
-    cfg = Config.from_yaml(demo / "runs" / OURS / "config.yaml")
+    cfg = Config.of_run(demo / "runs" / OURS / "config.yaml")
     data = cfg.data
     seeds = sorted(by_seed)
     rows = []

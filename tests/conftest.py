@@ -47,7 +47,7 @@ def tiny_run(synthetic_root, tmp_path_factory) -> Path:
     cfg.data.data = str(synthetic_root / "nut")
     cfg.data.defect = "hole"
     cfg.model.base_model = "tiny-random"
-    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.model.rank, cfg.model.text_rank = 4, 4
     cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.device = 2, 2, 1e-3, "cpu"
     return train(cfg, tmp_path_factory.mktemp("tiny-run") / "run")
 

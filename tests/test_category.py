@@ -90,9 +90,9 @@ def adapted_config(synthetic_root, steps: int = 2) -> Config:
     cfg = Config()
     cfg.data.data, cfg.data.defect = str(synthetic_root / "nut"), "hole"
     cfg.model.base_model = "tiny-random"
-    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.model.rank, cfg.model.text_rank = 4, 4
     cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.device = steps, 2, 1e-3, "cpu"
-    cfg.train.category_steps, cfg.train.category_rank = 3, 4
+    cfg.train.category_steps = 3
     return cfg
 
 

@@ -15,10 +15,10 @@ from dualanodiff.config import Config
 
 # Options whose absence means "not used" (no default value to show), per command.
 NOT_USED_WHEN_ABSENT = {
-    "train": {"data", "defect", "config"},  # data, defect: from --config or the resumed run
-    "generate": {"u2net_weights", "background", "config", "normal", "mask"},
-    "evaluate": {"combine", "defect", "config", "inception_weights", "lpips_weights", "resnet_weights", "json_path",
-                 "report", "csv_path"},
+    "train": {"data", "defect", "config", "assigned"},  # data, defect: from --config or the resumed run
+    "generate": {"config", "normal", "mask", "assigned"},
+    "evaluate": {"combine", "defect", "config", "inception_weights", "lpips_weights", "resnet_weights", "report",
+                 "assigned"},
 }
 OPTION_NAME_OF_KEY = {"use_filter": "filter"}  # parameter name -> config key name, where they differ
 
@@ -58,8 +58,8 @@ def test_help_of_train_names_the_config_defaults():
     text = _help("train")
     defaults = Config()
     assert f"[default: (train.steps: {defaults.train.steps})]" in text
-    assert f"[default: (train.lr: {defaults.train.lr})]" in text
-    assert "[default: (model.saim: on)]" in text and "* --out" in text
+    assert "[default: (data.allow_empty_masks: off)]" in text and "* --out" in text
+    assert "--set SECTION.OPTION=VALUE" in text
     assert "required for a new run (or data.data in --config)" in text
 
 

@@ -1,4 +1,4 @@
-"""The typed config: YAML round trip, each option's valid range in one place, and the LoRA alpha rule."""
+"""The typed config: YAML round trip, each option's valid range in one place, retired keys, and --set."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, get_args, get_origin, get_type_hints
 import pytest
 import yaml
 
-from dualanodiff.config import Config, GenerateConfig, ModelConfig, Range, validated
+from dualanodiff.config import RETIRED, Config, GenerateConfig, Range, assignments, upgraded_run_config, validated
 from dualanodiff.errors import UserError
 
 
@@ -35,7 +35,7 @@ def test_the_range_declarations_cover_the_counts_and_shares():
     names = {(section, name) for section, name, _, _ in ranged_options()}
     assert {("train", "steps"), ("generate", "num"), ("generate", "max_area"), ("evaluate", "steps"),
             ("model", "rank"), ("train", "lr")} <= names
-    assert len(names) >= 25
+    assert len(names) >= 20
 
 
 @pytest.mark.parametrize("section,name,rule,kind", ranged_options(), ids=lambda v: str(v) if isinstance(v, str) else "")
@@ -72,21 +72,57 @@ def test_objects_built_in_python_are_checked_where_they_are_used():
     assert validated(GenerateConfig(num=3), "generate") == GenerateConfig(num=3)
 
 
-def test_lora_alpha_follows_the_rank_unless_set(tmp_path):
+def test_a_retired_yaml_key_fails_in_one_line_naming_what_replaced_it(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"model": {"rank": 8}}))
-    assert Config.from_yaml(path).model.lora_alpha == 8.0  # a YAML rank alone keeps the LoRA scale at 1
-    assert ModelConfig().lora_alpha == 32.0 and ModelConfig(rank=4, alpha=16.0).lora_alpha == 16.0
+    path.write_text(yaml.safe_dump({"generate": {"on_normals": True}}))
+    with pytest.raises(UserError) as caught:
+        Config.from_yaml(path)
+    message = str(caught.value)
+    assert "\n" not in message and "generate.on_normals was replaced by generate.canvas: on-normals" in message
+    path.write_text(yaml.safe_dump({"train": {"defect_loss_weight": 2.0}}))
+    with pytest.raises(UserError, match=r"train\.defect_loss_weight was removed, .*; drop it$"):
+        Config.from_yaml(path)
 
 
-def test_the_model_scales_lora_by_alpha_over_rank():
-    from dualanodiff.model.base import tiny_random_base
-    from dualanodiff.model.dual import DualAnoDiffModel
+def test_every_retired_key_is_refused_and_none_is_a_current_option():
+    for key in RETIRED:
+        section, name = key.split(".")
+        assert name not in {f.name for f in dataclasses.fields(getattr(Config(), section))}
+        with pytest.raises(UserError, match=rf"{section}\.{name} was (removed|replaced)"):
+            Config.from_dict({section: {name: RETIRED[key][1]}})
 
-    for cfg, scale in ((ModelConfig(rank=8, text_rank=0), 1.0), (ModelConfig(rank=4, alpha=8.0, text_rank=0), 2.0)):
-        model = DualAnoDiffModel(tiny_random_base(), cfg)
-        scales = {lora.scale for processor in model.processors for lora in processor.lora.values()}
-        assert scales == {scale}
+
+def test_a_run_saved_with_the_old_keys_loads_with_its_canvas_and_strength():
+    old = Config().to_dict()
+    old["model"].update(alpha=old["model"]["rank"], saim_rank=0)
+    old["train"].update(weight_decay=1e-2, decoder_lr=2e-4)
+    old["generate"].update(on_normals=True, on_normals_strength=0.5, start_from="noise", start_strength=1.0)
+    upgraded = Config.from_dict(upgraded_run_config(old))
+    assert (upgraded.generate.canvas, upgraded.generate.strength, upgraded.generate.start_strength) == ("on-normals", 0.5, 0.5)
+    old["generate"].update(on_normals=False, start_from="normal", start_strength=1.0)
+    upgraded = Config.from_dict(upgraded_run_config(old))
+    assert (upgraded.generate.canvas, upgraded.generate.strength) == ("normal", 0.0)
+    old["train"]["weight_decay"] = 0.5  # a value the code no longer offers: refused, not silently changed
+    with pytest.raises(UserError, match="train.weight_decay was removed"):
+        Config.from_dict(upgraded_run_config(old))
+
+
+def test_set_assignments_read_yaml_values_and_name_bad_keys():
+    assert assignments(["generate.guidance=3.5", "generate.canvas=on-normals", "train.steps=7", "generate.filter=false"]) == {
+        ("generate", "guidance"): 3.5, ("generate", "canvas"): "on-normals", ("train", "steps"): 7,
+        ("generate", "filter"): False}
+    for text, error in (("guidance=3", "expected SECTION.OPTION=VALUE"), ("sampling.steps=3", "no section 'sampling'"),
+                        ("generate.stepz=3", "unknown option"), ("generate.on_normals=true", "replaced by generate.canvas"),
+                        ("train.steps=0", "out of range")):
+        with pytest.raises(UserError, match=error):
+            Config().with_overrides(assignments([text]))
+    with pytest.raises(UserError, match="reads only the evaluate/data section"):
+        assignments(["train.steps=3"], ("evaluate", "data"))
+
+
+def test_the_config_stays_within_55_options():
+    sections = [getattr(Config(), f.name) for f in dataclasses.fields(Config)]
+    assert sum(len(dataclasses.fields(section)) for section in sections if dataclasses.is_dataclass(section)) <= 55
 
 
 def test_layers_apply_in_order_and_only_the_keys_they_set():

@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from dualanodiff.config import Config, GenerateConfig
+from dualanodiff.config import CANVAS_STRENGTH, Config
 from dualanodiff.demo import (
     DemoHooks,
     _whole_image_notes,
@@ -28,7 +28,7 @@ from dualanodiff.pairs import LOCK
 def tiny_demo_config(defect: str = "hole"):
     cfg = demo_config("nut", defect)
     cfg.model.base_model = "tiny-random"
-    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.model.rank, cfg.model.text_rank = 4, 4
     cfg.train.steps = 2
     cfg.train.decoder_steps = 2
     cfg.train.batch_size = 2
@@ -94,10 +94,10 @@ def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep()
     cfg = demo_config("nut", "hole")
     cfg.generate.lay_part = False
     assert _whole_image_notes(cfg)[0].startswith("Sampling started from a real `train/good` image noised to the first step ")
-    cfg.generate.start_from, cfg.generate.start_strength = "few-shot", 0.8
+    cfg.generate.canvas, cfg.generate.strength = "few-shot", 0.8
     assert _whole_image_notes(cfg)[0].startswith("Sampling started from a few-shot image noised to 0.8 of the schedule ")
     assert _whole_image_notes(cfg)[-2].startswith("Decoded with the base's VAE decoder refined for 100 steps ")  # the recipe
-    cfg.generate.start_from, cfg.train.decoder_steps = "noise", 0
+    cfg.generate.canvas, cfg.train.decoder_steps = "noise", 0
     assert _whole_image_notes(cfg) == []
 
 
@@ -123,13 +123,14 @@ def test_demo_writes_a_report_from_its_own_numbers_and_reuses_stages(tmp_path):
     assert f"{ours['consistency_mean']:.2f} dB" in text
     assert "2 of 2 generation attempts kept (100 %)" in text
     whole = [json.loads(line) for line in (out / "generated" / "dualanodiff" / "nut" / "hole" / "manifest.jsonl").open()]
-    assert [(row["lay_part"], row["start_from"]) for row in whole] == [(True, "normal")] * 2  # the base's recipe
+    assert [(row["lay_part"], row["canvas"], row["strength"]) for row in whole] == [(True, "normal", None)] * 2  # the recipe
     assert "laid on inside its mask (`generate.lay_part`" in text and "`train/good` image noised to the first step" in text
     assert "decoder refined for 2 steps" in text and (out / "runs" / "dualanodiff" / "decoder.safetensors").is_file()
     on_normals = [json.loads(line) for line in (out / "generated" / "dualanodiff-on-normals" / "nut" / "hole" / "manifest.jsonl").open()]
-    assert [(row["run"], row["on_normals"], row["on_normals_strength"]) for row in on_normals] == [
-        (str((out / "runs" / "dualanodiff").resolve()), True, GenerateConfig().on_normals_strength)] * 2
-    assert "`generate --on-normals`" in text and f"at strength {GenerateConfig().on_normals_strength:g}" in text
+    strength = CANVAS_STRENGTH["on-normals"]
+    assert [(row["run"], row["canvas"], row["strength"]) for row in on_normals] == [
+        (str((out / "runs" / "dualanodiff").resolve()), "on-normals", strength)] * 2
+    assert "`generate --canvas on-normals`" in text and f"at strength {strength:g}" in text
     from dualanodiff.demo import few_shot_reproduction
 
     reproduction = few_shot_reproduction(out, Config.from_yaml(out / "runs" / "dualanodiff" / "config.yaml"))

@@ -14,7 +14,7 @@ def test_device_names_are_checked():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in ("gpu0", "mps", "cuda:x"):
-        with pytest.raises(UserError, match=f"--device {name}: not a device name"):
+        with pytest.raises(UserError, match=f"device {name}: not a device name"):
             resolve_device(name)
     if not torch.cuda.is_available():
         for name in ("cuda", "cuda:1"):
@@ -27,9 +27,9 @@ def test_device_names_are_checked():
 def test_precision_names_are_checked():
     cpu = torch.device("cpu")
     assert resolve_dtype("bf16", cpu) is torch.bfloat16 and resolve_dtype("fp32", cpu) is torch.float32
-    with pytest.raises(UserError, match="--dtype fp16: half precision needs --device cuda"):
+    with pytest.raises(UserError, match="dtype fp16: half precision needs a CUDA device"):
         resolve_dtype("fp16", cpu)
-    with pytest.raises(UserError, match="--dtype half: unknown precision"):
+    with pytest.raises(UserError, match="dtype half: unknown precision"):
         resolve_dtype("half", cpu)
 
 

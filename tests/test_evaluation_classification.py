@@ -127,7 +127,7 @@ def test_a_short_training_run_fits_two_classes():
     bright = (175 + torch.rand(4, 3, 32, 32, generator=g) * 80).to(torch.uint8)
     images, labels = torch.cat([dark, bright]), torch.tensor([0] * 4 + [1] * 4)
     torch.manual_seed(0)
-    cfg = EvaluateConfig(steps=5, batch_size=8, lr=1e-3, seed=0)
+    cfg = EvaluateConfig(steps=5, batch_size=8, seed=0)
     model = train_classifier(ResNet34(num_classes=2), images, labels, cfg, "cpu")
     assert not model.training
     assert torch.equal(predict_classes(model, images), labels)

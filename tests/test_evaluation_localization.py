@@ -42,7 +42,7 @@ def test_unet_has_draem_widths_and_keeps_the_input_size():
 
 def test_resolution_must_be_a_multiple_of_32():
     check_resolution(64)
-    with pytest.raises(UserError, match="--resolution 48"):
+    with pytest.raises(UserError, match="evaluate.resolution 48"):
         check_resolution(48)
 
 
@@ -61,7 +61,7 @@ def _squares(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch
 def test_training_is_seeded_and_learns_a_trivial_defect():
     images, masks = _squares(8)
     normal = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 60).to(torch.uint8)
-    cfg = EvaluateConfig(steps=24, batch_size=8, lr=1e-2, resolution=32, seed=3)
+    cfg = EvaluateConfig(steps=60, batch_size=8, resolution=32, seed=3)
     first = train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu")
     second = train_localization_model(images, masks, normal, cfg, base_width=4, device="cpu")
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):

@@ -162,9 +162,8 @@ def test_evaluate_writes_a_complete_report(tmp_path, synthetic_root, generators,
     out = tmp_path / "nut.md"
     code, stdout, err = run_cli("evaluate", "--data", synthetic_root / "nut",
         "--generated", f"copy={generators['copy']}", "--generated", generators["disc"], "--combine", "copy+disc",
-        "--steps", "2", "--resolution", "64", "--base-width", "8", "--device", "cpu",
-        "--inception-weights", weights["inception"], "--lpips-weights", weights["lpips"],
-        "--report", out, "--json", tmp_path / "nut.json", "--csv", tmp_path / "nut.csv",
+        "--steps", "2", "--set", "evaluate.resolution=64", "--set", "evaluate.base_width=8",
+        "--inception-weights", weights["inception"], "--lpips-weights", weights["lpips"], "--report", out,
     )  # fmt: skip
     assert code == 0, err
     results = json.loads((tmp_path / "nut.json").read_text())
@@ -197,8 +196,8 @@ def test_evaluate_writes_a_complete_report(tmp_path, synthetic_root, generators,
 @pytest.mark.slow
 def test_evaluate_without_weight_files_says_which_file_is_needed(tmp_path, synthetic_root, generators, run_cli):
     code, _, err = run_cli("evaluate", "--data", synthetic_root / "nut", "--generated", generators["disc"],
-        "--defect", "hole", "--steps", "2", "--resolution", "64", "--base-width", "8", "--device", "cpu",
-        "--no-classification", "--json", tmp_path / "r.json",
+        "--defect", "hole", "--steps", "2", "--set", "evaluate.resolution=64", "--set", "evaluate.base_width=8",
+        "--no-classification", "--report", tmp_path / "r.md",
     )  # fmt: skip
     assert code == 0, err
     assert "--inception-weights FILE" in err and "--lpips-weights alexnet-*.pth --lpips-weights" in err
@@ -216,8 +215,10 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path, synthetic_root, generators
     missing = tmp_path / "r.pth"
     code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--resnet-weights", missing)
     assert code == 2 and "--resnet-weights" in err and "file not found" in err
-    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--resolution", "100")
-    assert code == 2 and "--resolution 100" in err
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--set", "evaluate.resolution=100")
+    assert code == 2 and "evaluate.resolution 100: must be a positive multiple of 32" in err
+    code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--set", "train.steps=3")
+    assert code == 2 and "--set train.steps: this command reads only the evaluate/data section(s)" in err
     code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--combine", "copy+dsic")
     assert code == 2 and "--combine copy+dsic" in err and "rows: copy" in err
     code, _, err = run_cli("evaluate", "--data", nut, "--generated", generators["copy"], "--steps", "0")

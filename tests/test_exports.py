@@ -271,7 +271,7 @@ def test_an_out_that_would_replace_the_pairs_it_reads_is_refused(generated, tmp_
     for source, out in ((root, root), (root, root / "nut" / "hole"), (nested, tmp_path / "x")):
         with pytest.raises(UserError, match="would overwrite the pairs it reads"):
             export_pairs(source, out, "mvtec", force=True)
-    write_generated(tmp_path / "y" / "native", "nut", "hole", 1)  # generate --layout: OUT/native beside the export
+    write_generated(tmp_path / "y" / "native", "nut", "hole", 1)  # pairs in a folder beside the export
     export_pairs(tmp_path / "y" / "native", tmp_path / "y", "mvtec", force=True)
     assert sorted(os.listdir(tmp_path / "y")) == ["native", "nut"]
     write_generated(tmp_path / "z", "nut", "crack", 1)  # native pairs of an earlier `generate --out z`

@@ -85,13 +85,13 @@ def run_folder(tmp_path) -> Path:
 
 
 def train_args(data: Path, out: Path, steps: int) -> list:
-    return ["train", "--data", data, "--defect", "hole", "--base-model", "tiny-random", "--rank", "4", "--batch-size", "2",
-            "--lr", "1e-3", "--steps", str(steps), "--device", "cpu", "--out", out]
+    return ["train", "--data", data, "--defect", "hole", "--base-model", "tiny-random", "--steps", str(steps), "--out", out,
+            "--set", "model.rank=4", "--set", "train.batch_size=2", "--set", "train.lr=1e-3", "--set", "train.device=cpu"]
 
 
 def generate_args(run: Path, out: Path, num: int) -> list:
-    return ["generate", run, "--out", out, "--num", str(num), "--batch-size", "2", "--steps", "2", "--scheduler", "ddim",
-            "--no-filter", "--device", "cpu"]
+    return ["generate", run, "--out", out, "--num", str(num), "--steps", "2", "--no-filter", "--set", "generate.batch_size=2",
+            "--set", "generate.scheduler=ddim", "--set", "generate.device=cpu"]
 
 
 def consistent_pairs(folder: Path) -> list[dict]:
@@ -169,7 +169,7 @@ def test_resume_keeps_the_runs_length_and_a_finished_run_says_so(synthetic_root,
     code, _, err = run_cli("train", "--out", run, "--resume")
     assert code == EXIT_USAGE and last_line(err) == f"error: {run}: already trained for 3 steps; pass a larger --steps to continue"
     assert Config.from_yaml(run / "config.yaml").train.steps == 3  # not replaced by the default 5000
-    code, _, err = run_cli("train", "--out", run, "--resume", "--steps", "4", "--rank", "8")
+    code, _, err = run_cli("train", "--out", run, "--resume", "--steps", "4", "--set", "model.rank=8")
     assert code == EXIT_USAGE and "this run was trained with other model settings (rank 4 -> 8)" in one_error_line(err)
     assert run_cli("train", "--out", run, "--resume", "--steps", "4")[0] == 0
     assert (run / "loss.csv").read_text().splitlines()[-1].startswith("4,")
@@ -255,8 +255,7 @@ def perlin_pairs(synthetic_root, tmp_path, run_cli) -> Path:
 
 def evaluate_args(synthetic_root: Path, pairs: Path, report: Path) -> list:
     return ["evaluate", "--data", synthetic_root / "nut", "--defect", "hole", "--generated", pairs, "--steps", "1",
-            "--resolution", "32", "--base-width", "4", "--no-classification", "--device", "cpu", "--report", report,
-            "--json", report.with_suffix(".json"), "--csv", report.with_suffix(".csv")]
+            "--set", "evaluate.resolution=32", "--set", "evaluate.base_width=4", "--no-classification", "--report", report]
 
 
 def test_a_signal_during_evaluate_writes_nothing_or_every_file(synthetic_root, perlin_pairs, tmp_path, run_cli, monkeypatch):
@@ -331,7 +330,7 @@ def test_sigint_to_run_all_stops_its_training_job_at_a_step_and_a_rerun_resumes(
     data, out = tmp_path / "data", tmp_path / "out"
     synthetic.write_dataset(data, seed=0, size=32, per_defect=6, good=4, categories=["nut"])
     cfg = Config()
-    cfg.model.base_model, cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = "tiny-random", 4, 4.0, 4
+    cfg.model.base_model, cfg.model.rank, cfg.model.text_rank = "tiny-random", 4, 4
     cfg.train.steps, cfg.train.device = 30, "cpu"
     cfg.generate.num, cfg.generate.steps, cfg.generate.scheduler, cfg.generate.device, cfg.generate.filter = 2, 2, "ddim", "cpu", False
     cfg.evaluate.resolution, cfg.evaluate.base_width, cfg.evaluate.steps = 32, 4, 1

@@ -14,11 +14,11 @@ from PIL import Image
 from dualanodiff.cli import main
 from dualanodiff.config import Config, GenerateConfig
 from dualanodiff.data import load_image, load_mask, open_category
+from dualanodiff.errors import UserError
 from dualanodiff.generation import (
     REGION_MARGIN,
     generate,
     generate_config,
-    pair_verdict,
 )
 from dualanodiff.images import resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
@@ -58,7 +58,7 @@ def test_without_filter_every_pair_is_written_with_its_verdict(run, synthetic_ro
         assert mask_png.mode == "L" and mask_png.size == (32, 32)
         assert set(np.unique(np.asarray(mask_png))) <= {0, 255}
         image, part, mask = load_image(folder / row["image"]), load_image(folder / row["part"]), load_mask(folder / row["mask"])
-        assert np.array_equal(mask, part_to_mask(part, cfg.mask_floor, cfg.min_component))
+        assert np.array_equal(mask, part_to_mask(part, cfg.mask_floor))
         assert row["verdict"] == filter_verdict(mask, foreground_mask(image, kind), cfg.max_area, cfg.min_on_object)
         assert row["mask_area"] == pytest.approx(mask.mean(), abs=1e-6)
     # the log compares the median mask area with the few-shot masks' (at their own size: areas are shares)
@@ -75,14 +75,14 @@ def test_without_filter_every_pair_is_written_with_its_verdict(run, synthetic_ro
 
 def test_the_filter_drops_pairs_and_the_cap_stops_the_loop(run, tmp_path):
     messages = []
-    summary = generate(run, tmp_path, fast(num=2, max_area=0.0, max_tries_factor=2), log=messages.append)
+    summary = generate(run, tmp_path, fast(num=1, max_area=0.0), log=messages.append)
     folder = tmp_path / "nut" / "hole"
-    assert (summary.kept, summary.dropped, summary.attempts) == (0, 4, 4)
+    assert (summary.kept, summary.dropped, summary.attempts) == (0, 4, 4)  # the cap: 4 x num
     rejected = [json.loads(line) for line in (folder / "rejected.jsonl").read_text().splitlines()]
     assert [r["attempt"] for r in rejected] == [0, 1, 2, 3]
     assert all(r["verdict"] in ("empty", "too_large") for r in rejected)
     assert manifest(folder) == []
-    assert any("cap" in m and "4 attempts" in m for m in messages)
+    assert any("cap of 4 x num = 4 attempts" in m for m in messages)
 
 
 def test_a_larger_num_resumes_and_keeps_the_first_pairs_byte_identical(run, tmp_path):
@@ -100,26 +100,30 @@ def test_a_larger_num_resumes_and_keeps_the_first_pairs_byte_identical(run, tmp_
     assert load_image(folder / "image" / "0002.png").shape == (32, 32, 3)
 
 
-def test_generate_options_layer_run_then_config_file_then_flags(run, tmp_path):
+def test_generate_options_layer_run_then_config_file_then_set_then_flags(run, tmp_path):
     saved = Config.from_yaml(run / "config.yaml")
-    saved.generate.guidance, saved.generate.steps = 4.0, 50
+    saved.generate.guidance, saved.generate.steps, saved.generate.batch_size = 4.0, 50, 3
     (tmp_path / "run").mkdir()
     saved.to_yaml(tmp_path / "run" / "config.yaml")
-    (tmp_path / "options.yaml").write_text(yaml.safe_dump({"generate": {"steps": 7, "scheduler": "ddim"}}))
-    cfg = generate_config(tmp_path / "run", tmp_path / "options.yaml", steps=3, num=None)
-    assert (cfg.guidance, cfg.scheduler, cfg.steps, cfg.num) == (4.0, "ddim", 3, GenerateConfig().num)
+    (tmp_path / "options.yaml").write_text(yaml.safe_dump({"generate": {"steps": 7, "scheduler": "ddim", "seed": 5}}))
+    cfg = generate_config(tmp_path / "run", tmp_path / "options.yaml", ["generate.steps=9", "generate.seed=6"],
+                          steps=3, num=None)
+    assert (cfg.guidance, cfg.batch_size, cfg.scheduler, cfg.seed, cfg.steps) == (4.0, 3, "ddim", 6, 3)
+    assert cfg.num == GenerateConfig().num
+    with pytest.raises(UserError, match=r"^--set train.steps: this command reads only the generate section"):
+        generate_config(tmp_path / "run", None, ["train.steps=3"])
 
 
 def test_cli_generate_writes_pairs_and_a_bad_scheduler_is_one_line(run, tmp_path, capsys):
-    common = ["generate", str(run), "--num", "4", "--out", str(tmp_path), "--device", "cpu"]
-    main(common + ["--steps", "2", "--scheduler", "dpm", "--no-filter", "--batch-size", "4"])
+    common = ["generate", str(run), "--num", "4", "--out", str(tmp_path), "--set", "generate.device=cpu"]
+    main(common + ["--steps", "2", "--set", "generate.scheduler=dpm", "--no-filter", "--set", "generate.batch_size=4"])
     assert len(manifest(tmp_path / "nut" / "hole")) == 4
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(common + ["--scheduler", "nope"])
+        main(common + ["--set", "generate.scheduler=nope"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--scheduler nope" in err
+    assert "\n" not in err and "scheduler nope" in err
 
 
 def _nut_hole_config(synthetic_root) -> tuple[Config, list[np.ndarray]]:
@@ -232,13 +236,15 @@ def test_generate_writes_pairs_at_the_asked_size_and_exports_them_for_anomalib(r
         assert set(np.unique(np.asarray(Image.open(summary.folder / row["mask"])))) <= {0, 255}
     with pytest.raises(OtherSettings, match="size 48 -> None"):  # pairs of two sizes never share a folder
         generate(run, tmp_path / "sized", fast(num=3, filter=False))
-    out = tmp_path / "mvtec"
+    out, native_root = tmp_path / "mvtec", tmp_path / "native"
     code, _, err = run_cli(
-        "generate", run, "--out", out, "--num", "2", "--device", "cpu", "--steps", "2", "--scheduler", "ddim",
-        "--no-filter", "--size", "source", "--layout", "mvtec",
+        "generate", run, "--out", native_root, "--num", "2", "--steps", "2", "--no-filter",
+        "--set", "generate.device=cpu", "--set", "generate.scheduler=ddim", "--set", "generate.size=source",
     )
     assert code == 0, err
-    native = out / "native" / "nut" / "hole"
+    code, _, err = run_cli("export", native_root, "--out", out, "--layout", "mvtec")
+    assert code == 0, err
+    native = native_root / "nut" / "hole"
     category = open_category(out / "nut")
     assert category.image_size() == open_category(synthetic_root / "nut").image_size() == (64, 64)
     exported = category.defects["hole"]
@@ -248,10 +254,10 @@ def test_generate_writes_pairs_at_the_asked_size_and_exports_them_for_anomalib(r
 
 def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_shape_is_placed(run, synthetic_root, tmp_path, capsys):
     from dualanodiff.baselines import NormalPool, place_defect, training_defects
-    from dualanodiff.errors import OtherSettings, UserError
+    from dualanodiff.errors import OtherSettings
 
-    main(["generate", str(run), "--out", str(tmp_path), "--num", "3", "--steps", "2", "--scheduler", "ddim",
-          "--batch-size", "2", "--device", "cpu", "--no-filter", "--on-normals"])
+    main(["generate", str(run), "--out", str(tmp_path), "--num", "3", "--steps", "2", "--no-filter", "--canvas", "on-normals",
+          "--set", "generate.scheduler=ddim", "--set", "generate.batch_size=2", "--set", "generate.device=cpu"])
     folder = tmp_path / "nut" / "hole"
     category = open_category(synthetic_root / "nut")
     normals = NormalPool(category)
@@ -260,41 +266,43 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
     assert len(rows) == 3
     for row in rows:
         target, _, placed, placement = place_defect(np.random.default_rng(row["seed"]), defects, normals, category.kind)
-        assert (row["on_normals"], row["onto"], row["background"], row["shape_of"]) == (True, target.stem, target.stem, placement["source"])
+        assert (row["canvas"], row["strength"], row["onto"], row["background"], row["shape_of"]) == (
+            "on-normals", 0.3, target.stem, target.stem, placement["source"])  # strength 0: the canvas's own, 0.3
         normal = resize_image(target.image, 32)
         image, mask = load_image(folder / row["image"]), load_mask(folder / row["mask"])
         assert np.array_equal(image[~mask], normal[~mask])
         margin = max(1, round(REGION_MARGIN * placed.shape[0]))
         grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
         assert not (mask & ~resize_mask(grown, 32)).any()
-    with pytest.raises(OtherSettings, match="on_normals True -> None"):
+    with pytest.raises(OtherSettings, match="canvas 'on-normals' -> None"):
         generate(run, tmp_path, fast(num=4, filter=False))
-    started = ["generate", str(run), "--out", str(tmp_path / "started"), "--num", "2", "--steps", "2", "--device", "cpu",
-               "--no-filter", "--on-normals", "--on-normals-strength"]
+    started = ["generate", str(run), "--out", str(tmp_path / "started"), "--num", "2", "--steps", "2", "--no-filter",
+               "--set", "generate.device=cpu", "--canvas", "on-normals", "--strength"]
     main(started + ["0.5"])
-    assert [row["on_normals_strength"] for row in manifest(tmp_path / "started" / "nut" / "hole")] == [0.5, 0.5]
+    assert [row["strength"] for row in manifest(tmp_path / "started" / "nut" / "hole")] == [0.5, 0.5]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(started + ["0"])
+        main(started + ["1.5"])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "\n" not in err and "on_normals_strength" in err and "above 0" in err
-    with pytest.raises(UserError, match="--on-normals"):
-        generate(run, tmp_path / "other", fast(num=1, on_normals=True), background=category.train_good[0])
+    assert exit_info.value.code == 2 and "\n" not in err and "--strength 1.5: out of range" in err
+    with pytest.raises(UserError, match="--canvas on-normals picks each pair's normal image itself"):
+        generate(run, tmp_path / "other", fast(num=1, canvas="on-normals"), normal=category.train_good[0],
+                 mask=category.defects["hole"][0].mask)
     moved = tmp_path / "moved-run"
     shutil.copytree(run, moved)
     saved = Config.from_yaml(moved / "config.yaml")
     saved.data.data = str(tmp_path / "gone")
     saved.to_yaml(moved / "config.yaml")
-    with pytest.raises(UserError, match="--on-normals: the run's dataset .*gone"):
-        generate(moved, tmp_path / "other", fast(num=1, on_normals=True))
+    with pytest.raises(UserError, match="--canvas on-normals: the run's dataset .*gone"):
+        generate(moved, tmp_path / "other", fast(num=1, canvas="on-normals"))
     assert not (tmp_path / "other").exists()
 
 
 def test_on_normals_pairs_resume_byte_identical_to_one_uninterrupted_run(run, tmp_path):
     # strength 0.5 of 2 steps: one step from the init images, whose encoding must not depend on the batch
-    cfg = fast(num=3, filter=False, on_normals=True, on_normals_strength=0.5)
+    cfg = fast(num=3, filter=False, canvas="on-normals", strength=0.5)
     generate(run, tmp_path / "whole", cfg)
-    generate(run, tmp_path / "resumed", fast(num=1, filter=False, on_normals=True, on_normals_strength=0.5))
+    generate(run, tmp_path / "resumed", fast(num=1, filter=False, canvas="on-normals", strength=0.5))
     generate(run, tmp_path / "resumed", cfg)
     whole, resumed = tmp_path / "whole" / "nut" / "hole", tmp_path / "resumed" / "nut" / "hole"
     assert [(r["onto"], r["shape_of"]) for r in manifest(whole)] == [(r["onto"], r["shape_of"]) for r in manifest(resumed)]
@@ -303,81 +311,62 @@ def test_on_normals_pairs_resume_byte_identical_to_one_uninterrupted_run(run, tm
             assert (whole / row[key]).read_bytes() == (resumed / row[key]).read_bytes()
 
 
-def test_pair_verdict_drops_a_mask_on_plain_surface_only_when_min_alignment_asks():
-    image = np.full((64, 64, 3), 128, np.uint8)
-    image[10:18, 10:18] = 40  # a dark defect on flat grey
-    on_defect, on_plain = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
-    on_defect[10:18, 10:18], on_plain[40:48, 40:48] = True, True
-    strict = GenerateConfig(min_alignment=2.0)
-    verdict, score = pair_verdict(image, on_defect, None, None, strict, seed=0)
-    assert verdict == "kept" and score > 2.0
-    # flat grey inpaints exactly: nothing differs under the mask (A = 0), so the score is 0
-    assert pair_verdict(image, on_plain, None, None, strict, seed=0) == ("unaligned", 0.0)
-    assert pair_verdict(image, on_plain, None, None, GenerateConfig(), seed=0) == ("kept", 0.0)
-    assert pair_verdict(image, np.zeros((64, 64), bool), None, None, strict, seed=0)[0] == "empty"  # mask filter first
+def test_a_noise_canvas_refuses_a_strength_below_one():
+    from dualanodiff.generation import check_config
+
+    with pytest.raises(UserError, match=r"^generate.strength 0.5: a noise canvas starts from pure noise; set generate.canvas"):
+        check_config(GenerateConfig(strength=0.5))
+    assert check_config(GenerateConfig(strength=1.0)).start_strength == 1.0
+    assert GenerateConfig(canvas="on-normals").start_strength == 0.3
+    assert GenerateConfig(canvas="normal").start_strength == 1.0
 
 
-def test_generate_drops_pairs_below_min_alignment_and_records_the_setting(run, tmp_path, monkeypatch):
-    """The score generate judges by is the one it records (here a stand-in: the pair's seed)."""
-    from dualanodiff import generation
-
-    monkeypatch.setattr(generation, "alignment_score", lambda image, mask, region, seed: float(seed))
-    lenient = {"max_area": 1.0, "min_on_object": 0.0}  # the tiny run's masks: all kept unless empty
-    summary = generate(run, tmp_path, fast(num=4, min_alignment=1.5, max_tries_factor=1, **lenient))
-    kept = manifest(summary.folder)
-    rejected = [json.loads(line) for line in (summary.folder / "rejected.jsonl").read_text().splitlines()]
-    assert [(r["attempt"], r["verdict"]) for r in rejected] == [(0, "unaligned"), (1, "unaligned")]
-    assert [(r["attempt"], r["alignment"], r["min_alignment"]) for r in kept] == [(2, 2.0, 1.5), (3, 3.0, 1.5)]
-
-
-def test_start_from_few_shot_starts_each_image_from_the_few_shot_image_whose_background_bcm_gets(run, tmp_path, monkeypatch, capsys):
-    from dualanodiff.errors import UserError
+def test_few_shot_canvas_starts_each_image_from_the_few_shot_image_whose_background_bcm_gets(run, tmp_path, monkeypatch, capsys):
     from dualanodiff.pipeline import DualAnoDiffPipeline
 
     calls = []
     sample = DualAnoDiffPipeline.__call__
     monkeypatch.setattr(DualAnoDiffPipeline, "__call__", lambda pipe, **kw: calls.append(kw) or sample(pipe, **kw))
-    main(["generate", str(run), "--out", str(tmp_path / "started"), "--num", "4", "--steps", "2", "--scheduler", "ddim",
-          "--batch-size", "4", "--device", "cpu", "--no-filter", "--start-from", "few-shot"])
+    main(["generate", str(run), "--out", str(tmp_path / "started"), "--num", "4", "--steps", "2", "--no-filter",
+          "--set", "generate.scheduler=ddim", "--set", "generate.batch_size=4", "--set", "generate.device=cpu",
+          "--canvas", "few-shot"])
     saved = Config.from_yaml(run / "config.yaml")
     train = {p.stem: p for p in open_category(saved.data.data).defects["hole"] if p.stem in saved.split["train"]}
     rows = manifest(tmp_path / "started" / "nut" / "hole")
     assert len(train) == 2 and [row["seed"] for row in rows] == [0, 1, 2, 3]
     assert [row["start"] for row in rows] == [row["background"] for row in rows] == [sorted(train)[s % 2] for s in range(4)]
-    assert {row["start_from"] for row in rows} == {"few-shot"}
+    assert {(row["canvas"], row["strength"]) for row in rows} == {("few-shot", None)}  # strength 1 is not recorded
     (call,) = calls
     assert call["seeds"] == [0, 1, 2, 3] and call.get("strength", 1.0) == 1.0
     for row, image, part in zip(rows, call["init_image"], call["init_part"]):
         assert np.array_equal(image, load_image(train[row["start"]].image)) and (part == 128).all()
-    # the default starts from noise and records nothing; on normals, which start from their own images, ignore it
+    # the default starts from noise and records no canvas
     calls.clear()
     generate(run, tmp_path / "noise", fast(num=1, filter=False))
-    generate(run, tmp_path / "normals", fast(num=1, filter=False, on_normals=True, start_from="few-shot"))
-    assert "init_image" not in calls[0] and calls[1]["strength"] == GenerateConfig().on_normals_strength
-    assert [manifest(tmp_path / name / "nut" / "hole")[0]["start_from"] for name in ("noise", "normals")] == [None, None]
+    assert "init_image" not in calls[0] and manifest(tmp_path / "noise" / "nut" / "hole")[0]["canvas"] is None
     started = load_image(tmp_path / "started" / "nut" / "hole" / rows[0]["image"])
     assert not np.array_equal(started, load_image(tmp_path / "noise" / "nut" / "hole" / rows[0]["image"]))
     moved = tmp_path / "moved-run"
     shutil.copytree(run, moved)
     saved.data.data = str(tmp_path / "gone")
     saved.to_yaml(moved / "config.yaml")
-    with pytest.raises(UserError, match="start_from few-shot: the run's dataset .*gone"):
-        generate(moved, tmp_path / "other", fast(num=1, start_from="few-shot"))
+    with pytest.raises(UserError, match="--canvas few-shot: the run's dataset .*gone"):
+        generate(moved, tmp_path / "other", fast(num=1, canvas="few-shot"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", str(run), "--out", str(tmp_path / "other"), "--start-from", "paper"])
+        main(["generate", str(run), "--out", str(tmp_path / "other"), "--canvas", "paper"])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "\n" not in err and "start_from: 'paper'" in err
+    assert exit_info.value.code == 2 and "\n" not in err and "canvas: 'paper' is not one of" in err
     assert not (tmp_path / "other").exists()
 
 
 def test_lay_part_writes_each_image_with_its_parts_defect_laid_on_and_records_it(run, tmp_path):
-    from dualanodiff.errors import UserError
     from dualanodiff.masks import part_onto
 
     generate(run, tmp_path / "drawn", fast(num=3, filter=False))
-    main(["generate", str(run), "--out", str(tmp_path / "laid"), "--num", "3", "--steps", "2", "--scheduler", "ddim",
-          "--batch-size", "2", "--device", "cpu", "--no-filter", "--lay-part"])
+    main(["generate", str(run), "--out", str(tmp_path / "laid"), "--num", "3", "--steps", "2", "--no-filter",
+          "--set", "generate.scheduler=ddim", "--set", "generate.batch_size=2", "--set", "generate.device=cpu",
+          "--set", "generate.lay_part=true"])
     drawn, laid = (tmp_path / name / "nut" / "hole" for name in ("drawn", "laid"))
     rows = manifest(laid)
     assert [r["lay_part"] for r in rows] == [True] * 3 and [r["lay_part"] for r in manifest(drawn)] == [None] * 3
@@ -388,55 +377,49 @@ def test_lay_part_writes_each_image_with_its_parts_defect_laid_on_and_records_it
     # a folder of drawn pairs takes no laid ones (nor the other way round), and on normals ignore the option
     with pytest.raises(UserError, match=r"other settings \(lay_part None -> True\)"):
         generate(run, tmp_path / "drawn", fast(num=4, filter=False, lay_part=True))
-    generate(run, tmp_path / "normals", fast(num=1, filter=False, on_normals=True, lay_part=True))
+    generate(run, tmp_path / "normals", fast(num=1, filter=False, canvas="on-normals", lay_part=True))
     assert manifest(tmp_path / "normals" / "nut" / "hole")[0]["lay_part"] is None
 
 
-def test_start_from_normal_starts_each_image_from_a_train_good_image_with_its_own_background(run, synthetic_root, tmp_path, monkeypatch):
-    from dualanodiff.errors import UserError
+def test_normal_canvas_starts_each_image_from_a_train_good_image_with_its_own_background(run, synthetic_root, tmp_path, monkeypatch):
     from dualanodiff.pipeline import DualAnoDiffPipeline, prepared_background
 
     calls = []
     sample = DualAnoDiffPipeline.__call__
     monkeypatch.setattr(DualAnoDiffPipeline, "__call__", lambda pipe, **kw: calls.append(kw) or sample(pipe, **kw))
-    generate(run, tmp_path / "started", GenerateConfig(steps=2, scheduler="ddim", device="cpu", num=3, batch_size=3, filter=False, start_from="normal"))
+    generate(run, tmp_path / "started", GenerateConfig(steps=2, scheduler="ddim", device="cpu", num=3, batch_size=3, filter=False, canvas="normal"))
     category = open_category(synthetic_root / "nut")
     good = {path.stem: path for path in category.train_good}
     rows = manifest(tmp_path / "started" / "nut" / "hole")
     assert [row["start"] for row in rows] == [row["background"] for row in rows] == [category.train_good[s].stem for s in range(3)]
-    assert {row["start_from"] for row in rows} == {"normal"}
+    assert {row["canvas"] for row in rows} == {"normal"}
     (call,) = calls
     for row, image, part, background in zip(rows, call["init_image"], call["init_part"], call["background"]):
         normal = load_image(good[row["start"]])
         assert np.array_equal(image, normal) and (part == 128).all()
         assert np.array_equal(background, prepared_background(normal, category.kind))
-    with pytest.raises(UserError, match="--start-from normal gives each pair its normal image's background; drop --background or pass --start-from noise"):
-        generate(run, tmp_path / "other", fast(num=1, start_from="normal"), background=good[rows[0]["start"]])
-    assert not (tmp_path / "other").exists()
     no_normals, moved = tmp_path / "nut", tmp_path / "moved-run"  # a dataset without train/good
     shutil.copytree(synthetic_root / "nut", no_normals, ignore=shutil.ignore_patterns("train"))
     shutil.copytree(run, moved)
     saved = Config.from_yaml(run / "config.yaml")
     saved.data.data = str(no_normals)
     saved.to_yaml(moved / "config.yaml")
-    with pytest.raises(UserError, match=r"^generate.start_from normal: .*nut has no train/good images to start from; use start_from noise \(--start-from noise\)$"):
-        generate(moved, tmp_path / "other", fast(num=1, start_from="normal"))
-    assert {row["start_strength"] for row in rows} == {None} and calls[0]["strength"] == 1.0  # the first step
+    with pytest.raises(UserError, match=r"^--canvas normal: .*nut has no train/good images to start from; use --canvas noise$"):
+        generate(moved, tmp_path / "other", fast(num=1, canvas="normal"))
+    assert not (tmp_path / "other").exists()
+    assert {row["strength"] for row in rows} == {None} and calls[0]["strength"] == 1.0  # the first step
 
 
-def test_start_strength_noises_the_start_images_to_that_share_of_the_schedule_and_records_it(run, tmp_path, monkeypatch):
-    from dualanodiff.errors import UserError
+def test_strength_noises_the_start_images_to_that_share_of_the_schedule_and_records_it(run, tmp_path, monkeypatch):
     from dualanodiff.pipeline import DualAnoDiffPipeline
 
     calls = []
     sample = DualAnoDiffPipeline.__call__
     monkeypatch.setattr(DualAnoDiffPipeline, "__call__", lambda pipe, **kw: calls.append(kw) or sample(pipe, **kw))
-    main(["generate", str(run), "--out", str(tmp_path / "half"), "--num", "2", "--steps", "4", "--scheduler", "ddim",
-          "--batch-size", "2", "--device", "cpu", "--no-filter", "--start-from", "normal", "--start-strength", "0.5"])
+    main(["generate", str(run), "--out", str(tmp_path / "half"), "--num", "2", "--steps", "4", "--no-filter",
+          "--set", "generate.scheduler=ddim", "--set", "generate.batch_size=2", "--set", "generate.device=cpu",
+          "--canvas", "normal", "--strength", "0.5"])
     assert [call["strength"] for call in calls] == [0.5]
-    assert [row["start_strength"] for row in manifest(tmp_path / "half" / "nut" / "hole")] == [0.5, 0.5]
-    with pytest.raises(UserError, match=r"other settings \(start_strength 0.5 -> None\)"):
-        generate(run, tmp_path / "half", GenerateConfig(steps=4, scheduler="ddim", device="cpu", num=3, filter=False, start_from="normal"))
-    # from noise there is no start image to noise: the option is ignored and not recorded
-    generate(run, tmp_path / "noise", fast(num=1, filter=False, start_strength=0.5))
-    assert "init_image" not in calls[-1] and manifest(tmp_path / "noise" / "nut" / "hole")[0]["start_strength"] is None
+    assert [row["strength"] for row in manifest(tmp_path / "half" / "nut" / "hole")] == [0.5, 0.5]
+    with pytest.raises(UserError, match=r"other settings \(strength 0.5 -> None\)"):
+        generate(run, tmp_path / "half", GenerateConfig(steps=4, scheduler="ddim", device="cpu", num=3, filter=False, canvas="normal"))

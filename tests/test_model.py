@@ -21,7 +21,7 @@ def build(**overrides) -> tuple[DualAnoDiffModel, torch.nn.Module]:
     base = tiny_random_base()
     stock = copy.deepcopy(base.unet)
     torch.manual_seed(1)
-    cfg = ModelConfig(rank=4, alpha=4.0, text_rank=4, **overrides)
+    cfg = ModelConfig(rank=4, text_rank=4, **overrides)
     return DualAnoDiffModel(base, cfg).eval(), stock
 
 
@@ -147,17 +147,6 @@ def test_extra_lora_targets_add_per_branch_adapters_with_peft_keys():
     assert any(n.endswith(".conv1.base_layer.weight") for n in frozen)
 
 
-def test_conv_blocks_up_adapts_only_the_up_paths_convolutions():
-    everywhere, up = (build(lora_targets="attention+ff+conv", conv_blocks=blocks)[0] for blocks in ("all", "up"))
-    assert {n.split(".")[0] for n in _adapted(everywhere, ".conv1", ".conv2")} == {"down_blocks", "mid_block", "up_blocks"}
-    assert _adapted(up, ".conv1", ".conv2") == {n for n in _adapted(everywhere, ".conv1", ".conv2") if n.startswith("up_blocks.")}
-    assert _adapted(up, ".conv1") and _adapted(up, ".ff.net.2") == _adapted(everywhere, ".ff.net.2")  # the ff LoRA stays
-
-
-def _adapted(model: DualAnoDiffModel, *endings: str) -> set[str]:
-    return {name for name, module in model.unet.named_modules() if name.endswith(endings) and hasattr(module, "lora_A")}
-
-
 def test_extra_lora_adapts_each_branch_on_its_own_rows_only():
     """After changing only the anomaly adapters of the conv/ff layers, the global rows are unchanged."""
     model, _ = build(saim=False, bcm=False, lora_targets="attention+ff+conv")
@@ -171,35 +160,6 @@ def test_extra_lora_adapts_each_branch_on_its_own_rows_only():
         after = model.predict_noise(x_global, x_anomaly, t, text)
     assert torch.equal(before[0], after[0])
     assert (before[1] - after[1]).abs().max() > 1e-3
-
-
-def test_learned_words_train_only_their_embedding_rows(tmp_path):
-    model, _ = build(learned_words="vfx sks")
-    assert model.learned_tokens is not None and model.learned_tokens.tokens == ["vfx</w>", "sks</w>"]
-    table = model.text_encoder.get_input_embeddings().weight
-    assert not table.requires_grad and model.learned_tokens.vectors.requires_grad
-    ids = model.base.tokenizer(["a vfx with sks", "a nut with hole"], padding="max_length", return_tensors="pt").input_ids
-    before = model.text_encoder(ids)[0].detach()
-    with torch.no_grad():
-        model.learned_tokens.vectors.add_(torch.randn_like(model.learned_tokens.vectors))
-    after = model.text_encoder(ids)[0].detach()
-    assert (before[0] - after[0]).abs().max() > 1e-2  # the prompt with the words changes
-    assert torch.equal(before[1], after[1])  # a prompt without them does not
-    embeddings = model.text_encoder.get_input_embeddings()(ids)
-    sks = model.base.tokenizer.convert_tokens_to_ids("sks</w>")
-    assert torch.equal(embeddings[0][ids[0] == sks][0], model.learned_tokens.vectors[1].detach())
-    model.save_trainable(tmp_path / "adapters.safetensors")
-    fresh, _ = build(learned_words="vfx sks")
-    fresh.load_trainable(tmp_path / "adapters.safetensors")
-    assert torch.equal(fresh.text_encoder(ids)[0], after)
-
-
-def test_learned_words_refuse_another_tokenizer(tmp_path):
-    model, _ = build(learned_words="vfx sks")
-    model.save_trainable(tmp_path / "adapters.safetensors")
-    other, _ = build(learned_words="sks vfx")  # same keys and shapes, other tokens in the rows
-    with pytest.raises(UserError, match="tokenizer"):
-        other.load_trainable(tmp_path / "adapters.safetensors")
 
 
 @torch.no_grad()
@@ -360,7 +320,7 @@ def test_bcm_equals_a_hand_written_reference_of_its_formula(variant, stored):
     values come from c = h + gamma * MLP(b) (paper eq. 5, b the background rows' attention output at this
     layer) or c = (1 - gamma) h + gamma * MLP(b) (the reference code, b the background rows' input states),
     their queries from h alone; anomaly and background rows attend plainly, each row with its branch's LoRA
-    (W + scale * B A; the background takes the global one). `stored`: the background comes from a separate
+    (W + B A; the background takes the global one). `stored`: the background comes from a separate
     storing call, as in training without autograd through it."""
     from diffusers.models.attention_processor import Attention
 
@@ -370,11 +330,10 @@ def test_bcm_equals_a_hand_written_reference_of_its_formula(variant, stored):
     dim, heads, pairs, length, gamma = 8, 2, 2, 5, 0.3
     attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads, out_bias=True).double().eval()
     layout = RowLayout()
-    processor = DualBranchAttnProcessor(attn, layout, rank=2, alpha=3.0, saim=False, saim_rank=0, bcm=True,
-                                        bcm_variant=variant, gamma_init=gamma, bcm_hidden=6).double()
+    processor = DualBranchAttnProcessor(attn, layout, rank=2, saim=False, bcm=True, bcm_variant=variant).double()
     for param in processor.parameters():  # LoRA B starts at zero: random everywhere, so every term counts
         param.normal_()
-    processor.bcm.gamma.fill_(gamma)  # in float64 (gamma_init was stored in float32)
+    processor.bcm.gamma.fill_(gamma)
     attn.set_processor(processor)
     states = torch.randn(3, pairs, length, dim, dtype=torch.float64)  # global, anomaly, background rows
     if stored:
@@ -389,7 +348,7 @@ def test_bcm_equals_a_hand_written_reference_of_its_formula(variant, stored):
     def weight(name: str, branch: str) -> torch.Tensor:
         lora = processor.lora[name]
         layer = {"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v, "to_out": attn.to_out[0]}[name]
-        return layer.weight + lora.scale * lora.lora_B[branch].weight @ lora.lora_A[branch].weight
+        return layer.weight + lora.lora_B[branch].weight @ lora.lora_A[branch].weight
 
     def attention(h: torch.Tensor, context: torch.Tensor, branch: str) -> torch.Tensor:
         q, k, v = (x @ weight(name, branch).T for x, name in ((h, "to_q"), (context, "to_k"), (context, "to_v")))

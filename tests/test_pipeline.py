@@ -19,7 +19,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.generation import generate
 from dualanodiff.images import resize_image
 from dualanodiff.masks import part_onto, part_to_mask
-from dualanodiff.model.base import tiny_random_base
+from dualanodiff.model.base import load_base_model, tiny_random_base
 from dualanodiff.pipeline import DualAnoDiffPipeline, make_scheduler
 from dualanodiff.runs import RunFolder
 
@@ -121,12 +121,12 @@ def test_inpainting_keeps_the_normal_image_outside_the_defect_and_labels_only_in
 def test_lay_part_lays_each_parts_defect_onto_its_own_image_inside_its_mask_and_nowhere_else(pipe):
     drawn = using(pipe, "ddim")(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np")
     laid = pipe(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np", lay_part=True)
-    original = pipe.config
-    pipe.config = replace(original, lay_part=True)
+    original = pipe.generate_config
+    pipe.generate_config = replace(original, lay_part=True)
     try:
         from_config = pipe(seeds=[0, 1, 2, 3], num_inference_steps=3, output_type="np")
     finally:
-        pipe.config = original  # the module's other tests share this pipeline
+        pipe.generate_config = original  # the module's other tests share this pipeline
     changed = 0
     for k, (image, mask, part) in enumerate(zip(drawn.images, drawn.masks, drawn.parts)):
         assert np.array_equal(laid.parts[k], part) and np.array_equal(laid.masks[k], mask)
@@ -184,10 +184,10 @@ def test_shared_initial_noise_starts_both_rows_from_one_draw():
 
 def test_from_pretrained_then_load_adapters_is_from_run(tiny_run, pipe):
     loaded = DualAnoDiffPipeline.from_pretrained(  # the run's prompts are taken over
-        "tiny-random", ModelConfig(rank=4, alpha=4.0, text_rank=4, global_prompt="other"), device="cpu", resolution=32,
+        "tiny-random", ModelConfig(rank=4, text_rank=4, global_prompt="other"), device="cpu", resolution=32,
     ).load_adapters(tiny_run)
     assert loaded.model.cfg.global_prompt == pipe.model.cfg.global_prompt
-    assert loaded.config == pipe.config and loaded.background_names == pipe.background_names
+    assert loaded.generate_config == pipe.generate_config and loaded.background_names == pipe.background_names
     for p in (loaded, pipe):
         using(p, "ddim")
     a, b = (p(seeds=[2], num_inference_steps=2, output_type="np") for p in (loaded, pipe))
@@ -195,6 +195,29 @@ def test_from_pretrained_then_load_adapters_is_from_run(tiny_run, pipe):
     other = DualAnoDiffPipeline.from_pretrained("tiny-random", ModelConfig(rank=8), device="cpu")
     with pytest.raises(UserError, match="model settings differ"):
         other.load_adapters(tiny_run)
+
+
+def test_a_saved_pipeline_is_a_diffusers_pipeline_that_reloads_to_the_same_pairs_bit_for_bit(tiny_run, tmp_path):
+    """save_pretrained -> from_pretrained keeps the base, adapters, settings, backgrounds and the swapped
+    scheduler; the folder's base is a diffusers directory that `load_base_model` reads."""
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    pipe = DualAnoDiffPipeline.from_run(tiny_run, device="cpu")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe, DiffusionPipeline) and set(pipe.components) == {"model", "scheduler"}
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == "DualAnoDiffPipeline" and index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    assert load_base_model(str(tmp_path / "saved" / "model")).resolution == pipe.resolution
+    loaded = DualAnoDiffPipeline.from_pretrained(tmp_path / "saved", device="cpu")
+    assert type(loaded.scheduler) is EulerDiscreteScheduler and loaded.generate_config == pipe.generate_config
+    assert loaded.background_names == pipe.background_names and loaded.model.cfg == pipe.model.cfg
+    before, after = (p(seeds=[0, 5], num_inference_steps=3, output_type="np") for p in (pipe, loaded))
+    for key in ("images", "masks", "parts"):
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(before, key), getattr(after, key)))
+    assert loaded.to("cpu", torch.float32) is loaded and loaded.device == torch.device("cpu")
+    again = loaded(seeds=[0], num_inference_steps=3, output_type="np")
+    assert np.array_equal(again.images[0], before.images[0])
 
 
 def test_a_runs_refined_decoder_decodes_its_pairs_and_a_run_without_one_gets_the_base_decoder_back(tiny_run, pipe, tmp_path):

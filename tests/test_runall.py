@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import dualanodiff
 from dualanodiff import runall, training
-from dualanodiff.config import Config
+from dualanodiff.config import MAX_TRIES_FACTOR, Config
 from dualanodiff.errors import EXIT_FAILED, EXIT_PARTIAL, OtherSettings, UserError
 from dualanodiff.model.base import base_recipe
 from dualanodiff.runall import (
@@ -437,7 +437,7 @@ def test_cli_applies_flags_over_the_config_and_exits_1_when_a_job_failed(tmp_pat
     monkeypatch.setattr(runall, "run_all", fake_run_all)
     config = tmp_path / "c.yaml"
     config.write_text("model: {rank: 4}\ntrain: {steps: 7}\ngenerate: {num: 3}\n")
-    code, out, err = run_cli("run-all", "--data", tmp_path, "--out", tmp_path / "out", "--config", config, "--steps", "5",
+    code, out, err = run_cli("run-all", "--data", tmp_path, "--out", tmp_path / "out", "--config", config, "--set", "train.steps=5",
         "--categories", "nut,pill", "--category", "weave", "--defects", "hole", "--gpus-per-job", "0.5",
     )
     assert code == 1 and "2 job(s) failed" in err and "nut__hole" in err
@@ -485,7 +485,7 @@ def local_ray():
 
 def tiny_config() -> Config:
     cfg = Config()
-    cfg.model.base_model, cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = "tiny-random", 4, 4.0, 4
+    cfg.model.base_model, cfg.model.rank, cfg.model.text_rank = "tiny-random", 4, 4
     cfg.train.steps, cfg.train.device = 2, "cpu"
     cfg.generate.num, cfg.generate.steps, cfg.generate.scheduler, cfg.generate.device = 2, 2, "ddim", "cpu"
     cfg.generate.filter = False  # random weights: keep every pair so that each type has exactly `num`
@@ -561,7 +561,7 @@ def test_a_defect_type_without_kept_pairs_leaves_its_category_evaluated_on_the_o
     cfg.to_yaml(config)
     code, _, err = run_cli("run-all", "--data", data, "--out", out, "--defects", "hole", "--config", config)
     assert code == 0, err  # first nut/hole alone: it keeps its 2 pairs
-    cfg.generate.max_area, cfg.generate.max_tries_factor = 0.0, 1  # then a filter no mask passes, and crack too
+    cfg.generate.max_area = 0.0  # then a filter no mask passes, and crack too
     cfg.to_yaml(config)
 
     code, table, err = run_cli("run-all", "--data", data, "--out", out, "--max-defects", "2", "--config", config)
@@ -569,7 +569,7 @@ def test_a_defect_type_without_kept_pairs_leaves_its_category_evaluated_on_the_o
     assert "partial run: 1 defect type(s) short of --num: nut/crack kept 0 of 2 pairs (filter dropped " in err
     crack = json.loads((out / "jobs" / "nut__crack" / "done.json").read_text())
     hole = json.loads((out / "jobs" / "nut__hole" / "done.json").read_text())
-    assert (crack["status"], crack["kept"], crack["asked"], sum(crack["reasons"].values())) == ("short", 0, 2, 2)
+    assert (crack["status"], crack["kept"], crack["asked"], sum(crack["reasons"].values())) == ("short", 0, 2, 2 * MAX_TRIES_FACTOR)
     assert (hole["status"], hole["kept"], hole["asked"]) == ("done", 2, 2)  # its pairs were kept, not redone
     evaluation = json.loads((out / "jobs" / "nut" / "done.json").read_text())
     reason = evaluation["without_pairs"]["crack"]

@@ -29,7 +29,7 @@ def tiny_config(synthetic_root, steps: int = 3, **train_options) -> Config:
     cfg.data.data = str(synthetic_root / "nut")
     cfg.data.defect = "hole"
     cfg.model.base_model = "tiny-random"
-    cfg.model.rank, cfg.model.alpha, cfg.model.text_rank = 4, 4.0, 4
+    cfg.model.rank, cfg.model.text_rank = 4, 4
     cfg.train.steps = steps
     cfg.train.lr = 1e-3
     cfg.train.batch_size = 2
@@ -59,17 +59,13 @@ def test_training_targets_follow_the_paper():
     assert torch.count_nonzero(background[:, :2]) == 0 and torch.equal(background[:, 2:], whole[:, 2:])
 
 
-@pytest.mark.parametrize("mode", ["independent", "shared"])
-def test_offset_noise_adds_a_constant_per_row_and_channel(mode):
+def test_offset_noise_adds_a_constant_per_row_and_channel():
     shape = torch.Size((2, 3, 4, 5, 5))
-    plain = training_noise(shape, torch.Generator().manual_seed(7), TrainConfig(noise=mode))
-    offset = training_noise(shape, torch.Generator().manual_seed(7), TrainConfig(noise=mode, noise_offset=0.5))
+    plain = training_noise(shape, torch.Generator().manual_seed(7), TrainConfig())
+    offset = training_noise(shape, torch.Generator().manual_seed(7), TrainConfig(noise_offset=0.5))
     generator = torch.Generator().manual_seed(7)
     base, constants = torch.randn(shape, generator=generator), torch.randn(shape[:3] + (1, 1), generator=generator)
     expected = base + 0.5 * constants
-    if mode == "shared":
-        base, expected = (torch.cat([x[:, :1], x[:, :1], x[:, 2:]], 1) for x in (base, expected))
-        assert torch.equal(offset[:, 0], offset[:, 1])
     assert torch.equal(plain, base)  # no offset: the same random stream as without the option, draw for draw
     assert torch.equal(offset, expected)
     spatial = (offset - plain).flatten(3)
@@ -240,28 +236,29 @@ def test_bad_defect_is_a_clear_error(synthetic_root, tmp_path):
 
 def test_cli_train_writes_a_run_and_rejects_bad_options(synthetic_root, tmp_path, capsys):
     args = ["train", "--data", str(synthetic_root / "pill"), "--defect", "stain", "--base-model", "tiny-random",
-            "--steps", "2", "--rank", "4", "--batch-size", "1", "--no-saim", "--device", "cpu"]
+            "--steps", "2", "--set", "model.rank=4", "--set", "train.batch_size=1", "--set", "model.saim=false",
+            "--set", "train.device=cpu"]
     main(args + ["--out", str(tmp_path / "run")])
     saved = Config.from_yaml(tmp_path / "run" / "config.yaml")
-    assert (saved.model.rank, saved.model.lora_alpha, saved.model.saim, saved.train.batch_size) == (4, 4.0, False, 1)
+    assert (saved.model.rank, saved.model.saim, saved.train.batch_size) == (4, False, 1)
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(args + ["--out", str(tmp_path / "other"), "--bcm-variant", "foo"])
+        main(args + ["--out", str(tmp_path / "other"), "--set", "model.bcm_variant=foo"])
     assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
-    assert "--bcm-variant" in capsys.readouterr().err
+    assert "--set model.bcm_variant" in capsys.readouterr().err
 
 
 def test_cli_train_takes_the_base_models_recipe_below_the_config_file_and_flags(synthetic_root, tmp_path, capsys):
-    args = ["train", "--data", str(synthetic_root / "nut"), "--defect", "hole", "--steps", "1", "--batch-size", "1",
-            "--device", "cpu", "--rank", "4"]
+    args = ["train", "--data", str(synthetic_root / "nut"), "--defect", "hole", "--steps", "1", "--set", "train.batch_size=1",
+            "--set", "train.device=cpu", "--set", "model.rank=4"]
     (tmp_path / "short.yaml").write_text("train:\n  decoder_steps: 2\n")  # the recipe's 100 take 45 s
     main(args + ["--base-model", "tiny", "--config", str(tmp_path / "short.yaml"), "--out", str(tmp_path / "tiny")])
     saved = Config.from_yaml(tmp_path / "tiny" / "config.yaml")
     assert (saved.train.lr, saved.train.steps, saved.generate.scheduler) == (1e-3, 1, "dpm")  # recipe, flag, recipe
-    assert (saved.train.decoder_steps, saved.train.decoder_lr) == (2, 2e-4)  # the file, the recipe
+    assert (saved.train.decoder_steps, saved.generate.canvas) == (2, "normal")  # the file, the recipe
     assert RunFolder(tmp_path / "tiny").decoder.is_file()
     err = capsys.readouterr().err
     assert saved.model.anomaly_prompt == "hole" and "its recipe sets" in err
@@ -331,8 +328,9 @@ def test_two_processes_train_what_one_process_does_with_the_same_global_batch(sy
     run, script = tmp_path / "run", tmp_path / "ranks.py"
     script.write_text(RANK_ADAPTERS)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train",
-               "--data", str(synthetic_root / "nut"), "--defect", "hole", "--base-model", "tiny-random", "--rank", "4",
-               "--batch-size", "1", "--lr", "1e-3", "--steps", "2", "--device", "cpu", "--out", str(run)]
+               "--data", str(synthetic_root / "nut"), "--defect", "hole", "--base-model", "tiny-random", "--steps", "2",
+               "--set", "model.rank=4", "--set", "train.batch_size=1", "--set", "train.lr=1e-3", "--set", "train.device=cpu",
+               "--out", str(run)]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("trained ") == 1

@@ -34,7 +34,7 @@ from dualanodiff.progress import Bars, loss_bar, no_bars
 ADAPTER = "category"
 # every projection and convolution of the UNet's blocks: a new category's shapes and colours live in all of them
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
-
+CATEGORY_RANK, CATEGORY_LR = 32, 1e-3  # what `train.category_steps` trains with
 
 @dataclass(frozen=True)
 class CategoryOptions:

@@ -93,6 +93,10 @@ console = _Console(stderr=True, soft_wrap=True)
 stdout = _Console()
 _state = {"debug": False}
 TABLE_WIDTH_OUTSIDE_TERMINAL = 240
+SET_OPTION = typer.Option(
+    None, "--set", metavar="SECTION.OPTION=VALUE", help="Any config option, e.g. --set generate.guidance=3.5 "
+    "(repeatable; over --config, under the flags). The options: docs/usage.md#configuration.",
+)
 
 
 def _show_version(value: bool) -> None:
@@ -286,35 +290,22 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; flags given here override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step (official: 4).", show_default=config_default("train.batch_size")),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, constant (official: 2e-5).", show_default=config_default("train.lr")),
-    rank: Optional[int] = typer.Option(None, "--rank", help="UNet LoRA rank (official: 32).", show_default=config_default("model.rank")),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size in px (0: the base's native size).", show_default=config_default("data.resolution")),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw.", show_default=config_default("train.seed")),
-    saim: Optional[bool] = typer.Option(None, "--saim/--no-saim", help="Self-attention interaction module.", show_default=config_default("model.saim")),
-    bcm: Optional[bool] = typer.Option(None, "--bcm/--no-bcm", help="Background compensation module.", show_default=config_default("model.bcm")),
-    bcm_variant: Optional[str] = typer.Option(None, "--bcm-variant", help="paper (h + g*MLP(b)) or official (interpolating).", show_default=config_default("model.bcm_variant")),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (GPU).", show_default=config_default("train.mixed_precision")),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.", show_default=config_default("train.gradient_checkpointing")),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any) or cpu.", show_default=config_default("train.device")),
     allow_empty_masks: Optional[bool] = typer.Option(
         None, "--allow-empty-masks", help="Skip few-shot pairs whose mask is empty, with a warning (else refused).",
         show_default=config_default("data.allow_empty_masks"),
     ),
+    assigned: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Few-shot-train DualAnoDiff (dual LoRA, SAIM, BCM, text LoRA) on one defect type."""
+    from dualanodiff.config import assignments
     from dualanodiff.runs import RunFolder
     from dualanodiff.training import train as train_run
 
     saved = RunFolder(out)  # a resumed run keeps its own settings (and length, unless --steps is given)
     start, note = (saved.load_config(), "") if resume and saved.is_run() else config_with_recipe(config, base_model)
-    cfg = start.with_overrides({  # re-validated: choices such as --bcm-variant are checked
-        ("data", "data"): data and str(data), ("data", "defect"): defect, ("data", "resolution"): resolution,
-        ("model", "base_model"): base_model, ("model", "rank"): rank, ("model", "saim"): saim, ("model", "bcm"): bcm,
-        ("model", "bcm_variant"): bcm_variant, ("train", "steps"): steps, ("train", "batch_size"): batch_size,
-        ("train", "lr"): lr, ("train", "seed"): seed, ("train", "mixed_precision"): mixed_precision,
-        ("train", "gradient_checkpointing"): gradient_checkpointing, ("train", "device"): device,
-        ("data", "allow_empty_masks"): allow_empty_masks,
+    cfg = start.with_overrides({  # re-validated, --set's values first and the flags on top
+        **assignments(assigned or []), ("data", "data"): data and str(data), ("data", "defect"): defect,
+        ("model", "base_model"): base_model, ("train", "steps"): steps, ("data", "allow_empty_masks"): allow_empty_masks,
     })
     if not resume and not (cfg.data.data and cfg.data.defect):
         raise UserError("--data and --defect are required for a new run (or set data.data/data.defect in --config)")
@@ -349,56 +340,37 @@ def generate(
     run: Path = typer.Argument(..., help="Run folder written by `dualanodiff train`."),
     out: Path = typer.Option(..., "--out", help="Output root; pairs go to OUT/<category>/<defect>/."),
     num: Optional[int] = typer.Option(None, "--num", help="Kept pairs wanted; a re-run with a larger number adds pairs.", show_default=config_default("generate.num", of_run=True)),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs sampled together.", show_default=config_default("generate.batch_size", of_run=True)),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; attempt a uses seed + a.", show_default=config_default("generate.seed", of_run=True)),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (official: 100).", show_default=config_default("generate.steps", of_run=True)),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (official: 2.5).", show_default=config_default("generate.guidance", of_run=True)),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="pndm (official), ddim, dpm, ddpm, euler, euler-a, heun, lms, unipc, ...", show_default=config_default("generate.scheduler", of_run=True)),
-    mask_method: Optional[str] = typer.Option(None, "--mask-method", help="threshold (part image), attention or u2net.", show_default=config_default("generate.mask_method", of_run=True)),
-    u2net_weights: Optional[Path] = typer.Option(None, "--u2net-weights", help="TorchScript U^2-Net for --mask-method u2net."),
-    background: Optional[Path] = typer.Option(None, "--background", help="Normal image for BCM instead of the run's few-shot backgrounds."),
-    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks (and unaligned ones with generate.min_alignment).", show_default=config_default("generate.filter", of_run=True)),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if any), cpu or cuda.", show_default=config_default("generate.device", of_run=True)),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 (GPU) or bf16.", show_default=config_default("generate.dtype", of_run=True)),
+    use_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Drop empty, too large or off-object masks.", show_default=config_default("generate.filter", of_run=True)),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; its generate section overrides the run's."),
     normal: Optional[Path] = typer.Option(None, "--normal", help="Normal image to inpaint a defect into (with --mask)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Where the defect may go in the --normal image."),
-    initial_noise: Optional[str] = typer.Option(None, "--initial-noise", help="shared (one x_T for both rows of a pair) or independent (paper).", show_default=config_default("generate.initial_noise", of_run=True)),
-    size: Optional[str] = typer.Option(None, "--size", help="Pairs' size: model (as sampled), source (the dataset's images') or N px.", show_default=config_default("generate.size", of_run=True)),
-    on_normals: Optional[bool] = typer.Option(None, "--on-normals/--whole-images", help="Draw each defect into a real train/good image of the run's dataset, in a few-shot defect's shape, or sample whole images (paper).", show_default=config_default("generate.on_normals", of_run=True)),
-    on_normals_strength: Optional[float] = typer.Option(None, "--on-normals-strength", help="With --on-normals: start from the placed real defect noised to this share of the schedule (1: pure noise).", show_default=config_default("generate.on_normals_strength", of_run=True)),
-    start_from: Optional[str] = typer.Option(None, "--start-from", help="Whole images' x_T: noise (paper), few-shot (a few-shot image noised to the first step: its colours carry over) or normal (a train/good image, likewise).", show_default=config_default("generate.start_from", of_run=True)),
-    start_strength: Optional[float] = typer.Option(None, "--start-strength", help="With --start-from few-shot or normal: noise the start image to this share of the schedule (1: the first step).", show_default=config_default("generate.start_strength", of_run=True)),
-    lay_part: Optional[bool] = typer.Option(None, "--lay-part/--no-lay-part", help="Whole images: lay each part image's defect onto the image inside its mask (the image then shows the part's defect there), or keep the global branch's image as drawn (paper).", show_default=config_default("generate.lay_part", of_run=True)),
-    layout: str = typer.Option("native", "--layout", help="native (OUT/<category>/<defect>/), or mvtec / folder: "
-                               "native pairs in OUT/native/, exported to OUT for anomalib (see `export`)."),
+    canvas: Optional[str] = typer.Option(None, "--canvas", help="Where sampling starts: noise (paper), few-shot or normal "
+                                         "(whole images from a few-shot or train/good image), on-normals (each defect "
+                                         "drawn into a real train/good image).", show_default=config_default("generate.canvas", of_run=True)),
+    strength: Optional[float] = typer.Option(None, "--strength", help="The share of the schedule the canvas is noised to "
+                                             "(1: the first step; 0: the canvas's own).", show_default=config_default("generate.strength", of_run=True)),
+    assigned: Optional[list[str]] = SET_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace pairs made here with other settings (else refused)."),
 ) -> None:
     """Generate aligned anomaly image-mask pairs with a trained run (SAIM + BCM, guided, filtered)."""
-    from dualanodiff.exports import LAYOUTS, NATIVE, export_pairs
     from dualanodiff.generation import generate as generate_pairs
     from dualanodiff.generation import generate_config
 
-    if layout not in ("native", *LAYOUTS):
-        raise UserError(f"--layout {layout}: unknown; choose native, {' or '.join(LAYOUTS)}")
     cfg = generate_config(
-        run, config, num=num, batch_size=batch_size, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-        mask_method=mask_method, filter=use_filter, device=device, dtype=dtype, initial_noise=initial_noise, size=size,
-        on_normals=on_normals, on_normals_strength=on_normals_strength, start_from=start_from,
-        start_strength=start_strength, lay_part=lay_part,
+        run, config, assigned or [], num=num, seed=seed, steps=steps, guidance=guidance, filter=use_filter, canvas=canvas,
+        strength=strength,
     )
     check_writable(out)
-    native = out if layout == "native" else out / NATIVE
     with progress_bars() as bars:
         bar = bars("generating", cfg.num)
         summary = generate_pairs(
-            run, native, cfg, background=background, normal=normal, mask=mask, u2net_weights=str(u2net_weights or ""),
+            run, out, cfg, normal=normal, mask=mask,
             progress=lambda kept, total: bar(kept, total), log=_log, force=force,
         )
     console.print(f"{summary.kept} pairs in {summary.folder} ({summary.seconds:.1f} s)")
-    if layout != "native" and summary.kept:
-        export_pairs(native, out, layout, force=True)
-        console.print(f"exported every category of {native} to {out} in the {layout} layout")
     if summary.kept < cfg.num:
         console.print(f"short of --num: {summary.kept} of {cfg.num} pairs kept (exit code {EXIT_PARTIAL})")
         raise typer.Exit(EXIT_PARTIAL)
@@ -478,14 +450,10 @@ def evaluate(
         None, "--steps", help="Optimizer steps of each training, the same for every row (no test-set selection).",
         show_default=config_default("evaluate.steps"),
     ),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side for training and testing.", show_default=config_default("evaluate.resolution")),
-    base_width: Optional[int] = typer.Option(None, "--base-width", help="U-Net base width (DRAEM uses 64).", show_default=config_default("evaluate.base_width")),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of both trainings.", show_default=config_default("evaluate.seed")),
     seeds: Optional[int] = typer.Option(
-        None, "--seeds", help="Train each row's localizer and classifier at this many seeds (--seed, --seed + 1, ...) "
+        None, "--seeds", help="Train each row's localizer and classifier at this many seeds (evaluate.seed, + 1, ...) "
         "and report their mean: one seed's pixel AP can be off by tens of points.", show_default=config_default("evaluate.seeds"),
     ),
-    split_rounding: str = typer.Option("floor", "--split-rounding", help="floor (disjoint, ours) or ceil (official)."),
     inception_weights: Optional[Path] = typer.Option(
         None, "--inception-weights", help="For IS: torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
         "(or a TorchScript Inception-v3 returning logits).",
@@ -498,28 +466,30 @@ def evaluate(
         None, "--resnet-weights", help="torchvision's ImageNet resnet34-*.pth for the classifier (else random init).",
     ),
     no_classification: bool = typer.Option(False, "--no-classification", help="Skip the ResNet-34 classification."),
-    device: str = typer.Option("auto", "--device", help="auto (GPU if any), cpu or cuda."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results (raw fractions) as JSON."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown report and a bar chart PNG beside it."),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the table as CSV."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown report, and beside it its bar chart "
+                                          "(.png), the results (.json, raw fractions) and the table (.csv)."),
+    assigned: Optional[list[str]] = SET_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite existing report files."),
 ) -> None:
     """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
+    from dualanodiff.config import assignments
     from dualanodiff.evaluation import evaluate_generators, write_report
     from dualanodiff.evaluation.report import chart_path, check_outputs
 
-    options = {"steps": steps, "resolution": resolution, "seed": seed, "seeds": seeds, "base_width": base_width}
-    cfg = load_config(config).with_overrides({("evaluate", name): value for name, value in options.items()}).evaluate
+    options = {("evaluate", "steps"): steps, ("evaluate", "seeds"): seeds}
+    settings = load_config(config).with_overrides({**assignments(assigned or [], ("evaluate", "data")), **options})
+    cfg, split_rounding = settings.evaluate, settings.data.split_rounding
     roots = generated_rows(generated, combine or [])
+    json_path, csv_path = (report.with_suffix(".json"), report.with_suffix(".csv")) if report else (None, None)
     check_outputs([report, report and chart_path(report), json_path, csv_path], force)
-    for path in {Path(p).parent for p in (report, json_path, csv_path) if p is not None}:
-        check_writable(path)  # before the U-Net trains
+    if report is not None:
+        check_writable(report.parent)  # before the U-Net trains
     with deferred_signals() as stop:  # a stop while training writes nothing; the files are written whole
         with stop.at_once("before anything was written; run the same command again to evaluate"), progress_bars() as bars:
             results = evaluate_generators(
                 data, roots, cfg, defects=defect or None, rounding=split_rounding,
                 inception_weights=inception_weights, lpips_weights=lpips_weights, resnet_weights=resnet_weights,
-                classification=not no_classification, device=device, log=_log, bars=bars,
+                classification=not no_classification, log=_log, bars=bars,
             )
         written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
     print_results(results)
@@ -601,7 +571,6 @@ def pretrain_base_command(
         "become maxima. Measuring and export follow.",
     ),
     resolution: int = typer.Option(128, "--resolution", help="Image side in pixels (latents are a quarter of it)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data, the initialisation and every random draw."),
     device: str = typer.Option("auto", "--device", help="auto (the GPU when there is one), cpu or cuda."),
     workers: int = typer.Option(0, "--workers", help="Processes rendering the data (0: one per CPU core, at most 16)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint/state.pt."),
@@ -622,7 +591,7 @@ def pretrain_base_command(
     with progress_bars() as bars:
         record = pretrain_base(
             out, chosen.steps_vae if steps_vae is None else steps_vae,
-            chosen.steps_unet if steps_unet is None else steps_unet, resolution, seed, options,
+            chosen.steps_unet if steps_unet is None else steps_unet, resolution, 0, options,
             resume=resume, force=force, device=device, time_budget=time_budget,
             workers=workers or min(os.cpu_count() or 1, 16), preset=preset, log=_log, bars=bars,
             steps_decoder=chosen.steps_decoder if steps_decoder is None else steps_decoder,
@@ -650,16 +619,16 @@ def run_all_command(
     defects: Optional[list[str]] = typer.Option(None, "--defects", "--defect", help="Only these defect types (repeatable or comma-separated)."),
     max_defects: Optional[int] = typer.Option(None, "--max-defects", help="At most K defect types per category (first by name)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="tiny (embedded), tiny-random, a diffusers dir or a .safetensors file.", show_default=config_default("model.base_model")),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per defect type (official: 5000).", show_default=config_default("train.steps")),
-    num: Optional[int] = typer.Option(None, "--num", help="Generated pairs per defect type (official: 500).", show_default=config_default("generate.num")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config for every stage; flags given here override it."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to use: auto or ray://HOST:10001 (default: a local Ray)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Local Ray: CPUs it may use (default: all); one per job."),
     gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="GPUs each job claims, may be a fraction (default: 1 where Ray sees GPUs, else 0)."),
+    assigned: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Train, generate and evaluate every category and defect type of a dataset as Ray jobs; re-runs skip finished jobs."""
     from rich.table import Table
 
+    from dualanodiff.config import assignments
     from dualanodiff.runall import (
         SUMMARY_COLUMNS,
         run_all,
@@ -669,7 +638,7 @@ def run_all_command(
     )
 
     cfg = config_with_recipe(config, base_model)[0].with_overrides(
-        {("model", "base_model"): base_model, ("train", "steps"): steps, ("generate", "num"): num}
+        {**assignments(assigned or []), ("model", "base_model"): base_model}
     )
     check_writable(out)
     jobs, records = run_all(

@@ -43,6 +43,8 @@ NonNegative = Annotated[float, Range(0)]
 Share = Annotated[float, Range(0, 1)]
 PairSize = Union[int, Literal["model", "source"]]
 PAIR_SIZE_NAMES = ("model", "source")
+MAX_TRIES_FACTOR = 4  # generate samples at most num x this many pairs before giving up
+CANVAS_STRENGTH = {"noise": 1.0, "few-shot": 1.0, "normal": 1.0, "on-normals": 0.3}  # generate.strength 0 means these
 
 
 def parse_pair_size(value: Any, where: str = "--size") -> int | str:
@@ -70,20 +72,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base_model: str = "tiny"  # local diffusers dir, single .safetensors, "tiny" (embedded) or "tiny-random"
-    rank: Count = 32  # UNet LoRA rank (official)
-    alpha: NonNegative = 0.0  # LoRA scale alpha / rank; 0: alpha = rank, as the official scripts keep it
+    rank: Count = 32  # UNet LoRA rank (official; its scale alpha / rank is 1, as the official scripts keep it)
     text_rank: Size = 32  # text-encoder LoRA rank (official); 0 disables text LoRA
     # prompts may name the category and defect: "a {object} with {defect}" / "{defect}" (filled in by training)
     global_prompt: str = "a vfx with sks"
     anomaly_prompt: str = "sks"
-    learned_words: str = ""  # words whose input token embeddings train (textual inversion), e.g. "vfx sks"
     lora_targets: Literal["attention", "attention+ff", "attention+ff+conv"] = "attention"  # UNet layers with LoRA
-    # the ResNet blocks whose convolutions get LoRA (lora_targets with conv): all, or the up path only, which spares
-    # the backward pass through the frozen down path (11 % faster, level within noise; the recipe keeps all)
-    # (experiments/ON_NORMALS.md#resnet-lora-on-the-up-path-only-modelconv_blocks-up-2026-11-27)
-    conv_blocks: Literal["all", "up"] = "all"
     saim: bool = True
-    saim_rank: Size = 0  # 0: full-rank projections (paper); >0: low-rank SAIM projections
     # zero: SAIM's output starts at 0 (ours); official: nn.Linear's default init, as the reference code (measured
     # to turn the global branch's objects into texture within 300 few-shot steps: experiments/ABLATION.md)
     saim_init: Literal["official", "zero"] = "zero"
@@ -96,43 +91,27 @@ class ModelConfig:
     # MLP and gamma still train on their detached states; the LoRA no longer learns through them): -16 % FLOPs per
     # SD-1.5 step, quality within the ablation's noise (experiments/ABLATION.md); true: end to end, as the paper
     bcm_background_grad: bool = False
-    gamma_init: float = 0.1
-    bcm_hidden: Size = 0  # MLP width; 0 means the layer's own width
-
-    @property
-    def lora_alpha(self) -> float:
-        """The LoRA scale's numerator: `alpha`, or the rank where alpha is 0 (the official scripts' rule)."""
-        return self.alpha or float(self.rank)
 
 
 @dataclass
 class TrainConfig:
     steps: Count = 5000
     batch_size: Count = 4
-    lr: Positive = 2e-5
-    weight_decay: NonNegative = 1e-2
-    max_grad_norm: Positive = 1.0
-    added_lr_scale: Positive = 1.0  # learning-rate multiplier for the modules the paper adds (SAIM, BCM, gamma)
-    noise: Literal["independent", "shared"] = "independent"  # one noise draw for both rows of a pair, or two
-    defect_loss_weight: NonNegative = 0.0  # anomaly branch: extra loss weight on the defect's latent cells (ours)
+    lr: Positive = 2e-5  # AdamW, weight decay 1e-2, gradients clipped at norm 1 (official)
     # offset noise: a constant per row and latent channel, this many standard deviations, added to the training
     # noise, so the model can learn colours and brightness far from the base's mean (ours; 0: the paper)
     noise_offset: NonNegative = 0.0
     # steps of refining the base VAE's decoder on the category's images before the adapters train (ours,
     # `dualanodiff.decoder`: a small base's VAE greys colours its pretraining lacked); 0: the base's decoder
     decoder_steps: Size = 0
-    decoder_lr: Positive = 2e-4
     # steps of adapting the base to the category's train/good images (a LoRA fused into the frozen base for the
     # run, `dualanodiff.category`) before the adapters train (ours: a small base never saw the user's category);
     # 0: off, the paper's frozen base
     category_steps: Size = 0
-    category_rank: Count = 32
-    category_lr: Positive = 1e-3
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every: Size = 500
-    keep_checkpoints: Count = 2
+    checkpoint_every: Size = 500  # the last two checkpoints are kept
     device: str = "auto"  # auto (GPU if any), cpu or cuda
 
 
@@ -147,25 +126,22 @@ class GenerateConfig:
     # x_T of a pair's two rows: shared (one draw, ours: puts the part's defect where the image's is) or
     # independent (paper and reference code)
     initial_noise: Literal["independent", "shared"] = "shared"
+    # where sampling starts: "noise" (whole images from x_T, paper); "few-shot" or "normal" (whole images from a
+    # few-shot or a train/good image of the run's dataset noised to `strength`, its part row from grey: the
+    # image's colours and layout carry over, which a small base cannot guess from a zero-mean x_T); "on-normals"
+    # (ours: each defect drawn into a real train/good image inside a few-shot defect's shape placed on it, as
+    # crop-paste places it, from that pasted defect noised to `strength`: the pairs then differ from real images
+    # only at their defects). `--normal IMAGE --mask M` draws into one given image instead
+    canvas: Literal["noise", "few-shot", "normal", "on-normals"] = "noise"
+    # the share of the schedule the canvas is noised to, as img2img's strength (1: the first step); 0: the canvas's
+    # own, `CANVAS_STRENGTH` (on-normals 0.3, the best mean pixel AP on nut/hole and on the held-out bottle:
+    # experiments/ON_NORMALS.md#2026-11-26-generate---on-normals-and-at-which-strength; whole images 1)
+    strength: Share = 0.0
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
     mask_floor: Share = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
-    min_component: Size = 16  # pixels; smaller connected components are dropped
-    filter: bool = True
+    filter: bool = True  # at most 4 x num pairs are sampled before giving up
     max_area: Share = 0.5  # drop masks covering more than this share of the image
     min_on_object: Share = 0.5  # objects: share of the mask that must lie on the foreground
-    # drop pairs whose image shows no more defect under the mask than elsewhere on the object (alignment,
-    # `dualanodiff.alignment`: about 1 for a mask on plain surface); 0: off (paper: no such filter)
-    min_alignment: NonNegative = 0.0
-    max_tries_factor: Count = 4  # sample at most num * factor pairs before giving up
-    # x_T of whole images: "noise" (paper), "few-shot" (a few-shot image, the one whose background BCM gets,
-    # noised to the first step, the part row grey) or "normal" (a train/good image, with its own background).
-    # Training's x_T always keeps about 7 % of its image, so it knows the colours of object and background; a
-    # zero-mean draw leaves a weak base to guess them (the held-out bottle comes out grey where it is green or
-    # brown). on_normals and --normal ignore it
-    start_from: Literal["noise", "few-shot", "normal"] = "noise"
-    # with start_from few-shot or normal: the start image is noised to this share of the schedule (as img2img's
-    # strength); 1 (the first step) keeps about 7 % of it, below 1 its colours and layout carry over more
-    start_strength: Annotated[float, Range(0, 1, open_low=True)] = 1.0
     # whole images: lay the part image's defect onto the image inside the pair's mask (`masks.part_onto`, as
     # on_normals always does; the paper's part image is I * M), so the mask's region shows the part's defect
     # wherever the global branch drew its own. false: the global branch's image as drawn (paper). The
@@ -174,14 +150,11 @@ class GenerateConfig:
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels
-    # draw each defect into a real train/good image, in a few-shot defect's shape placed on it (ours, not the
-    # paper's: the pairs then differ from real images only at their defects); false: whole images (paper)
-    on_normals: bool = False
-    # with on_normals: sampling starts from the placed real defect noised to this share of the schedule (as
-    # img2img's strength); 1 starts from pure noise, where the defect rarely lands inside its small region.
-    # 0.3: the best mean pixel AP on nut/hole and on the held-out bottle
-    # (experiments/ON_NORMALS.md#2026-11-26-generate---on-normals-and-at-which-strength)
-    on_normals_strength: Annotated[float, Range(0, 1, open_low=True)] = 0.3
+
+    @property
+    def start_strength(self) -> float:
+        """`strength`, or the canvas's own where it is 0."""
+        return self.strength or CANVAS_STRENGTH[self.canvas]
 
 
 @dataclass
@@ -189,8 +162,7 @@ class EvaluateConfig:
     # optimizer steps of the localizer and of the classifier, the same for every set of pairs; 3000 is
     # about the reference code's 50 epochs over 500 images at batch 8 (the localizer's batches hold 4 pairs)
     steps: Count = 3000
-    batch_size: Count = 8
-    lr: Positive = 1e-3
+    batch_size: Count = 8  # Adam at lr 1e-3
     resolution: Count = 256
     base_width: Count = 16  # localization U-Net width (DRAEM uses 64; 16 keeps CPU runs short)
     seed: int = 0
@@ -218,6 +190,12 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
         return cls.from_dict(read_yaml(path), str(path))
+
+    @classmethod
+    def of_run(cls, path: str | Path) -> Config:
+        """A run's saved config.yaml, also one written before options were removed or replaced
+        (`upgraded_run_config`)."""
+        return cls.from_dict(upgraded_run_config(read_yaml(path)), str(path))
 
     @classmethod
     def from_layers(cls, layers: list[tuple[dict[str, Any], str]]) -> Config:
@@ -248,6 +226,91 @@ class Config:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# Removed and replaced options (listed in CHANGELOG.md): an old key fails with what to use instead; a removed
+# option's study keeps its table and the commit to check out. Values: (what became of it, the value that was its
+# default and is now built in: a run's config.yaml holding that value still loads)
+RETIRED: dict[str, tuple[str, Any]] = {
+    "model.alpha": ("removed: the LoRA scale is alpha = rank, as the official scripts keep it", 0.0),
+    "model.learned_words": ("removed, no gain measured (experiments/RECIPE.md)", ""),
+    "model.conv_blocks": ("removed, level within the seed noise (experiments/RECIPE.md)", "all"),
+    "model.saim_rank": ("removed, fewer pairs kept (experiments/RECIPE.md); SAIM is full rank", 0),
+    "model.gamma_init": ("removed: BCM's gamma starts at 0.1, as the paper", 0.1),
+    "model.bcm_hidden": ("removed: BCM's MLP is as wide as its layer", 0),
+    "train.added_lr_scale": ("removed, no gain measured (experiments/RECIPE.md)", 1.0),
+    "train.defect_loss_weight": ("removed, no gain measured (experiments/RECIPE.md)", 0.0),
+    "train.noise": ("removed: each row draws its own noise (experiments/RECIPE.md)", "independent"),
+    "train.weight_decay": ("removed: AdamW's weight decay is 1e-2 (official)", 1e-2),
+    "train.max_grad_norm": ("removed: gradients are clipped at norm 1 (official)", 1.0),
+    "train.keep_checkpoints": ("removed: the last two checkpoints are kept", 2),
+    "train.decoder_lr": ("removed: the decoder refinement's learning rate is 2e-4", 2e-4),
+    "train.category_rank": ("removed: category adaptation's LoRA has rank 32", 32),
+    "train.category_lr": ("removed: category adaptation's learning rate is 1e-3", 1e-3),
+    "generate.start_from": ("replaced by generate.canvas (noise, few-shot or normal)", "noise"),
+    "generate.start_strength": ("replaced by generate.strength", 1.0),
+    "generate.on_normals": ("replaced by generate.canvas: on-normals", False),
+    "generate.on_normals_strength": ("replaced by generate.strength (with generate.canvas: on-normals)", 0.3),
+    "generate.min_alignment": ("removed, filtered runs taught a localizer less (experiments/RECIPE.md)", 0.0),
+    "generate.max_tries_factor": ("removed: at most 4 x num pairs are sampled", 4),
+    "generate.min_component": ("removed: mask components under 16 pixels are dropped", 16),
+    "evaluate.lr": ("removed: the localizer and the classifier train with Adam at 1e-3", 1e-3),
+}
+
+
+def _refuse_retired(key: str, where: str) -> None:
+    """A one-line `UserError` for a removed or replaced option's key, saying what became of it."""
+    if key in RETIRED:
+        fate = RETIRED[key][0]
+        raise UserError(f"{where}: {key} was {fate}; {'set that instead' if fate.startswith('replaced') else 'drop it'}")
+
+
+def upgraded_run_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config in today's options: the canvas from its replaced keys, and retired options that hold
+    their built-in value dropped (any other value stays and fails in `from_dict`, naming what to do)."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    generate = raw.get("generate", {})
+    if "on_normals" in generate or "start_from" in generate:
+        on_normals, start = generate.pop("on_normals", False), generate.pop("start_from", "noise")
+        on_normals_strength, start_strength = generate.pop("on_normals_strength", 0.3), generate.pop("start_strength", 1.0)
+        strength = on_normals_strength if on_normals else start_strength
+        generate["canvas"] = "on-normals" if on_normals else start
+        generate["strength"] = 0.0 if strength == CANVAS_STRENGTH[generate["canvas"]] else strength
+    rank = raw.get("model", {}).get("rank")
+    for key, (_, built_in) in RETIRED.items():
+        section, name = key.split(".")
+        values = raw.get(section, {})
+        if name in values and (values[name] == built_in or (key == "model.alpha" and values[name] == rank)):
+            del values[name]
+    return raw
+
+
+def assignments(texts: list[str], sections: tuple[str, ...] | None = None) -> dict[tuple[str, str], Any]:
+    """``--set`` values, ``["generate.guidance=3.5", "train.lr=1e-4"]``, as `Config.with_overrides` takes them: each
+    value read as YAML (true, 3.5, on-normals) and checked against its option; `sections`, where given, are the
+    only ones the command reads."""
+    found = {}
+    for text in texts:
+        key, equals, value = text.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (equals and dot):
+            raise UserError(f"--set {text!r}: expected SECTION.OPTION=VALUE, e.g. generate.guidance=3.5")
+        where = f"--set {section}.{name}"
+        if sections is not None and section not in sections:
+            raise UserError(f"{where}: this command reads only the {'/'.join(sections)} section(s); use --config for others")
+        known = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "split"}
+        if section not in known:
+            raise UserError(f"{where}: no section {section!r}; valid: {', '.join(known)}")
+        _refuse_retired(f"{section}.{name}", where)
+        hints = get_type_hints(getattr(Config(), section).__class__, include_extras=True)
+        if name not in hints:
+            raise UserError(f"{where}: unknown option; valid: {', '.join(sorted(hints))}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        found[(section, name)] = _coerce(hints[name], parsed, where)
+    return found
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file of config sections as a mapping, or a one-line `UserError` naming the file."""
     path = Path(path)
@@ -271,6 +334,9 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     hints = get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
+    section = where.rsplit(":", 1)[-1]
+    for name in sorted(unknown):
+        _refuse_retired(f"{section}.{name}", where)
     if unknown:
         raise UserError(f"{where}: unknown option(s) {sorted(unknown)}; valid: {sorted(names)}")
     kwargs = {}

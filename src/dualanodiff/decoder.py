@@ -27,6 +27,7 @@ from dualanodiff.progress import Bars, loss_bar, no_bars
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 LATENT_CROP = 16  # latent cells per side of a training crop (64 px at the VAE's 4x): a quarter of the cost
 BATCH = 8
+DECODER_LR = 2e-4  # what `train.decoder_steps` refines with
 
 
 def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

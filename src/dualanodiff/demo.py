@@ -22,6 +22,7 @@ settings is refused rather than mixing results.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dualanodiff.config import Config, read_yaml
+from dualanodiff.config import MAX_TRIES_FACTOR, Config, read_yaml
 from dualanodiff.data import open_category
 from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text
@@ -160,7 +161,7 @@ def run_demo(
     if not stages.done(f"generate {ON_NORMALS}"):
         with stages.run(f"generate {ON_NORMALS}"):
             on_normals = Config.from_dict(cfg.to_dict())
-            on_normals.generate.on_normals = True
+            on_normals.generate.canvas = "on-normals"
             _generate(runs[OURS], out / "generated" / ON_NORMALS, on_normals, hooks, ON_NORMALS)
     pair_sets = [*variants, ON_NORMALS]
     if not stages.done("baselines"):
@@ -341,7 +342,7 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         "![DualAnoDiff pairs](figures/pairs_dualanodiff.png)",
         "",
         f"Quality filter: {stats['kept']} kept, {stats['dropped']} dropped"
-        f"{'' if stats['kept'] >= cfg.generate.num else f' (the cap of {cfg.generate.num * cfg.generate.max_tries_factor} attempts was reached before {cfg.generate.num} pairs)'}. "
+        f"{'' if stats['kept'] >= cfg.generate.num else f' (the cap of {cfg.generate.num * MAX_TRIES_FACTOR} attempts was reached before {cfg.generate.num} pairs)'}. "
         f"Image-mask alignment (the image's difference from its own inpainting inside the mask, over the same "
         f"with the mask moved elsewhere on the object): mean {stats['alignment_mean']:.2f}, median "
         f"{stats['alignment_median']:.2f}. Pair consistency (PSNR of image·M vs part·M inside the mask): mean "
@@ -435,11 +436,11 @@ def _write_figures(out: Path, category: str, defect: str, pair_sets: list[str], 
 def _whole_image_notes(cfg: Config) -> list[str]:
     """What the settings changed from the paper's whole images: where sampling started, the part laid on."""
     notes = []
-    if cfg.generate.start_from != "noise":
-        source = "a few-shot image" if cfg.generate.start_from == "few-shot" else "a real `train/good` image"
+    if cfg.generate.canvas in ("few-shot", "normal"):
+        source = "a few-shot image" if cfg.generate.canvas == "few-shot" else "a real `train/good` image"
         depth = "the first step" if cfg.generate.start_strength == 1 else f"{cfg.generate.start_strength:g} of the schedule"
-        notes += [f"Sampling started from {source} noised to {depth} (`generate.start_from "
-                  f"{cfg.generate.start_from}`; the paper starts from noise), so the images take its colours and layout.", ""]
+        notes += [f"Sampling started from {source} noised to {depth} (`generate.canvas "
+                  f"{cfg.generate.canvas}`; the paper starts from noise), so the images take its colours and layout.", ""]
     if cfg.generate.lay_part:
         notes += ["Each image carries its part image's defect laid on inside its mask (`generate.lay_part`; the paper "
                   "keeps the global branch's image as drawn): the mask's region shows the part's defect wherever the "
@@ -453,13 +454,13 @@ def _whole_image_notes(cfg: Config) -> list[str]:
 
 def _on_normals_section(cfg: Config, figures: dict) -> list[str]:
     return [
-        "## The same run's defects on real normal images (`generate --on-normals`)",
+        "## The same run's defects on real normal images (`generate --canvas on-normals`)",
         "",
         f"![{ON_NORMALS} pairs](figures/pairs_{ON_NORMALS}.png)",
         "",
         f"Each defect is drawn by the same run into a real `train/good` image, inside the shape of a few-shot defect "
         f"placed on the object as crop-paste places it (sampling starts from that pasted defect at strength "
-        f"{cfg.generate.on_normals_strength:g}); outside its mask the image is the normal image itself. "
+        f"{dataclasses.replace(cfg.generate, canvas='on-normals').start_strength:g}); outside its mask the image is the normal image itself. "
         f"{figures['kept']} of {figures['kept'] + figures['dropped']} attempts kept; alignment mean "
         f"{figures['alignment_mean']:.2f}, median {figures['alignment_median']:.2f}.",
         "",

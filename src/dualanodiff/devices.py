@@ -15,21 +15,21 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device {device}: not a device name; choose auto, cpu or cuda")
+        raise UserError(f"device {device}: not a device name; choose auto, cpu or cuda")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device}: not a device name; choose auto, cpu or cuda") from None
+        raise UserError(f"device {device}: not a device name; choose auto, cpu or cuda") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
+        raise UserError(f"device {device}: no CUDA GPU is visible; use cpu or auto")
     return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: unknown precision; choose fp32, fp16 or bf16")
+        raise UserError(f"dtype {dtype}: unknown precision; choose fp32, fp16 or bf16 (generate.dtype)")
     if dtype == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16: half precision needs --device cuda; use fp32 or bf16 on the CPU")
+        raise UserError("dtype fp16: half precision needs a CUDA device; use fp32 or bf16 on the CPU (generate.dtype)")
     return DTYPES[dtype]
 
 

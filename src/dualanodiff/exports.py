@@ -42,7 +42,6 @@ from dualanodiff.pairs import discover_generated, kept_rows, pair_size, read_pai
 from dualanodiff.runs import RunFolder
 
 LAYOUTS = ("mvtec", "folder")
-NATIVE = "native"  # `generate --layout mvtec|folder` keeps its resumable native pairs in OUT/native/
 PROVENANCE = "export.jsonl"
 MIN_DIGITS = 3  # MVTec AD's own names: 000.png
 Sources = dict[str, dict[str, tuple[Path, list[tuple[Path, Path]]]]]  # category -> defect -> (folder, pairs)

@@ -23,7 +23,7 @@ import yaml
 
 from dualanodiff.alignment import alignment_score
 from dualanodiff.baselines import NormalPool, anomaly_part, load_defects, place_defect
-from dualanodiff.config import Config, GenerateConfig, validated
+from dualanodiff.config import MAX_TRIES_FACTOR, Config, GenerateConfig, assignments, validated
 from dualanodiff.data import load_image, load_mask, open_category, recorded_split
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
@@ -53,19 +53,21 @@ class GenerationSummary:
     seconds: float
 
 
-def generate_config(run: Path, config_file: Path | None = None, **overrides) -> GenerateConfig:
-    """The run's saved `generate` section, then the keys `config_file` sets, then non-None `overrides`."""
+def generate_config(run: Path, config_file: Path | None = None, assigned: list[str] = (), **overrides) -> GenerateConfig:
+    """The run's saved `generate` section, then the keys `config_file` sets, then `assigned` (``--set
+    generate.KEY=VALUE``), then non-None `overrides`."""
     raw = RunFolder(run).load_config().to_dict()["generate"]
     if config_file is not None:
         Config.from_yaml(config_file)  # validates the whole file
         raw.update((yaml.safe_load(Path(config_file).read_text()) or {}).get("generate") or {})
-    raw.update({name: value for name, value in overrides.items() if value is not None})
-    return check_config(Config.from_dict({"generate": raw}, "command line").generate)
+    flags = {("generate", name): value for name, value in overrides.items()}
+    cfg = Config.from_dict({"generate": raw}, str(config_file or run))
+    return check_config(cfg.with_overrides({**assignments(list(assigned), ("generate",)), **flags}).generate)
 
 
 BORDER_SHARE = 0.03  # of the image side: the frame where an object's defect is not expected
 OBJECT_FLOOR = 0.25  # of the few-shot images' mean object share: a foreground smaller than this is a speck
-REGION_MARGIN = 1 / 32  # of the image side (a latent cell): how far --on-normals lets a defect outgrow its shape
+REGION_MARGIN = 1 / 32  # of the image side (a latent cell): how far canvas on-normals lets a defect outgrow its shape
 
 
 def object_region(image: np.ndarray, kind: str, u2net_weights: str = "", min_share: float = 0.0) -> np.ndarray | None:
@@ -132,24 +134,24 @@ def few_shot_objects(run_cfg: Config, kind: str, u2net_weights: str | None = Non
 def check_config(cfg: GenerateConfig) -> GenerateConfig:
     """`UserError` for options out of range and unknown scheduler, device or dtype, before any model is loaded."""
     cfg = validated(cfg, "generate")
+    if cfg.canvas == "noise" and 0 < cfg.strength < 1:
+        raise UserError(f"generate.strength {cfg.strength:g}: a noise canvas starts from pure noise; set generate.canvas "
+                        "(--canvas) to few-shot, normal or on-normals, or leave strength at 0")
     make_scheduler(cfg.scheduler, {})
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     return cfg
 
 
-def check_inputs(
-    cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None, background: Path | None,
-    started: bool,
-) -> None:
-    """One-line errors for options that do not go together; `started`: whole images from a start image."""
+def check_inputs(cfg: GenerateConfig, u2net_weights: str, normal: Path | None, mask: Path | None) -> None:
+    """One-line errors for options that do not go together (a given --normal image takes the place of a whole-image
+    canvas: few-shot or normal)."""
     if cfg.mask_method == "u2net" and not (u2net_weights and Path(u2net_weights).is_file()):
-        raise UserError(f"--u2net-weights {u2net_weights or '(none)'}: --mask-method u2net needs a local TorchScript U²-Net file")
+        raise UserError(f"data.u2net_weights {u2net_weights or '(none)'}: generate.mask_method u2net needs the run's "
+                        "TorchScript U²-Net file (train with data.u2net_weights)")
     if (normal is None) != (mask is None):
         raise UserError("--normal/--mask: give both, the normal image and the mask of where to put the defect")
-    if cfg.on_normals and (normal is not None or background is not None):
-        raise UserError("--on-normals picks each pair's normal image and background itself; drop --normal/--mask/--background")
-    if started and cfg.start_from == "normal" and background is not None:
-        raise UserError("--start-from normal gives each pair its normal image's background; drop --background or pass --start-from noise")
+    if cfg.canvas == "on-normals" and normal is not None:
+        raise UserError("--canvas on-normals picks each pair's normal image itself; drop --normal/--mask")
 
 
 def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> Path:
@@ -161,20 +163,20 @@ def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> 
 
 
 class NormalCanvas:
-    """``--on-normals``: each pair's defect is drawn into a real ``train/good`` image of the run's dataset,
+    """Canvas ``on-normals``: each pair's defect is drawn into a real ``train/good`` image of the run's dataset,
     inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the
     pair's seed), grown by `REGION_MARGIN` of the image side so the model may draw it larger; the image's own
     background feeds BCM. The pairs then differ from real normal images only at their defects."""
 
     def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
-        category = open_category(run_dataset(run_cfg, "--on-normals", "its train/good images are where the defects go",
+        category = open_category(run_dataset(run_cfg, "--canvas on-normals", "its train/good images are where the defects go",
                                              "generate whole images"))
         if not category.train_good:
-            raise UserError(f"--on-normals: {category.root} has no train/good images to draw defects into")
+            raise UserError(f"--canvas on-normals: {category.root} has no train/good images to draw defects into")
         train, _ = recorded_split(category.root, run_cfg.data.defect, run_cfg.split.get("train", []))
         self.defects = load_defects([pair for pair in train if load_mask(pair.mask).any()])
         if not self.defects:
-            raise UserError(f"--on-normals: the run's few-shot pairs of {run_cfg.data.defect} are no longer in {category.root}")
+            raise UserError(f"--canvas on-normals: the run's few-shot pairs of {run_cfg.data.defect} are no longer in {category.root}")
         self.normals, self.kind, self.u2net_weights = NormalPool(category), kind, u2net_weights
 
     def inputs(self, seeds: list[int], strength: float) -> tuple[dict, list[dict]]:
@@ -197,7 +199,7 @@ class NormalCanvas:
 
 
 def drawing_region(placed: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Where ``--on-normals`` lets the model draw a defect placed at `placed`: that shape grown by `REGION_MARGIN`
+    """Where canvas ``on-normals`` lets the model draw a defect placed at `placed`: that shape grown by `REGION_MARGIN`
     of the image side, on the object's `foreground`."""
     margin = max(1, round(REGION_MARGIN * min(placed.shape)))
     grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
@@ -205,16 +207,16 @@ def drawing_region(placed: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 
 
 class StartImages:
-    """``start_from`` few-shot or normal: each whole image starts from an image of the run's dataset noised to
-    the first step (or to ``start_strength`` of the schedule), and its part row from grey, so the defect's place
+    """Canvas few-shot or normal: each whole image starts from an image of the run's dataset noised to the
+    first step (or to ``generate.strength`` of the schedule), and its part row from grey, so the defect's place
     is left to the model. ``few-shot``: the few-shot image whose background BCM gets (the same index, `seed`
     modulo their number, over the same natural order); ``normal``: the ``train/good`` image `seed` modulo their
     number (natural order), whose own background BCM gets, so the starts are as many and as varied as the
     category's normal images."""
 
     def __init__(self, run_cfg: Config, source: str, kind: str, u2net_weights: str | None):
-        option = f"generate.start_from {source}"
-        data = run_dataset(run_cfg, option, f"its {source} images are where sampling starts", "use start_from noise")
+        option = f"--canvas {source}"
+        data = run_dataset(run_cfg, option, f"its {source} images are where sampling starts", "use --canvas noise")
         if source == "few-shot":
             paths, _ = recorded_split(data, run_cfg.data.defect, run_cfg.split.get("train", []))
             paths = [pair.image for pair in paths]
@@ -222,7 +224,7 @@ class StartImages:
         else:
             paths, missing = list(open_category(data).train_good), f"{data} has no train/good images to start from"
         if not paths:
-            raise UserError(f"{option}: {missing}; use start_from noise (--start-from noise)")
+            raise UserError(f"{option}: {missing}; use --canvas noise")
         self.paths, self.own_background, self.kind, self.u2net_weights = paths, source == "normal", kind, u2net_weights
 
     def inputs(self, seeds: list[int], strength: float) -> tuple[dict, list[dict]]:
@@ -245,66 +247,65 @@ def generate(
     run: Path,
     out: Path,
     cfg: GenerateConfig,
-    background: Path | None = None,
     normal: Path | None = None,
     mask: Path | None = None,
-    u2net_weights: str = "",
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
     force: bool = False,
 ) -> GenerationSummary:
     """Write `cfg.num` kept pairs to OUT/<category>/<defect>/, resuming what is there (see `dualanodiff.pairs`).
 
-    Attempt ``a`` uses seed ``cfg.seed + a``; at most ``num * max_tries_factor`` attempts are made in all.
+    With `normal` and `mask`, each defect is drawn into that one image inside that mask. Attempt ``a`` uses seed
+    ``cfg.seed + a``; at most ``num * MAX_TRIES_FACTOR`` attempts are made in all. The run's U²-Net
+    (``data.u2net_weights``) serves the foreground masks and ``generate.mask_method: u2net``.
     A folder holding pairs made from another run or with other sampling settings is refused (its pairs
     would mix with the new ones) unless ``force``, which replaces them. SIGINT or SIGTERM drops the batch
     being sampled (its attempts are made again by a re-run), keeps every pair written and raises `Stopped`.
     """
     start = time.monotonic()
     run_cfg = RunFolder(run).load_config()
-    u2net_weights = str(u2net_weights or "")
     check_config(cfg)
-    whole_images = not cfg.on_normals and normal is None
-    started = whole_images and cfg.start_from != "noise"
-    check_inputs(cfg, u2net_weights, normal, mask, background, started)
+    on_normals = cfg.canvas == "on-normals"
+    whole_images = not on_normals and normal is None
+    started = whole_images and cfg.canvas != "noise"
+    check_inputs(cfg, run_cfg.data.u2net_weights, normal, mask)
+    canvas = cfg.canvas if started or on_normals else None  # None: from noise, or into the given --normal image
     settings = {
         "run": str(Path(run).resolve()),
         "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
         "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
         "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
-        "normal": None if normal is None else str(normal), "filter": cfg.filter, "on_normals": cfg.on_normals or None,
-        "on_normals_strength": cfg.on_normals_strength if cfg.on_normals and cfg.on_normals_strength < 1 else None,
+        "normal": None if normal is None else str(normal), "filter": cfg.filter,
+        "canvas": canvas, "strength": cfg.start_strength if canvas and cfg.start_strength < 1 else None,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
-        "min_alignment": cfg.min_alignment or None,
-        "start_from": cfg.start_from if started else None,
-        "start_strength": cfg.start_strength if started and cfg.start_strength < 1 else None,
         "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
     }
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
-    canvas = NormalCanvas(run_cfg, kind, fg_weights) if cfg.on_normals else None
-    starting_images = StartImages(run_cfg, cfg.start_from, kind, fg_weights) if started else None
+    normals = NormalCanvas(run_cfg, kind, fg_weights) if on_normals else None
+    starting_images = StartImages(run_cfg, cfg.canvas, kind, fg_weights) if started else None
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
             writer.clear()
         writer.check_settings(settings)
         kept, attempt = len(writer.kept()), writer.attempts_done()
-        cap = cfg.num * cfg.max_tries_factor
+        cap = cfg.num * MAX_TRIES_FACTOR
         verdicts: Counter[str] = Counter()
         if progress is not None:
             progress(kept, cfg.num)
         if kept < cfg.num and attempt < cap:
             pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
             pipe.use_config(cfg)
-            pipe.u2net_weights = u2net_weights
+            pipe.set_progress_bar_config(disable=True)  # the caller's bar counts pairs
+            pipe.u2net_weights = run_cfg.data.u2net_weights
             objects = few_shot_objects(run_cfg, kind, fg_weights)
-            inputs, source = _inputs(pipe, kind, fg_weights, background, normal, mask)
+            inputs, source = _inputs(pipe, kind, fg_weights, normal, mask)
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
                 seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
                 used = [{}] * count
-                if canvas is not None:
-                    inputs, used = canvas.inputs(seeds, cfg.on_normals_strength)
+                if normals is not None:
+                    inputs, used = normals.inputs(seeds, cfg.start_strength)
                 elif starting_images is not None:
                     starts, used = starting_images.inputs(seeds, cfg.start_strength)
                     inputs = {**inputs, **starts}
@@ -312,7 +313,8 @@ def generate(
                     out = pipe(seeds=seeds, output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
                     region = object_region(image, kind, fg_weights, objects.floor)
-                    verdict, alignment = pair_verdict(image, pair_mask, region, objects.widen(region), cfg, seed)
+                    verdict = filter_verdict(pair_mask, objects.widen(region), cfg.max_area, cfg.min_on_object)
+                    alignment = alignment_score(image, pair_mask, region, seed=seed)
                     verdicts[verdict] += 1
                     record = {
                         "attempt": attempt + offset,
@@ -342,27 +344,14 @@ def generate(
     return summary
 
 
-def pair_verdict(image: np.ndarray, mask: np.ndarray, region: np.ndarray | None, footprint: np.ndarray | None,
-                 cfg: GenerateConfig, seed: int) -> tuple[str, float]:
-    """The quality filter's verdict on a pair and the pair's alignment score: the mask's verdict
-    (`filter_verdict` against the object `footprint`), then "unaligned" when the image shows less defect under
-    the mask than `cfg.min_alignment` (a score that cannot be computed, nan, passes)."""
-    verdict = filter_verdict(mask, footprint, cfg.max_area, cfg.min_on_object)
-    alignment = alignment_score(image, mask, region, seed=seed)
-    if verdict == "kept" and alignment < cfg.min_alignment:
-        verdict = "unaligned"
-    return verdict, alignment
-
-
 def _resume_note(kept: int, num: int, folder: Path) -> str:
     return f"with {kept} of {num} pairs in {folder}; run the same command again to continue"
 
 
 def _inputs(
-    pipe: DualAnoDiffPipeline, kind: str, fg_weights: str | None, background: Path | None, normal: Path | None,
-    mask: Path | None,
+    pipe: DualAnoDiffPipeline, kind: str, fg_weights: str | None, normal: Path | None, mask: Path | None
 ) -> tuple[dict, str]:
-    """Pipeline keyword arguments for --background and --normal/--mask, and the background's name."""
+    """Pipeline keyword arguments for --normal/--mask, and the background's name."""
     inputs, source = {}, ""
     if normal is not None:
         image = load_image(normal)
@@ -371,9 +360,6 @@ def _inputs(
         inputs["mask"] = resize_mask(user_mask, pipe.resolution)
         inputs["background"] = prepared_background(image, kind, fg_weights)
         source = str(normal)
-    if background is not None:
-        inputs["background"] = prepared_background(load_image(background), kind, fg_weights)
-        source = str(background)
     return inputs, source
 
 
@@ -404,6 +390,6 @@ def _report(summary: GenerationSummary, cfg: GenerateConfig, verdicts: Counter, 
     )
     if summary.kept < cfg.num:
         log(
-            f"stopped at the cap of num x max_tries_factor = {cfg.num * cfg.max_tries_factor} attempts; raise "
-            "generate.max_tries_factor, loosen generate.max_area/min_on_object/min_alignment, or pass --no-filter"
+            f"stopped at the cap of {MAX_TRIES_FACTOR} x num = {cfg.num * MAX_TRIES_FACTOR} attempts; loosen "
+            "generate.max_area/min_on_object, or pass --no-filter"
         )

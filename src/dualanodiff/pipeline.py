@@ -35,18 +35,22 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
 
 from dualanodiff.category import fuse_category
-from dualanodiff.config import GenerateConfig, ModelConfig
+from dualanodiff.config import Config, DataConfig, GenerateConfig, ModelConfig
 from dualanodiff.data import load_image
 from dualanodiff.decoder import decoder_state, load_decoder
 from dualanodiff.devices import resolve_device, resolve_dtype
@@ -81,21 +85,27 @@ SCHEDULER_ALIASES = {
 # Stable Diffusion 1.5's scheduler settings where the base's own config does not say (a DDPM config)
 SD_SCHEDULER_DEFAULTS = {"skip_prk_steps": True, "set_alpha_to_one": False}
 OUTPUT_TYPES = ("pil", "np")
+SAVED_BASE = "model"  # a saved pipeline's base, a diffusers directory
 PerPair = np.ndarray | Image.Image | list  # an image for every pair of a call, or a list of one per pair
 
 
 def make_scheduler(name: str, base_config: dict):
     """A fresh diffusers scheduler by short name (pndm, ddim, dpm, ...) or class name, on the base's schedule."""
-    import diffusers
 
     class_name = SCHEDULER_ALIASES.get(name.lower(), name)
     if class_name not in KarrasDiffusionSchedulers.__members__:
         choices = ", ".join(SCHEDULER_ALIASES)
-        raise UserError(f"--scheduler {name}: unknown scheduler; choose one of {choices} or a diffusers class name such as DDIMScheduler")
+        raise UserError(f"generate.scheduler {name}: unknown scheduler; choose one of {choices} or a diffusers class name such as DDIMScheduler")
     try:
         return getattr(diffusers, class_name).from_config({**SD_SCHEDULER_DEFAULTS, **dict(base_config)})
     except ImportError:  # e.g. DPMSolverSDEScheduler needs torchsde
-        raise UserError(f"--scheduler {name}: a package it needs is not installed; pick another scheduler") from None
+        raise UserError(f"generate.scheduler {name}: a package it needs is not installed; pick another scheduler") from None
+
+
+def _saved_class(folder: Path) -> str | None:
+    """The pipeline class a `save_pretrained` folder names in its ``model_index.json`` (None for anything else)."""
+    index = folder / DiffusionPipeline.config_name
+    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
 
 
 def per_pair(value, pairs: int, name: str) -> list[np.ndarray]:
@@ -138,35 +148,42 @@ class Inpainting:
     free: torch.Tensor
 
 
-class DualAnoDiffPipeline:
-    """Joint sampling of both branches of a trained DualAnoDiff model (see the module docstring).
+class DualAnoDiffPipeline(DiffusionPipeline):
+    """Joint sampling of both branches of a trained DualAnoDiff model (see the module docstring), a diffusers
+    pipeline with two registered modules: ``model`` (the base wrapped by the adapters) and ``scheduler`` (the one
+    the loop runs, swapped as in diffusers).
 
-    ``config``: the sampling and mask-extraction defaults (a run's saved ``generate`` section), used for
-    every argument left ``None`` in a call; ``scheduler``: the diffusers scheduler the loop runs.
+    ``generate_config``: the sampling and mask-extraction defaults (a run's saved ``generate`` section), used for
+    every argument left ``None`` in a call. `save_pretrained` writes one folder holding the base, the adapters,
+    the settings and BCM's backgrounds; `from_pretrained` reads it back, and the same seeds give the same pairs.
     """
 
-    def __init__(
-        self, model: DualAnoDiffModel, backgrounds: list[np.ndarray], resolution: int, device: str = "auto",
-        dtype: str = "fp32", background_names: list[str] | None = None, config: GenerateConfig | None = None,
-    ):
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model = model.to(self.device, self.dtype).eval()
-        self.resolution = resolution
-        self.use_config(config or GenerateConfig())
+    def __init__(self, model: DualAnoDiffModel, scheduler: SchedulerMixin, resolution: int = 0,
+                 generate_config: GenerateConfig | None = None):
+        super().__init__()
+        self.register_modules(model=model.eval(), scheduler=scheduler)
+        self.resolution = resolution or model.base.resolution
+        self.generate_config = generate_config or GenerateConfig()
         self._base_decoder: dict | None = None  # the base's decoder weights, once a run's refined one replaced them
         self.category: Path | None = None  # the run's category LoRA fused into the base, if any
-        self.u2net_weights = ""  # a TorchScript U²-Net file, for config.mask_method "u2net"
-        self.latent_size = resolution // model.base.vae_scale_factor
+        self.u2net_weights = ""  # a TorchScript U²-Net file, for generate_config.mask_method "u2net"
+        self.latent_size = self.resolution // model.base.vae_scale_factor
         self.latent_channels = model.unet.config.in_channels
         self.scaling = model.vae.config.scaling_factor
         self.encode_prompts()
-        self.set_backgrounds(backgrounds, background_names)
+        self.set_backgrounds([])
+
+    def to(self, *args, **kwargs) -> DualAnoDiffPipeline:
+        """diffusers' `to` (device, dtype), then the prompt embeddings and background latents made again there."""
+        super().to(*args, **kwargs)
+        self.encode_prompts()
+        self.set_backgrounds(self.backgrounds, self.background_names)
+        return self
 
     def use_config(self, config: GenerateConfig) -> None:
         """Sampling and mask defaults from `config`, and a fresh scheduler of its ``scheduler`` (swap
         ``pipe.scheduler`` afterwards for another)."""
-        self.config = config
+        self.generate_config = config
         self.scheduler = make_scheduler(config.scheduler, self.model.base.scheduler.config)
 
     def encode_prompts(self) -> None:
@@ -178,20 +195,56 @@ class DualAnoDiffPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, base_model: str | Path, model_config: ModelConfig | None = None, device: str = "auto",
+        cls, pretrained_model_name_or_path: str | Path, model_config: ModelConfig | None = None, device: str = "auto",
         dtype: str = "fp32", resolution: int = 0, category: Path | None = None,
     ) -> DualAnoDiffPipeline:
-        """A local base model ('tiny', a diffusers directory, a .safetensors file) with untrained adapters of
-        `model_config`'s shape; `load_adapters` then brings a run's trained ones. `category`: a run's category
-        LoRA (`dualanodiff.category`), fused into the base before the adapters wrap it."""
-        resolve_dtype(dtype, resolve_device(device))  # fail on bad options before loading the model
-        cfg = replace(model_config or ModelConfig(), base_model=str(base_model))
+        """A folder written by `save_pretrained` (its base, adapters, settings and backgrounds; the other arguments
+        but `device` and `dtype` are not used), or a local base model ('tiny', a diffusers directory, a
+        .safetensors file) with untrained adapters of `model_config`'s shape, which `load_adapters` then fills
+        with a run's. `category`: a run's category LoRA (`dualanodiff.category`), fused into the base before the
+        adapters wrap it."""
+        folder = Path(str(pretrained_model_name_or_path)).expanduser()
+        if _saved_class(folder) == cls.__name__:
+            return cls._from_saved(folder, device, dtype)
+        target = resolve_device(device)
+        precision = resolve_dtype(dtype, target)  # fail on bad options before loading the model
+        cfg = replace(model_config or ModelConfig(), base_model=str(pretrained_model_name_or_path))
         base = load_base_model(cfg.base_model)
         if category is not None:
             fuse_category(base.unet, category)
-        pipe = cls(DualAnoDiffModel(base, cfg), [], resolution or base.resolution, device, dtype)
+        model = DualAnoDiffModel(base, cfg).to(target, precision)
+        pipe = cls(model, make_scheduler(GenerateConfig().scheduler, base.scheduler.config), resolution)
         pipe.category = category
         return pipe
+
+    @classmethod
+    def _from_saved(cls, folder: Path, device: str, dtype: str) -> DualAnoDiffPipeline:
+        cfg = RunFolder(folder).load_config()
+        pipe = cls.from_pretrained(folder / SAVED_BASE, cfg.model, device, dtype, cfg.data.resolution).load_adapters(folder)
+        scheduler_class = json.loads((folder / cls.config_name).read_text())["scheduler"][1]
+        pipe.scheduler = getattr(diffusers, scheduler_class).from_pretrained(folder / "scheduler")
+        return pipe
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """One folder for `from_pretrained`: diffusers' ``model_index.json`` and ``scheduler/``, the base under
+        the adapters in ``model/`` (a diffusers directory: category LoRA fused, refined decoder in the VAE), and
+        a run's files: ``config.yaml`` (model, resolution and generate settings), ``adapters.safetensors`` and
+        ``backgrounds/``. Written beside the target and renamed over it, so a stop leaves no half folder."""
+        folder = Path(save_directory)
+        staging = folder.with_name(f".{folder.name}.saving")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.save_config(staging)
+        self.scheduler.save_pretrained(staging / "scheduler")
+        self.model.save_base(staging / SAVED_BASE)
+        run = RunFolder(staging)
+        Config(data=DataConfig(resolution=self.resolution), model=self.model.cfg, generate=self.generate_config).to_yaml(run.config)
+        self.model.save_trainable(run.adapters)
+        run.backgrounds.mkdir()
+        for name, image in zip(self.background_names, self.backgrounds):
+            Image.fromarray(image).save(run.backgrounds / f"{name}.png")
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
 
     @classmethod
     def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32") -> DualAnoDiffPipeline:
@@ -209,8 +262,12 @@ class DualAnoDiffPipeline:
         resolution: int = 0,
     ) -> DualAnoDiffPipeline:
         """A pipeline around an in-memory model; `resolution` 0 means the backgrounds' size, else the base's."""
+        target = resolve_device(device)
+        model = model.to(target, resolve_dtype(dtype, target))
         resolution = resolution or (backgrounds[0].shape[0] if backgrounds else model.base.resolution)
-        return cls(model, backgrounds, resolution, device, dtype)
+        pipe = cls(model, make_scheduler(GenerateConfig().scheduler, model.base.scheduler.config), resolution)
+        pipe.set_backgrounds(backgrounds)
+        return pipe
 
     def load_adapters(self, run: Path | str) -> DualAnoDiffPipeline:
         """Load a training run's adapters, prompts, few-shot backgrounds (BCM) and saved generate settings.
@@ -312,13 +369,13 @@ class DualAnoDiffPipeline:
         return torch.cat(maps, 1).mean(1)
 
     def part_mask(self, part: np.ndarray, attention: np.ndarray | None) -> np.ndarray:
-        """A pair's defect mask by ``config.mask_method``: threshold of the part image, attention or U²-Net."""
-        cfg = self.config
+        """A pair's defect mask by ``generate_config.mask_method``: threshold of the part image, attention or U²-Net."""
+        cfg = self.generate_config
         if cfg.mask_method == "attention":
-            return attention_to_mask(attention, part.shape[:2], cfg.min_component)
+            return attention_to_mask(attention, part.shape[:2])
         if cfg.mask_method == "u2net":
-            return u2net_part_mask(part, self.u2net_weights, min_component=cfg.min_component)
-        return part_to_mask(part, cfg.mask_floor, cfg.min_component)
+            return u2net_part_mask(part, self.u2net_weights)
+        return part_to_mask(part, cfg.mask_floor)
 
     def _generators(self, num_images: int | None, generator, seeds: list[int] | None):
         """(generators, seeds) of a call: per-pair generators from `seeds`, the caller's list, one shared
@@ -366,9 +423,9 @@ class DualAnoDiffPipeline:
         `init_image` + `init_part` start both branches from those images noised to the `strength` share of the
         schedule (as diffusers' img2img), e.g. a real defect pasted where it should go; `lay_part` lays each
         part's defect onto its whole image inside the mask (inpainting always does). Each image argument is one
-        image for all pairs or a list of one per pair. Arguments left None come from ``self.config`` (steps,
+        image for all pairs or a list of one per pair. Arguments left None come from ``self.generate_config`` (steps,
         guidance, initial noise, lay_part)."""
-        cfg = self.config
+        cfg = self.generate_config
         steps = cfg.steps if num_inference_steps is None else num_inference_steps
         guidance = cfg.guidance if guidance_scale is None else guidance_scale
         initial_noise = initial_noise or cfg.initial_noise
@@ -410,7 +467,7 @@ class DualAnoDiffPipeline:
         if self.background_latents is not None:
             chosen = [self.background_index(k if s is None else s) for k, s in enumerate(pair_seeds)]
             return self.background_latents[chosen]
-        raise UserError("background: the model uses BCM but the run has no backgrounds/; pass --background IMAGE")
+        raise UserError("background: the model uses BCM but the run has no backgrounds/; pass background= an image")
 
     def _denoise(self, sampler, timesteps, latents, generators, clean_background, inpaint, guidance, capture):
         """The sampling loop with both LoRA branches merged; with `capture` the attention maps averaged over the
@@ -420,7 +477,7 @@ class DualAnoDiffPipeline:
         attention = torch.zeros((pairs, self.latent_size, self.latent_size), device=self.device) if capture else None
         late = len(timesteps) // 2
         with self.model.merged_adapters():  # no training here: each branch's LoRA folded into the weights
-            for i, t in enumerate(timesteps):
+            for i, t in enumerate(self.progress_bar(timesteps)):
                 rows = [latents]
                 if clean_background is not None:
                     rows.append(sampler.add_noise(clean_background, self._noise(generators, 1), t.expand(pairs)))

@@ -215,7 +215,7 @@ def train_and_generate(job: Job, out: Path, cfg: Config, status: JobStatus) -> d
         training.check_trained_with(folder, cfg)
     def pairs(force: bool) -> generation.GenerationSummary:
         return generation.generate(
-            run, out / GENERATED, cfg.generate, u2net_weights=cfg.data.u2net_weights, log=status.log,
+            run, out / GENERATED, cfg.generate, log=status.log,
             progress=lambda done, total: status.stage(f"generating {done}/{total}"), force=force,
         )
 
@@ -506,7 +506,7 @@ def run_outcome(jobs: list[Job], records: dict[str, dict]) -> tuple[int, str]:
     if short:
         return EXIT_PARTIAL, (
             f"partial run: {len(short)} defect type(s) short of --num: {'; '.join(short)}; see summary.md "
-            "(raise generate.max_tries_factor or loosen generate.max_area/min_on_object/min_alignment in --config, then re-run)"
+            "(loosen generate.max_area/min_on_object in --config, or turn generate.filter off, then re-run)"
         )
     return 0, ""
 

@@ -51,7 +51,7 @@ class RunFolder:
         if not self.is_run():
             raise UserError(f"{self.root}: not a training run (config.yaml missing); pass the --out folder of "
                             "`dualanodiff train`")
-        return Config.from_yaml(self.config)
+        return Config.of_run(self.config)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"

@@ -3,19 +3,17 @@
 Targets per training pair, computed in ``[-1, 1]`` space: the image ``I``, the anomaly part ``I * M``
 (mid-grey outside the defect) and the background ``(1 - M_f) * I`` (mid-grey on the object). Their VAE
 latent distributions are encoded once for every flip variant; each step draws pairs, latents, the
-timestep (shared by a pair's rows) and the noise (independent per row as in the paper, or one draw for
-both rows with ``train.noise: shared``) from one seeded `torch.Generator` whose state is checkpointed
+timestep (shared by a pair's rows) and the noise (independent per row, as in the paper) from one seeded
+`torch.Generator` whose state is checkpointed
 with the optimizer, so an interrupted and resumed run equals an uninterrupted one. Data-parallel
 (``accelerate launch``, ``torchrun``): every process draws the same global batch and trains on its share.
 
 Prompts may name the category and the defect (``a {object} with {defect}``); training fills them in and
-saves the filled prompts in the run's config. ``train.defect_loss_weight`` w weights the anomaly
-branch's loss by ``1 + w * (share of the latent cell inside the defect)`` (normalised), a deviation
-from the paper's plain MSE for defects that cover 2-3 % of the latent.
+saves the filled prompts in the run's config.
 
 It writes a run folder (`dualanodiff.runs.RunFolder`): config.yaml with the few-shot split's file stems,
 adapters.safetensors, loss.csv/loss.png (step, loss_global, loss_anomaly and loss_anomaly_defect: the
-anomaly branch's error on the defect's latent cells alone), backgrounds/ and the last `keep_checkpoints`
+anomaly branch's error on the defect's latent cells alone), backgrounds/ and the last `KEEP_CHECKPOINTS`
 checkpoints.
 """
 
@@ -37,6 +35,8 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from dualanodiff.category import (
+    CATEGORY_LR,
+    CATEGORY_RANK,
     CategoryOptions,
     adapt_to_category,
     fuse_category,
@@ -52,7 +52,7 @@ from dualanodiff.data import (
     open_category,
     with_marked_masks,
 )
-from dualanodiff.decoder import refine_decoder, save_decoder
+from dualanodiff.decoder import DECODER_LR, refine_decoder, save_decoder
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import OtherSettings, UserError, describe_changes
 from dualanodiff.images import (
@@ -70,9 +70,10 @@ from dualanodiff.progress import Bars, no_bars
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
-PROMPT_OPTIONS = ("global_prompt", "anomaly_prompt", "learned_words")  # may name the category and defect
+PROMPT_OPTIONS = ("global_prompt", "anomaly_prompt")  # may name the category and defect
 LOSS_COLUMNS = ("step", "loss_global", "loss_anomaly", "loss_anomaly_defect")
-ADDED_MODULES = (".saim.", ".bcm.")  # the paper's new modules, trained at lr * train.added_lr_scale
+WEIGHT_DECAY, MAX_GRAD_NORM = 1e-2, 1.0  # AdamW's, and the gradient clipping's (official)
+KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -163,16 +164,13 @@ def check_trained_with(run: RunFolder, cfg: Config) -> None:
         )
 
 
-def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anomaly branch's training loss (MSE, or weighted toward the defect's latent cells when
-    ``weight > 0``) and its MSE on the defect cells alone (for loss.csv; nan when no cell is defect)."""
+def anomaly_losses(prediction: torch.Tensor, target: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anomaly branch's training loss (MSE) and its MSE on the defect's latent cells alone (for loss.csv, which
+    tells recipes apart where the plain losses do not; nan when no cell is defect)."""
     error = (prediction.float() - target) ** 2
     cells = cells.to(error.device)
     defect = (error * cells).sum() / (cells.sum() * error.shape[1])
-    if weight == 0:
-        return error.mean(), defect.detach()
-    weights = (1 + weight * cells).expand_as(error)
-    return (error * weights).sum() / weights.sum(), defect.detach()
+    return error.mean(), defect.detach()
 
 
 def prepare_run(cfg: Config, out: Path, resume: bool, force: bool) -> Config:
@@ -311,26 +309,20 @@ def few_shot_pairs(cfg: Config, log: Callable[[str], None]) -> tuple[list[Pair],
 
 
 def make_optimizer(model: DualAnoDiffModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable set; the modules the paper adds (SAIM, BCM, gamma) at `added_lr_scale` x lr."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    added = [p for name, p in named if any(key in name for key in ADDED_MODULES)]
-    groups = [{"params": [p for name, p in named if not any(key in name for key in ADDED_MODULES)]}]
-    if added:
-        groups.append({"params": added, "lr": cfg.lr * cfg.added_lr_scale})
+    """AdamW over the trainable set (the official settings: `WEIGHT_DECAY`, a constant learning rate)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel: one pass over all tensors, the cheaper optimizer step (docs/performance.md)
-    fused = all(p.device.type in ("cpu", "cuda") for _, p in named) or None
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    fused = all(p.device.type in ("cpu", "cuda") for p in trainable) or None
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=WEIGHT_DECAY, fused=fused)
 
 
 def training_noise(shape: torch.Size, generator: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
     """The noise of a batch of pairs (B, rows, C, h, w): standard normal, plus `cfg.noise_offset` times a
     constant per row and channel (offset noise: the low frequencies a few-shot model must move to learn colours
-    the base rarely draws), with the global row's draw in the anomaly row where `cfg.noise` is shared."""
+    the base rarely draws)."""
     noise = torch.randn(shape, generator=generator)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn(shape[:3] + (1, 1), generator=generator)
-    if cfg.noise == "shared":  # the anomaly row gets the global row's noise
-        noise = torch.cat([noise[:, :1], noise[:, :1], noise[:, 2:]], 1)
     return noise
 
 
@@ -356,9 +348,7 @@ def batch_losses(ddp_model, data: TrainingSet, generator: torch.Generator, cfg: 
             noisy[:, 2].to(device) if cfg.model.bcm else None,
         )
         loss_global = F.mse_loss(eps_global.float(), target[:, 0].to(device))
-        loss_anomaly, loss_defect = anomaly_losses(
-            eps_anomaly, target[:, 1].to(device), data.defect_cells[indices], cfg.train.defect_loss_weight
-        )
+        loss_anomaly, loss_defect = anomaly_losses(eps_anomaly, target[:, 1].to(device), data.defect_cells[indices])
     return loss_global + loss_anomaly, loss_global, loss_anomaly, loss_defect
 
 
@@ -421,7 +411,7 @@ def train(
         generators = gather_object([generator.get_state()])  # every process's RNG, for an exact resume
         if main:
             write_loss(out, rows)
-            save_checkpoint(out, model, optimizer, generators, step, cfg.train.keep_checkpoints)
+            save_checkpoint(out, model, optimizer, generators, step, KEEP_CHECKPOINTS)
         accelerator.wait_for_everyone()
         return run.checkpoint(step)
 
@@ -450,7 +440,7 @@ def train(
                         "lower train.lr or use fp32"
                     )
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -487,8 +477,8 @@ def adapt_base(base: BaseModel, cfg: Config, normals: list[Path], kind: str, run
             caption = fill_prompt("{object}" if kind == "texture" else "a {object}", Path(cfg.data.data).name, "", kind)
             log(f"adapting the base to the category: {cfg.train.category_steps} steps on {len(normals)} normal images "
                 f"under {caption!r}")
-            options = CategoryOptions(cfg.train.category_steps, cfg.train.category_rank, cfg.train.category_lr,
-                                      cfg.train.batch_size, cfg.train.noise_offset, cfg.train.seed)
+            options = CategoryOptions(cfg.train.category_steps, CATEGORY_RANK, CATEGORY_LR, cfg.train.batch_size,
+                                      cfg.train.noise_offset, cfg.train.seed)
             start = time.perf_counter()
             parts = (base.unet, base.vae, base.text_encoder)
             for part in parts:
@@ -497,7 +487,7 @@ def adapt_base(base: BaseModel, cfg: Config, normals: list[Path], kind: str, run
             for part in parts:
                 part.to("cpu")
             if weights is not None:
-                save_category(weights, cfg.train.category_rank, run.category)
+                save_category(weights, CATEGORY_RANK, run.category)
                 log(f"category adaptation: {time.perf_counter() - start:.0f} s")
         stopped = stop()
         if accelerator.num_processes > 1:  # the others wait for the main process's adaptation, and stop with it
@@ -519,7 +509,7 @@ def refine_run_decoder(vae, cfg: Config, data: TrainingSet, normals: list[Path],
     images = torch.cat([normal_pictures(normals, cfg.data.resolution), as_batch(data.pictures)])
     log(f"refining the VAE decoder on {len(normals)} normal and {len(data.pictures)} few-shot images "
         f"({cfg.train.decoder_steps} steps)")
-    weights = refine_decoder(vae, images, cfg.train.decoder_steps, cfg.train.decoder_lr, cfg.train.seed, stop, bars)
+    weights = refine_decoder(vae, images, cfg.train.decoder_steps, DECODER_LR, cfg.train.seed, stop, bars)
     if weights is None:
         return stop()
     save_decoder(weights, run.decoder)

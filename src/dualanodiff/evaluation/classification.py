@@ -9,7 +9,7 @@ torchvision's ImageNet file (``resnet34-b627a593.pth`` in torch hub's cache, or 
 starts from ImageNet and ``fc`` is new whenever the class count differs; without, it starts from
 torchvision's random init.
 Inputs are scaled to [0, 1] and normalised with the ImageNet mean and std that torchvision's weights
-expect. Training: Adam, ``evaluate.lr``, ``evaluate.steps`` optimizer steps on batches cycling through
+expect. Training: Adam at `LEARNING_RATE`, ``evaluate.steps`` optimizer steps on batches cycling through
 the generated images (the same number for every set), no augmentation, no test-set selection; then
 the batch-norm statistics are averaged once over the generated images (`recalibrate_batch_norm`).
 """
@@ -29,6 +29,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import check_state_dict, load_images, load_state_dict
 from dualanodiff.evaluation.localization import real_test_split
 from dualanodiff.evaluation.training import (
+    LEARNING_RATE,
     cycling_batches,
     recalibrate_batch_norm,
     shuffled_batches,
@@ -120,7 +121,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(cfg.seed)
     target_device = resolve_device(device)
     model.to(target_device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     batches = cycling_batches(len(images), max(2, cfg.batch_size), generator)  # batch norm needs 2 samples
     advance = loss_bar(bars, "classification ResNet-34", cfg.steps)
     for _ in range(cfg.steps):

@@ -44,6 +44,7 @@ from dualanodiff.evaluation.inputs import (
 )
 from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
 from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.evaluation.training import LEARNING_RATE
 from dualanodiff.images import batch_to_model_range
 from dualanodiff.masks import area_ratio
 from dualanodiff.progress import Bars, no_bars
@@ -203,7 +204,7 @@ def estimating_bars(bars: Bars, total_steps: int, log: Callable[[str], None], wh
                     seconds = (first[-1] - first[0]) / ESTIMATE_AFTER * total_steps
                     if seconds > ESTIMATE_LIMIT:
                         log(f"the evaluation will take about {seconds / 60:.0f} min on this device ({what}); "
-                            "evaluate.steps (--steps) or evaluate.resolution (--resolution) shorten it")
+                            "evaluate.steps (--steps) or evaluate.resolution (--set evaluate.resolution=PX) shorten it")
 
         return update
 
@@ -340,7 +341,7 @@ def _protocol(
         "steps": cfg.steps,
         "resolution": cfg.resolution,
         "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
+        "lr": LEARNING_RATE,
         "seed": cfg.seed,
         "seeds": cfg.seeds,
         "base_width": cfg.base_width,

@@ -33,6 +33,7 @@ from dualanodiff.errors import UserError
 from dualanodiff.evaluation.inputs import load_images, load_masks
 from dualanodiff.evaluation.metrics import localization_metrics
 from dualanodiff.evaluation.training import (
+    LEARNING_RATE,
     cycling_batches,
     recalibrate_batch_norm,
     shuffled_batches,
@@ -114,7 +115,7 @@ def train_localization_model(
     target_device = resolve_device(device)
     # channels-last: the convolutions' fast layout on the CPU (benchmarks/RESULTS.md#localizer)
     model = DiscriminativeUNet(base_width=base_width).to(target_device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     half = max(1, cfg.batch_size // 2)
     anomalous_batches = cycling_batches(len(anomalous), half, generator)
     normal_batches = cycling_batches(len(normal), half, generator)
@@ -155,7 +156,7 @@ def check_resolution(resolution: int) -> None:
     """The U-Net pools five times: the side must be a positive multiple of 32."""
     step = 2 ** (DEPTH - 1)
     if resolution <= 0 or resolution % step:
-        raise UserError(f"--resolution {resolution}: must be a positive multiple of {step} (the U-Net pools 5 times)")
+        raise UserError(f"evaluate.resolution {resolution}: must be a positive multiple of {step} (the U-Net pools 5 times)")
 
 
 def real_test_split(category: Category, defects: list[str], rounding: str = "floor") -> dict[str, list]:

@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+LEARNING_RATE = 1e-3  # Adam's, for the localizer and the classifier
+
 
 def cycling_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless index batches of exactly ``batch_size`` from consecutive seeded permutations of

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+GAMMA_INIT = 0.1  # BCM's gamma at step 0 (the paper)
+
 
 @dataclass
 class RowLayout:
@@ -42,14 +44,14 @@ class DualLoRA(nn.Module):
     """Two LoRA adapters for one linear (or convolution) layer; keys follow peft (`lora_A.<adapter>.weight`).
 
     For a convolution, A is a convolution of the layer's own kernel, stride and padding into ``rank``
-    channels and B a 1x1 convolution back, as in peft's Conv2d LoRA.
+    channels and B a 1x1 convolution back, as in peft's Conv2d LoRA. The scale alpha / rank is 1 (alpha = rank,
+    as the official scripts keep it).
     """
 
     ADAPTERS = ("global", "anomaly")
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, conv: nn.Conv2d | None = None):
+    def __init__(self, in_features: int, out_features: int, rank: int, conv: nn.Conv2d | None = None):
         super().__init__()
-        self.scale = alpha / rank
 
         def down() -> nn.Module:
             if conv is None:
@@ -64,7 +66,7 @@ class DualLoRA(nn.Module):
         for adapter in self.ADAPTERS:
             nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=5**0.5)
             nn.init.zeros_(self.lora_B[adapter].weight)  # step 0 is the base model
-        self.merged: dict[str, torch.Tensor] | None = None  # per adapter W + scale * B A, while merged
+        self.merged: dict[str, torch.Tensor] | None = None  # per adapter W + B A, while merged
 
     def adapted(self, layer: nn.Linear | nn.Conv2d, x: torch.Tensor, pairs: int) -> torch.Tensor:
         """`layer`'s output with each row's LoRA, for rows laid out as [global | anomaly | background].
@@ -77,7 +79,7 @@ class DualLoRA(nn.Module):
         return self._by_branch(lambda adapter, rows: _with_weight(layer, rows, self.merged[adapter]), x, pairs)
 
     def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[adapter](self.lora_A[adapter](x)) * self.scale
+        return self.lora_B[adapter](self.lora_A[adapter](x))
 
     @staticmethod
     def _by_branch(run, x: torch.Tensor, pairs: int) -> torch.Tensor:
@@ -90,7 +92,7 @@ class DualLoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self, layer: nn.Linear | nn.Conv2d) -> None:
-        """Fold each adapter into a copy of `layer`'s weight, W + scale * B A (computed in fp32), for sampling.
+        """Fold each adapter into a copy of `layer`'s weight, W + B A (computed in fp32), for sampling.
 
         A convolution's A has the layer's kernel, stride and padding and B is 1x1, so B A is one kernel of
         the layer's shape. Undo with `unmerge`; the merged copies go stale if the adapters change meanwhile.
@@ -102,7 +104,7 @@ class DualLoRA(nn.Module):
         for adapter in self.ADAPTERS:
             down, up = self.lora_A[adapter].weight.float(), self.lora_B[adapter].weight.float()
             product = torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down) if down.ndim == 4 else up @ down
-            self.merged[adapter] = (weight + self.scale * product).to(layer.weight.dtype)
+            self.merged[adapter] = (weight + product).to(layer.weight.dtype)
 
     def unmerge(self) -> None:
         self.merged = None
@@ -127,11 +129,11 @@ class BranchLoRALayer(DualLoRA):
     adapters ``<name>.lora_A.<branch>`` / ``<name>.lora_B.<branch>``.
     """
 
-    def __init__(self, base_layer: nn.Linear | nn.Conv2d, layout: RowLayout, rank: int, alpha: float):
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, layout: RowLayout, rank: int):
         if isinstance(base_layer, nn.Conv2d):
-            super().__init__(base_layer.in_channels, base_layer.out_channels, rank, alpha, conv=base_layer)
+            super().__init__(base_layer.in_channels, base_layer.out_channels, rank, conv=base_layer)
         else:
-            super().__init__(base_layer.in_features, base_layer.out_features, rank, alpha)
+            super().__init__(base_layer.in_features, base_layer.out_features, rank)
         self.base_layer = base_layer
         self.layout = [layout]  # a list keeps the shared layout out of the module tree
 
@@ -142,8 +144,7 @@ class BranchLoRALayer(DualLoRA):
 class SelfAttentionInteraction(nn.Module):
     """SAIM: per-position 2-token attention between the global and anomaly rows (one head).
 
-    ``rank == 0`` is the paper's full-width module; ``rank > 0`` runs the interaction in a ``rank``-wide
-    space (a cheaper variant). ``init="official"`` keeps nn.Linear's default init on every projection, as
+    Full width, as the paper. ``init="official"`` keeps nn.Linear's default init on every projection, as
     the reference code does, so the branches are coupled from step 0; ``"zero"`` starts the output
     projection at zero (the identity at step 0), which was measured to leave the branches uncoupled
     after a few hundred few-shot steps. ``direction="to_anomaly"`` (ours) updates only the anomaly
@@ -152,16 +153,15 @@ class SelfAttentionInteraction(nn.Module):
     nuts into grey texture within 300 steps).
     """
 
-    def __init__(self, dim: int, rank: int = 0, init: str = "official", direction: str = "both"):
+    def __init__(self, dim: int, init: str = "official", direction: str = "both"):
         super().__init__()
         self.direction = direction
-        width = rank or dim
         self.norm = nn.LayerNorm(dim)
-        self.proj_in = nn.Linear(dim, width)
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width, bias=False)  # a bias shared by both tokens cancels in the softmax
-        self.to_v = nn.Linear(width, width)
-        self.to_out = nn.Linear(width, dim)
+        self.proj_in = nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim, bias=False)  # a bias shared by both tokens cancels in the softmax
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
         if init == "zero":
             nn.init.zeros_(self.to_out.weight)
             nn.init.zeros_(self.to_out.bias)
@@ -180,17 +180,17 @@ class SelfAttentionInteraction(nn.Module):
 
 
 class BackgroundCompensation(nn.Module):
-    """BCM: MLP of the background rows' states, scaled by a learnable gamma, fed to global K/V."""
+    """BCM: MLP of the background rows' states (as wide as the layer), scaled by a learnable gamma (starting at
+    `GAMMA_INIT`, the paper's 0.1), fed to global K/V."""
 
-    def __init__(self, dim: int, hidden: int = 0, gamma_init: float = 0.1, variant: str = "paper"):
+    def __init__(self, dim: int, variant: str = "paper"):
         super().__init__()
-        hidden = hidden or dim
         self.variant = variant
         if variant == "official":  # two linear layers without activation, as in the reference code
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Linear(hidden, dim))
+            self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, dim))
         else:
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
+            self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.gamma = nn.Parameter(torch.tensor(GAMMA_INIT))
 
     def forward(self, global_states: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
         injected = self.gamma * self.mlp(background)
@@ -207,13 +207,9 @@ class DualBranchAttnProcessor(nn.Module):
         attn: Attention,
         layout: RowLayout,
         rank: int,
-        alpha: float,
         saim: bool,
-        saim_rank: int,
         bcm: bool,
         bcm_variant: str = "paper",
-        gamma_init: float = 0.1,
-        bcm_hidden: int = 0,
         saim_init: str = "official",
         saim_direction: str = "both",
     ):
@@ -222,14 +218,14 @@ class DualBranchAttnProcessor(nn.Module):
         self.is_cross = attn.is_cross_attention
         self.lora = nn.ModuleDict(
             {
-                name: DualLoRA(layer.in_features, layer.out_features, rank, alpha)
+                name: DualLoRA(layer.in_features, layer.out_features, rank)
                 for name, layer in attention_projections(attn).items()
             }
         )
         dim = attn.to_out[0].out_features
-        self.saim = SelfAttentionInteraction(dim, saim_rank, saim_init, saim_direction) if saim else None
+        self.saim = SelfAttentionInteraction(dim, saim_init, saim_direction) if saim else None
         self.bcm = (
-            BackgroundCompensation(attn.to_q.in_features, bcm_hidden, gamma_init, bcm_variant)
+            BackgroundCompensation(attn.to_q.in_features, bcm_variant)
             if bcm and not self.is_cross
             else None
         )

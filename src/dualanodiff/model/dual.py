@@ -2,11 +2,10 @@
 
 The trainable set is one `DualBranchAttnProcessor` per UNet attention layer (two LoRA sets, SAIM, BCM
 MLP and gamma), optionally per-branch LoRA on the feed-forward and ResNet layers (`lora_targets`), a
-peft LoRA on the text encoder's attention projections shared by both prompts, and optionally the input
-embeddings of the identifier words (`learned_words`, textual inversion). Processors are registered
+peft LoRA on the text encoder's attention projections shared by both prompts. Processors are registered
 inside their `Attention` modules, so their parameters carry the layer's name: a saved key reads
 ``unet.<layer>.processor.lora.to_q.lora_A.global.weight``, ``unet.<layer>.conv1.lora_A.anomaly.weight``,
-``text_encoder.<layer>.q_proj.lora_A.text.weight`` or ``learned_tokens.vectors``::
+or ``text_encoder.<layer>.q_proj.lora_A.text.weight``::
 
     model = DualAnoDiffModel(load_base_model("tiny"), cfg.model)
     eps_global, eps_anomaly = model.predict_noise(x_global, x_anomaly, t, model.prompt_embeddings(2), x_background)
@@ -15,16 +14,16 @@ inside their `Attention` modules, so their parameters carry the layer's name: a 
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
+from transformers import CLIPTextModel
 
 from dualanodiff.config import ModelConfig
 from dualanodiff.errors import UserError
@@ -39,41 +38,14 @@ from dualanodiff.model.base import BaseModel
 
 TEXT_ADAPTER = "text"
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-TOKENS_METADATA = "learned_tokens"
 
 
-class LearnedTokens(nn.Module):
-    """Trainable input embeddings for a few token ids (textual inversion), the rest of the table frozen.
-
-    Words the base never saw in pretraining (``sks``, ``vfx`` on the embedded base) have random
-    embeddings that LoRA on the text encoder's attention cannot move; these rows can. A forward hook on
-    the token-embedding layer swaps in the trained rows wherever their ids occur.
-    """
-
-    def __init__(self, embedding: nn.Embedding, token_ids: list[int], tokens: list[str]):
-        super().__init__()
-        self.tokens = tokens
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
-        self.vectors = nn.Parameter(embedding.weight.detach()[token_ids].clone().float())
-        embedding.register_forward_hook(self._swap)
-
-    def _swap(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        ids = args[0].to(output.device)
-        hits = ids[..., None] == self.token_ids.to(ids.device)  # (batch, length, tokens)
-        if not hits.any():
-            return output
-        learned = (hits.to(output.dtype) @ self.vectors.to(output.dtype))  # each position picks its row
-        return torch.where(hits.any(-1, keepdim=True), learned, output)
-
-
-def word_token_ids(tokenizer, words: str) -> tuple[list[int], list[str]]:
-    """Token ids and token strings of the given words (each word may be several BPE tokens), in order."""
-    ids: list[int] = []
-    for word in words.split():
-        for token_id in tokenizer(word, add_special_tokens=False).input_ids:
-            if token_id not in ids:
-                ids.append(token_id)
-    return ids, tokenizer.convert_ids_to_tokens(ids)
+def base_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state without the adapters: LoRA factors and attention processors dropped, peft's wrapped
+    ``base_layer`` weights under their stock names."""
+    adapter = (".lora_A.", ".lora_B.", ".processor.")
+    return {name.replace(".base_layer.", "."): value for name, value in module.state_dict().items()
+            if not any(part in name for part in adapter)}
 
 
 class DualAnoDiffModel(nn.Module):
@@ -92,22 +64,17 @@ class DualAnoDiffModel(nn.Module):
         for name, module in self.unet.named_modules():
             if isinstance(module, Attention):
                 processors[f"{name}.processor"] = DualBranchAttnProcessor(
-                    module, self.layout, cfg.rank, cfg.lora_alpha, cfg.saim, cfg.saim_rank, cfg.bcm,
-                    cfg.bcm_variant, cfg.gamma_init, cfg.bcm_hidden, cfg.saim_init, cfg.saim_direction,
+                    module, self.layout, cfg.rank, cfg.saim, cfg.bcm, cfg.bcm_variant, cfg.saim_init, cfg.saim_direction
                 )
         self.processors = list(processors.values())
         self.unet.set_attn_processor(processors)  # pops the entries of `processors`
-        for parent, child, layer in _extra_lora_layers(self.unet, cfg.lora_targets, cfg.conv_blocks):
-            setattr(parent, child, BranchLoRALayer(layer, self.layout, cfg.rank, cfg.lora_alpha))
+        for parent, child, layer in _extra_lora_layers(self.unet, cfg.lora_targets):
+            setattr(parent, child, BranchLoRALayer(layer, self.layout, cfg.rank))
         if cfg.text_rank > 0:
             lora = LoraConfig(r=cfg.text_rank, lora_alpha=cfg.text_rank, target_modules=TEXT_TARGETS, init_lora_weights=True)
             inject_adapter_in_model(lora, self.text_encoder, adapter_name=TEXT_ADAPTER)
             for name, param in self.text_encoder.named_parameters():
                 param.requires_grad_(f".{TEXT_ADAPTER}." in name)
-        self.learned_tokens = None
-        if cfg.learned_words.split():
-            ids, tokens = word_token_ids(base.tokenizer, cfg.learned_words)
-            self.learned_tokens = LearnedTokens(self.text_encoder.get_input_embeddings(), ids, tokens)
 
     # --- the trainable set -----------------------------------------------------------------------
 
@@ -116,24 +83,13 @@ class DualAnoDiffModel(nn.Module):
 
     def save_trainable(self, path: Path) -> None:
         tensors = {name: t.float().contiguous().cpu() for name, t in self.trainable_state_dict().items()}
-        metadata = {"format": "dualanodiff-adapters"}
-        if self.learned_tokens is not None:
-            metadata[TOKENS_METADATA] = json.dumps(self.learned_tokens.tokens)
-        atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+        atomic_write_bytes(Path(path), save(tensors, metadata={"format": "dualanodiff-adapters"}))
 
     def load_trainable(self, path: Path) -> None:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: adapter weights not found; train first or pass the run folder it lives in")
         tensors = load_file(str(path))
-        if self.learned_tokens is not None:
-            with safe_open(str(path), "pt") as handle:
-                saved = json.loads((handle.metadata() or {}).get(TOKENS_METADATA, "[]"))
-            if saved != self.learned_tokens.tokens:
-                raise UserError(
-                    f"{path}: learned token embeddings were trained for tokens {saved}, but this base model's "
-                    f"tokenizer gives {self.learned_tokens.tokens}; load them with the base model they were trained on"
-                )
         own = dict(self.named_parameters())
         expected = {name for name, param in own.items() if param.requires_grad}
         missing, unexpected = expected - set(tensors), set(tensors) - expected
@@ -147,6 +103,28 @@ class DualAnoDiffModel(nn.Module):
                 own[name].copy_(tensor)
 
     # --- the batched forward ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """The frozen weights' device (as diffusers' models have it, which `DiffusionPipeline` reads)."""
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def save_base(self, directory: Path) -> None:
+        """The base under the adapters as a diffusers directory that `load_base_model` reads: the UNet and text
+        encoder without their LoRA layers and processors (with a fused category LoRA, as loaded), the VAE (with a
+        refined decoder where one is loaded), the tokenizer and the training scheduler."""
+        unet = UNet2DConditionModel.from_config(self.unet.config)
+        unet.load_state_dict(base_weights(self.unet))
+        text_encoder = CLIPTextModel(self.text_encoder.config)
+        text_encoder.load_state_dict(base_weights(self.text_encoder))
+        parts = {"unet": unet, "vae": self.vae, "text_encoder": text_encoder, "tokenizer": self.base.tokenizer,
+                 "scheduler": self.base.scheduler}
+        for name, part in parts.items():
+            part.save_pretrained(Path(directory) / name)
 
     def prompt_embeddings(self, pairs: int, unconditional: bool = False) -> dict[str, torch.Tensor]:
         """Text states for `pairs` rows of each branch (empty prompts for classifier-free guidance)."""
@@ -247,17 +225,15 @@ class DualAnoDiffModel(nn.Module):
         return [float(p.bcm.gamma) for p in self.processors if p.bcm is not None]
 
 
-def _extra_lora_layers(unet: nn.Module, targets: str, conv_blocks: str) -> list[tuple[nn.Module, str, nn.Module]]:
+def _extra_lora_layers(unet: nn.Module, targets: str) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, layer) of the UNet layers beyond attention that `lora_targets` adapts:
-    the transformer blocks' feed-forward linears (``ff``) and the ResNet blocks' two convolutions (``conv``), in
-    every block or, with `conv_blocks` "up", in the up path's blocks only."""
+    the transformer blocks' feed-forward linears (``ff``) and the ResNet blocks' two convolutions (``conv``)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     found = []
     for name, module in unet.named_modules():
         if "ff" in targets and name.endswith(".ff.net"):
             found += [(module[0], "proj", module[0].proj), (module, "2", module[2])]
-        on_path = conv_blocks == "all" or name.startswith("up_blocks.")
-        if "conv" in targets and on_path and isinstance(module, ResnetBlock2D):
+        if "conv" in targets and isinstance(module, ResnetBlock2D):
             found += [(module, "conv1", module.conv1), (module, "conv2", module.conv2)]
     return found
