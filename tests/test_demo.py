@@ -14,11 +14,11 @@ from PIL import Image
 from dualanodiff.config import CANVAS_STRENGTH, Config
 from dualanodiff.demo import (
     DemoHooks,
-    _whole_image_notes,
     demo_config,
     demo_settings,
     held_out_config,
     pair_figures,
+    render_report,
     run_demo,
 )
 from dualanodiff.errors import UserError
@@ -91,14 +91,18 @@ def test_the_demo_localizes_nut_at_96_px_and_the_held_out_bottle_at_the_datas_12
 
 
 def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep():
+    def notes(cfg) -> list[str]:
+        return render_report("whole_image_notes.md.j2", cfg=cfg).split("\n\n")
+
     cfg = demo_config("nut", "hole")
     cfg.generate.lay_part = False
-    assert _whole_image_notes(cfg)[0].startswith("Sampling started from a real `train/good` image noised to the first step ")
+    assert notes(cfg)[0].startswith("Sampling started from a real `train/good` image noised to the first step ")
     cfg.generate.canvas, cfg.generate.strength = "few-shot", 0.8
-    assert _whole_image_notes(cfg)[0].startswith("Sampling started from a few-shot image noised to 0.8 of the schedule ")
-    assert _whole_image_notes(cfg)[-2].startswith("Decoded with the base's VAE decoder refined for 100 steps ")  # the recipe
+    assert notes(cfg)[0].startswith("Sampling started from a few-shot image noised to 0.8 of the schedule ")
+    assert notes(cfg)[-2].startswith("Decoded with the base's VAE decoder refined for 100 steps ")  # the recipe
+    assert notes(cfg)[-1] == "" and len(notes(cfg)) == 3  # each note a paragraph
     cfg.generate.canvas, cfg.train.decoder_steps = "noise", 0
-    assert _whole_image_notes(cfg) == []
+    assert render_report("whole_image_notes.md.j2", cfg=cfg) == ""
 
 
 @pytest.mark.slow

@@ -168,16 +168,17 @@ def test_several_seeds_give_the_mean_of_one_training_per_seed(synthetic_root, ro
 
 
 def test_a_long_evaluation_says_up_front_what_it_will_cost_and_how_to_shorten_it(synthetic_root, roots, monkeypatch):
-    import dualanodiff.evaluation.compare as compare
+    import dualanodiff.progress as progress
 
     cfg = EvaluateConfig(steps=6, batch_size=4, resolution=64, base_width=4, seeds=2)
     rows = {"full": roots["full"], "partial": roots["partial"]}
     for limit, said in ((0.0, True), (1e9, False)):
-        monkeypatch.setattr(compare, "ESTIMATE_LIMIT", limit)
+        monkeypatch.setattr(progress, "ESTIMATE_LIMIT", limit)
         messages = []
         evaluate_generators(synthetic_root / "nut", rows, cfg, defects=["hole"], classification=False, device="cpu",
                             log=messages.append)
-        estimates = [m for m in messages if m.startswith("the evaluation will take about")]
+        estimates = [m for m in messages if m.startswith("the evaluation (") and " will take about " in m]
         assert len(estimates) == int(said)  # once, after the first training's first steps
         if said:
-            assert "(4 trainings of 6 steps at 64 px); evaluate.steps (--steps) or evaluate.resolution" in estimates[0]
+            assert "(4 trainings of 6 steps at 64 px) will take about" in estimates[0]
+            assert estimates[0].endswith("; evaluate.steps (--steps) or evaluate.resolution (--set evaluate.resolution=PX) shorten it")

@@ -85,8 +85,9 @@ def run_folder(tmp_path) -> Path:
 
 
 def train_args(data: Path, out: Path, steps: int) -> list:
-    return ["train", "--data", data, "--defect", "hole", "--base-model", "tiny-random", "--steps", str(steps), "--out", out,
-            "--set", "model.rank=4", "--set", "train.batch_size=2", "--set", "train.lr=1e-3", "--set", "train.device=cpu"]
+    return ["train", "--data", data, "--defect", "hole", "--base-model", "tiny-random", "--steps", str(steps),
+            "--set", "model.rank=4", "--set", "train.batch_size=2", "--set", "train.lr=1e-3", "--set", "train.device=cpu",
+            "--out", out]  # --out last: a test swaps it
 
 
 def generate_args(run: Path, out: Path, num: int) -> list:

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
 from dualanodiff.config import MAX_TRIES_FACTOR, Config, read_yaml
@@ -50,6 +51,7 @@ ON_NORMALS = "dualanodiff-on-normals"  # the same run's defects drawn into real 
 BASELINES = ("crop-paste", "perlin")
 COMBINED = f"crop-paste+{ON_NORMALS}"  # how users will use it: the few-shot real pairs plus generated ones
 ABLATIONS = {"no-saim": {"saim": False}, "no-bcm": {"bcm": False}}
+REPORT_TEMPLATES = Path(__file__).resolve().parent / "assets" / "report"
 HELD_OUT_DEFECT = "contamination"  # of synthetic.HELD_OUT: a small dark blob on the object, as nut/hole is
 DATA_SIDE = 128  # the synthetic images' side, which the localizer also sees unless LOCALIZER_SIDE says less
 # The localizer's image side where the data's 128 px is more than it needs: nut's rows keep their figures at 96 px
@@ -296,7 +298,8 @@ def pair_figures(defect_dir: Path) -> dict:
 
 
 def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stages, seconds: float) -> Path:
-    """report.md and report.html from the files the stages wrote (nothing here is recomputed)."""
+    """report.md (the template ``assets/report/demo.md.j2``) and report.html from the files the stages wrote
+    (nothing here is recomputed); summary.json with the figures other reports quote."""
     from dualanodiff.evaluation.report import COLUMNS, markdown_table, table_rows
 
     results = json.loads((out / "evaluation.json").read_text())
@@ -305,77 +308,10 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
     category, defect = Path(cfg.data.data).name, cfg.data.defect
     figures_of = _write_figures(out, category, defect, pair_sets, results)
     ap = {row["name"]: row["metrics"]["pixel_ap"] for row in results["generators"]}
+    area = {row["name"]: row["metrics"].get("area_ratio", math.nan) for row in results["generators"]}
     stats, on_normals = figures_of[OURS], figures_of[ON_NORMALS]
     variants = [name for name in pair_sets if name != ON_NORMALS]
     reproduction = few_shot_reproduction(out, cfg)
-
-    if results["protocol"].get("seeds", 1) > 1:
-        pairs = [(ON_NORMALS, "perlin"), (OURS, "perlin")] + ([(COMBINED, "crop-paste")] if COMBINED in ap else [])
-        comparisons = "; ".join(compare_rows(results, first, second) for first, second in pairs)
-    else:
-        comparisons = ", ".join(f"{name} {100 * value:.1f}" for name, value in ap.items())
-    area = {row["name"]: row["metrics"].get("area_ratio", math.nan) for row in results["generators"]}
-    lines = [
-        f"# DualAnoDiff demo: {category} / {defect}",
-        "",
-        f"Embedded base `{cfg.model.base_model}` (frozen), dual LoRA rank {cfg.model.rank} + SAIM + BCM + text LoRA, "
-        f"few-shot-tuned for {cfg.train.steps} steps (lr {cfg.train.lr:g}, batch {cfg.train.batch_size}) on the "
-        f"{len(_split(out))} training pairs of `{defect}` ({', '.join(_split(out))}); "
-        f"{cfg.generate.num} pairs sampled with {cfg.generate.scheduler} ({cfg.generate.steps} steps, guidance "
-        f"{cfg.generate.guidance:g}). Every number below comes from this run (`{out}`).",
-        "",
-        "## Result",
-        "",
-        f"Pixel AP of a localizer trained on each set, {_seeds_phrase(results)}: {comparisons}. "
-        f"Mean image-mask alignment of our pairs "
-        f"{stats['alignment_mean']:.2f} (crop-paste of the real defects {figures_of['crop-paste']['alignment_mean']:.2f}, "
-        f"Perlin {figures_of['perlin']['alignment_mean']:.2f}; about 1 means the mask is no more on a defect than "
-        f"anywhere else); {stats['kept']} of {stats['kept'] + stats['dropped']} generation attempts kept "
-        f"({100 * stats['kept_rate']:.0f} %).",
-        "",
-        f"Few-shot reproduction: the generated images lie {reproduction['generated']:.1f} dB (mean PSNR to the nearest "
-        f"of the {reproduction['train_images']} training images) from the few-shot set; real {defect} images of this "
-        f"category that were not in it lie {reproduction['real']:.1f} dB from it ({reproduction['real_images']} images).",
-        "",
-        "## Generated pairs (image | mask overlay | anomaly part)",
-        "",
-        "![DualAnoDiff pairs](figures/pairs_dualanodiff.png)",
-        "",
-        f"Quality filter: {stats['kept']} kept, {stats['dropped']} dropped"
-        f"{'' if stats['kept'] >= cfg.generate.num else f' (the cap of {cfg.generate.num * MAX_TRIES_FACTOR} attempts was reached before {cfg.generate.num} pairs)'}. "
-        f"Image-mask alignment (the image's difference from its own inpainting inside the mask, over the same "
-        f"with the mask moved elsewhere on the object): mean {stats['alignment_mean']:.2f}, median "
-        f"{stats['alignment_median']:.2f}. Pair consistency (PSNR of image·M vs part·M inside the mask): mean "
-        f"{stats['consistency_mean']:.2f} dB; mean mask area {100 * stats['mask_area_mean']:.2f} % of the image, median "
-        f"area {area[OURS]:.2f}× the few-shot masks' (on normals {area[ON_NORMALS]:.2f}×).",
-        "",
-        *_whole_image_notes(cfg),
-        "![alignment](figures/alignment.png)",
-        "",
-        *_on_normals_section(cfg, on_normals),
-        "## Downstream localization (real test split)",
-        "",
-        f"{results['protocol']['localization']}.",
-        "",
-        markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
-        "",
-        "![metrics](figures/metrics.png)",
-        "",
-        "## Baselines",
-        "",
-        "Crop-paste (real few-shot defects pasted onto normal images):",
-        "",
-        "![crop-paste pairs](figures/pairs_crop-paste.png)",
-        "",
-        "Perlin (DRAEM-style):",
-        "",
-        "![perlin pairs](figures/pairs_perlin.png)",
-        "",
-        "## Training loss",
-        "",
-        "![loss](figures/loss.png)",
-        "",
-    ]
     summary = {
         "category": category, "defect": defect, "pixel_ap": ap, "area_ratio": area,
         "pixel_ap_per_seed": {row["name"]: [one["pixel_ap"] for one in row["per_seed"]] for row in results["generators"]},
@@ -385,18 +321,35 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
                        "attempts": on_normals["kept"] + on_normals["dropped"]},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    lines += _ablation_section(variants, figures_of, ap) if len(variants) > 1 else []
-    lines += _held_out_section(out / "held-out") if (out / "held-out" / "summary.json").is_file() else []
-    timing = [[name, f"{value:.0f}"] for name, value in stages.seconds.items()]
-    lines += [
-        "## Run time",
-        "",
-        markdown_table(["stage", "seconds"], timing),
-        "",
-        f"This invocation: {seconds:.0f} s (finished stages are reused on a re-run).",
-        "",
-    ]
-    return _write_markdown_and_html(out, "\n".join(lines))
+    held_out = out / "held-out" / "summary.json"
+    text = render_report(
+        "demo.md.j2", category=category, defect=defect, cfg=cfg, out=out, split=_split(out), ours=stats,
+        figures=figures_of, reproduction=reproduction, area=area, on_normals=on_normals, OURS=OURS, ON_NORMALS=ON_NORMALS,
+        seeds_phrase=_seeds_phrase(results), comparisons=_comparisons(results, ap), cap=cfg.generate.num * MAX_TRIES_FACTOR,
+        on_normals_strength=dataclasses.replace(cfg.generate, canvas="on-normals").start_strength,
+        protocol=results["protocol"]["localization"],
+        metrics_table=markdown_table(["generator"] + [title for _, title, _ in COLUMNS], table_rows(results)),
+        ablation_table=_ablation_table(variants, figures_of, ap) if len(variants) > 1 else "",
+        held_out=json.loads(held_out.read_text()) if held_out.is_file() else None,
+        timing_table=markdown_table(["stage", "seconds"], [[name, f"{value:.0f}"] for name, value in stages.seconds.items()]),
+        seconds=seconds,
+    )
+    return _write_markdown_and_html(out, text)
+
+
+def render_report(template: str, **context) -> str:
+    """A report template of ``assets/report/`` filled with `context` (Markdown; objects' fields read as in Python)."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(REPORT_TEMPLATES), keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined, autoescape=False)
+    return environment.get_template(template).render(**context)
+
+
+def _comparisons(results: dict, ap: dict[str, float]) -> str:
+    """The result sentence's comparisons: verdicts over seeds where there are several, else each row's figure."""
+    if results["protocol"].get("seeds", 1) > 1:
+        pairs = [(ON_NORMALS, "perlin"), (OURS, "perlin")] + ([(COMBINED, "crop-paste")] if COMBINED in ap else [])
+        return "; ".join(compare_rows(results, first, second) for first, second in pairs)
+    return ", ".join(f"{name} {100 * value:.1f}" for name, value in ap.items())
 
 
 def compare_rows(results: dict, first: str, second: str) -> str:
@@ -433,58 +386,8 @@ def _write_figures(out: Path, category: str, defect: str, pair_sets: list[str], 
     return figures_of
 
 
-def _whole_image_notes(cfg: Config) -> list[str]:
-    """What the settings changed from the paper's whole images: where sampling started, the part laid on."""
-    notes = []
-    if cfg.generate.canvas in ("few-shot", "normal"):
-        source = "a few-shot image" if cfg.generate.canvas == "few-shot" else "a real `train/good` image"
-        depth = "the first step" if cfg.generate.start_strength == 1 else f"{cfg.generate.start_strength:g} of the schedule"
-        notes += [f"Sampling started from {source} noised to {depth} (`generate.canvas "
-                  f"{cfg.generate.canvas}`; the paper starts from noise), so the images take its colours and layout.", ""]
-    if cfg.generate.lay_part:
-        notes += ["Each image carries its part image's defect laid on inside its mask (`generate.lay_part`; the paper "
-                  "keeps the global branch's image as drawn): the mask's region shows the part's defect wherever the "
-                  "global branch drew its own, so alignment and consistency are high by construction.", ""]
-    if cfg.train.decoder_steps:
-        notes += [f"Decoded with the base's VAE decoder refined for {cfg.train.decoder_steps} steps on the category's "
-                  "`train/good` and few-shot images (`train.decoder_steps`; the paper decodes with the base's): the "
-                  "base's small VAE greys colours its pretraining lacked.", ""]
-    return notes
-
-
-def _on_normals_section(cfg: Config, figures: dict) -> list[str]:
-    return [
-        "## The same run's defects on real normal images (`generate --canvas on-normals`)",
-        "",
-        f"![{ON_NORMALS} pairs](figures/pairs_{ON_NORMALS}.png)",
-        "",
-        f"Each defect is drawn by the same run into a real `train/good` image, inside the shape of a few-shot defect "
-        f"placed on the object as crop-paste places it (sampling starts from that pasted defect at strength "
-        f"{dataclasses.replace(cfg.generate, canvas='on-normals').start_strength:g}); outside its mask the image is the normal image itself. "
-        f"{figures['kept']} of {figures['kept'] + figures['dropped']} attempts kept; alignment mean "
-        f"{figures['alignment_mean']:.2f}, median {figures['alignment_median']:.2f}.",
-        "",
-    ]
-
-
-def _held_out_section(held_out: Path) -> list[str]:
-    """The few-shot regime on a category the base never saw: the held-out demo's figures beside nut/hole's."""
-    summary = json.loads((held_out / "summary.json").read_text())
-    ap = summary["pixel_ap"]
-    reproduction = summary["few_shot_reproduction"]
-    return [
-        f"## Held-out category: {summary['category']} / {summary['defect']}",
-        "",
-        f"The same settings on `{summary['category']}`, a category no embedded base saw in pretraining, normal or "
-        f"defective ([its report](held-out/report.md)). Pixel AP {', '.join(f'{n} {100 * v:.1f}' for n, v in ap.items())}; "
-        f"alignment {summary['alignment_mean']:.2f}; {summary['kept']} of {summary['attempts']} attempts kept; "
-        f"few-shot reproduction {reproduction['generated']:.1f} dB (real unseen images {reproduction['real']:.1f} dB).",
-        "",
-    ]
-
-
-def _ablation_section(variants: list[str], figures_of: dict[str, dict], ap: dict[str, float]) -> list[str]:
-    """The report's ablation table (alignment, consistency, kept, pixel AP per variant) and its reading."""
+def _ablation_table(variants: list[str], figures_of: dict[str, dict], ap: dict[str, float]) -> str:
+    """The report's ablation table: alignment, consistency, kept, pixel AP per variant."""
     from dualanodiff.evaluation.report import markdown_table
 
     rows = [
@@ -493,16 +396,7 @@ def _ablation_section(variants: list[str], figures_of: dict[str, dict], ap: dict
          f"{100 * ap[name]:.1f}"]
         for name in variants
     ]
-    saim_up = figures_of[OURS]["alignment_mean"] > figures_of["no-saim"]["alignment_mean"]
-    return [
-        "## Ablation (same seed, steps and sampling)",
-        "",
-        markdown_table(["variant", "alignment mean", "alignment median", "consistency mean (dB)", "kept/dropped", "pixel AP"], rows),
-        "",
-        f"SAIM {'raised' if saim_up else 'did not raise'} the mean image-mask alignment on this run "
-        f"({figures_of[OURS]['alignment_mean']:.2f} vs {figures_of['no-saim']['alignment_mean']:.2f} without it).",
-        "",
-    ]
+    return markdown_table(["variant", "alignment mean", "alignment median", "consistency mean (dB)", "kept/dropped", "pixel AP"], rows)
 
 
 def _write_markdown_and_html(out: Path, text: str) -> Path:

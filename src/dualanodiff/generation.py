@@ -40,6 +40,7 @@ from dualanodiff.pipeline import (
     make_scheduler,
     prepared_background,
 )
+from dualanodiff.progress import CostEstimate
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
@@ -201,7 +202,7 @@ class NormalCanvas:
 def drawing_region(placed: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     """Where canvas ``on-normals`` lets the model draw a defect placed at `placed`: that shape grown by `REGION_MARGIN`
     of the image side, on the object's `foreground`."""
-    margin = max(1, round(REGION_MARGIN * min(placed.shape)))
+    margin = round(REGION_MARGIN * min(placed.shape))
     grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
     return grown & foreground
 
@@ -243,6 +244,42 @@ def foreground_kind(run_cfg: Config) -> str:
     return open_category(run_cfg.data.data).kind
 
 
+def pair_settings(run: Path, run_cfg: Config, cfg: GenerateConfig, normal: Path | None, canvas: str | None,
+                  whole_images: bool) -> dict:
+    """What every pair record of one `generate` call carries: a folder takes pairs only made with the same."""
+    return {
+        "run": str(Path(run).resolve()),
+        "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
+        "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
+        "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
+        "normal": None if normal is None else str(normal), "filter": cfg.filter,
+        "canvas": canvas, "strength": cfg.start_strength if canvas and cfg.start_strength < 1 else None,
+        "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
+        "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
+    }
+
+
+def sampling_pipeline(run: Path, run_cfg: Config, cfg: GenerateConfig) -> DualAnoDiffPipeline:
+    """The run's pipeline with these sampling settings, its own progress bar off (the caller's counts pairs)."""
+    pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
+    pipe.use_config(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.u2net_weights = run_cfg.data.u2net_weights
+    return pipe
+
+
+def judged(image: np.ndarray, mask: np.ndarray, part: np.ndarray, seed: int, kind: str, fg_weights: str | None,
+           objects: FewShotObjects, cfg: GenerateConfig) -> dict:
+    """A sampled pair's figures and the quality filter's verdict on it (``kept`` or why not)."""
+    region = object_region(image, kind, fg_weights, objects.floor)
+    return {
+        "mask_area": round(float(mask.mean()), 6),
+        "consistency": round(pair_consistency(image, part, mask), 4),
+        "alignment": round(alignment_score(image, mask, region, seed=seed), 4),
+        "verdict": filter_verdict(mask, objects.widen(region), cfg.max_area, cfg.min_on_object),
+    }
+
+
 def generate(
     run: Path,
     out: Path,
@@ -270,16 +307,7 @@ def generate(
     started = whole_images and cfg.canvas != "noise"
     check_inputs(cfg, run_cfg.data.u2net_weights, normal, mask)
     canvas = cfg.canvas if started or on_normals else None  # None: from noise, or into the given --normal image
-    settings = {
-        "run": str(Path(run).resolve()),
-        "prompts": {"global": run_cfg.model.global_prompt, "anomaly": run_cfg.model.anomaly_prompt},
-        "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler, "dtype": cfg.dtype,
-        "initial_noise": cfg.initial_noise, "base_seed": cfg.seed, "mask_method": cfg.mask_method,
-        "normal": None if normal is None else str(normal), "filter": cfg.filter,
-        "canvas": canvas, "strength": cfg.start_strength if canvas and cfg.start_strength < 1 else None,
-        "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
-        "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
-    }
+    settings = pair_settings(run, run_cfg, cfg, normal, canvas, whole_images)
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
     normals = NormalCanvas(run_cfg, kind, fg_weights) if on_normals else None
@@ -288,18 +316,16 @@ def generate(
         if force:
             writer.clear()
         writer.check_settings(settings)
-        kept, attempt = len(writer.kept()), writer.attempts_done()
-        cap = cfg.num * MAX_TRIES_FACTOR
+        kept, attempt, cap = len(writer.kept()), writer.attempts_done(), cfg.num * MAX_TRIES_FACTOR
         verdicts: Counter[str] = Counter()
         if progress is not None:
             progress(kept, cfg.num)
         if kept < cfg.num and attempt < cap:
-            pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
-            pipe.use_config(cfg)
-            pipe.set_progress_bar_config(disable=True)  # the caller's bar counts pairs
-            pipe.u2net_weights = run_cfg.data.u2net_weights
+            pipe = sampling_pipeline(run, run_cfg, cfg)
             objects = few_shot_objects(run_cfg, kind, fg_weights)
             inputs, source = _inputs(pipe, kind, fg_weights, normal, mask)
+            estimate = CostEstimate(cfg.num - kept, log, f"generation ({cfg.num - kept} pairs)",
+                                    "--num or generate.steps (--steps) shortens it")
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
                 seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
@@ -312,27 +338,17 @@ def generate(
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
                     out = pipe(seeds=seeds, output_type="np", **inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
-                    region = object_region(image, kind, fg_weights, objects.floor)
-                    verdict = filter_verdict(pair_mask, objects.widen(region), cfg.max_area, cfg.min_on_object)
-                    alignment = alignment_score(image, pair_mask, region, seed=seed)
-                    verdicts[verdict] += 1
-                    record = {
-                        "attempt": attempt + offset,
-                        "seed": seed,
-                        **settings,
-                        "background": _background_name(pipe, source, seed),
-                        **used[offset],
-                        "mask_area": round(float(pair_mask.mean()), 6),
-                        "consistency": round(pair_consistency(image, part, pair_mask), 4),
-                        "alignment": round(alignment, 4),
-                        "verdict": verdict,
-                    }
-                    if verdict == "kept" or not cfg.filter:
+                    record = {"attempt": attempt + offset, "seed": seed, **settings,
+                              "background": _background_name(pipe, source, seed), **used[offset],
+                              **judged(image, pair_mask, part, seed, kind, fg_weights, objects, cfg)}
+                    verdicts[record["verdict"]] += 1
+                    if record["verdict"] == "kept" or not cfg.filter:
                         writer.write(image, pair_mask, part, record)
                         kept += 1
                     else:
                         writer.reject(record)
                 attempt += count
+                estimate.advance(count)
                 if progress is not None:
                     progress(kept, cfg.num)
         writer.write_contact_sheet()

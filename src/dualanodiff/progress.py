@@ -25,6 +25,34 @@ PLAIN_PERCENT = 10  # outside a terminal, one progress line per this share of th
 PLAIN_SECONDS = 15.0  # ... or per this many seconds, whichever comes first
 
 
+ESTIMATE_AFTER = 5  # units of work timed (after the first, which warms up) before a cost estimate
+ESTIMATE_LIMIT = 600.0  # seconds above which long work says up front what it will cost
+
+
+class CostEstimate:
+    """Says once, after `after` units of work past the first, what all `total` will cost on this device and which
+    option shortens it, where that is over `ESTIMATE_LIMIT` seconds: a bar at 30 of 3000 steps does not say that
+    hours are left. ``estimate.advance(units)`` after each piece of work."""
+
+    def __init__(self, total: int, log: Callable[[str], None], what: str, shorten: str, after: int = ESTIMATE_AFTER):
+        self.total, self.log, self.what, self.shorten, self.after = total, log, what, shorten, after
+        self.started: float | None = None
+        self.done = 0
+        self.said = False
+
+    def advance(self, units: int = 1) -> None:
+        now = time.perf_counter()
+        if self.started is None:  # the first piece's end starts the clock
+            self.started = now
+            return
+        self.done += units
+        if not self.said and self.done >= self.after:
+            self.said = True
+            seconds = (now - self.started) / self.done * self.total
+            if seconds > ESTIMATE_LIMIT:
+                self.log(f"{self.what} will take about {seconds / 60:.0f} min on this device; {self.shorten}")
+
+
 class Bar(Protocol):
     """One bar: ``bar(done)`` after each unit of work; ``total`` when it changed, ``note`` shown beside it."""
 

@@ -357,78 +357,91 @@ def run_all(
     console = console or Console(stderr=True, markup=False, emoji=False, highlight=False)  # names and errors verbatim
     data, out = Path(data).resolve(), Path(out).resolve()
     jobs = plan_jobs(data, categories, defects, max_defects)
-    config = cfg.to_dict()
-    records: dict[str, dict] = {}
-    pending: dict = {}  # Ray object ref -> job
-    waiting = {job.category: job for job in jobs if not job.defect}  # evaluations not yet submitted
     started_ray = _start_ray(address, num_cpus)
     try:
-        gpus = job_gpus(gpus_per_job, ray.cluster_resources())
         # Ray retries a job whose worker died; run_job retries one that raised
-        remote = ray.remote(run_job).options(num_gpus=gpus, max_retries=1)
-
-        plain = not console.is_terminal  # a log file or pipe: a line per finished job instead of the live table
-        last_line = time.monotonic()
-
-        def record_of(job: Job, record: dict) -> None:
-            records[job.name] = record
-            if plain:
-                line = f"{len(records)}/{len(jobs)} jobs finished: {job.name} {record['status']} {job_note(record)}"
-                console.print(line.rstrip())
-
-        def submit(job: Job) -> None:
-            record = finished_record(out, job, cfg)
-            if record:
-                record_of(job, {**record, "status": record["status"] + EARLIER})
-                return
-            (job_folder(out, job) / RUNNING).unlink(missing_ok=True)  # stale from an interrupted run
-            pending[remote.remote(job, out, config)] = job
-
-        def submit_evaluations() -> None:
-            for category, job in list(waiting.items()):
-                if any(Job(category, job.data, defect).name not in records for defect in job.defects):
-                    continue
-                del waiting[category]
-                evaluation = evaluation_job(job, records)
-                if evaluation.defects:
-                    submit(evaluation)
-                else:
-                    reasons = "; ".join(f"{defect}: {why}" for defect, why in evaluation.without_pairs)
-                    error = f"no defect type of this category has generated pairs ({reasons})"
-                    record_of(job, _failure(out, evaluation, cfg, error, without_pairs=dict(evaluation.without_pairs)))
-
+        remote = ray.remote(run_job).options(num_gpus=job_gpus(gpus_per_job, ray.cluster_resources()), max_retries=1)
+        driver = _Driver(out, cfg, jobs, remote, console)
         for job in jobs:
             if job.defect:
-                submit(job)
-        submit_evaluations()
+                driver.submit(job)
+        driver.submit_evaluations()
         # transient, then printed once: a file or pipe gets the final table only, ending with a newline
-        live = Live(job_table(jobs, records, pending.values(), out), console=console, transient=True)
+        live = Live(driver.table(), console=console, transient=True)
         with live, deferred_signals() as stop:
-            while pending and not stop():
-                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
-                for ref in ready:
-                    job = pending.pop(ref)
-                    try:
-                        record_of(job, ray.get(ref))
-                    except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
-                        record_of(job, _failure(out, job, cfg, lost_job_error(job, exc)))
-                submit_evaluations()
-                live.update(job_table(jobs, records, pending.values(), out))
-                if plain and pending and time.monotonic() - last_line >= PLAIN_INTERVAL_S:
-                    console.print(f"{len(records)}/{len(jobs)} jobs finished; {running_line(pending.values(), out)}")
-                    last_line = time.monotonic()
+            while driver.pending and not stop():
+                driver.collect(ray.wait(list(driver.pending), num_returns=len(driver.pending), timeout=1.0)[0])
+                live.update(driver.table())
             if stop():  # forwarded as Ray's cancel (a KeyboardInterrupt in each running job, which saves its work)
-                for ref in pending:
+                for ref in driver.pending:
                     ray.cancel(ref)
-                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
-                write_summary(out, jobs, records)
+                ray.wait(list(driver.pending), num_returns=len(driver.pending), timeout=CANCEL_GRACE_S)
+                write_summary(out, jobs, driver.records)
                 raise Stopped(stop(), "after its running jobs saved their work; run the same command again to continue")
-        console.print(job_table(jobs, records, [], out))
+        console.print(job_table(jobs, driver.records, [], out))
     finally:
         if started_ray:
             ray.shutdown()
-    write_summary(out, jobs, records)
-    return jobs, records
+    write_summary(out, jobs, driver.records)
+    return jobs, driver.records
+
+
+class _Driver:
+    """`run_all`'s bookkeeping: the jobs submitted to Ray, their records, and the evaluations that wait for them."""
+
+    def __init__(self, out: Path, cfg: Config, jobs: list[Job], remote, console):
+        self.out, self.cfg, self.jobs, self.remote, self.console = out, cfg, jobs, remote, console
+        self.config = cfg.to_dict()
+        self.records: dict[str, dict] = {}
+        self.pending: dict = {}  # Ray object ref -> job
+        self.waiting = {job.category: job for job in jobs if not job.defect}  # evaluations not yet submitted
+        self.plain = not console.is_terminal  # a log file or pipe: a line per finished job instead of the live table
+        self.last_line = time.monotonic()
+
+    def table(self):
+        return job_table(self.jobs, self.records, self.pending.values(), self.out)
+
+    def record_of(self, job: Job, record: dict) -> None:
+        self.records[job.name] = record
+        if self.plain:
+            line = f"{len(self.records)}/{len(self.jobs)} jobs finished: {job.name} {record['status']} {job_note(record)}"
+            self.console.print(line.rstrip())
+
+    def submit(self, job: Job) -> None:
+        record = finished_record(self.out, job, self.cfg)
+        if record:
+            self.record_of(job, {**record, "status": record["status"] + EARLIER})
+            return
+        (job_folder(self.out, job) / RUNNING).unlink(missing_ok=True)  # stale from an interrupted run
+        self.pending[self.remote.remote(job, self.out, self.config)] = job
+
+    def submit_evaluations(self) -> None:
+        for category, job in list(self.waiting.items()):
+            if any(Job(category, job.data, defect).name not in self.records for defect in job.defects):
+                continue
+            del self.waiting[category]
+            evaluation = evaluation_job(job, self.records)
+            if evaluation.defects:
+                self.submit(evaluation)
+            else:
+                reasons = "; ".join(f"{defect}: {why}" for defect, why in evaluation.without_pairs)
+                error = f"no defect type of this category has generated pairs ({reasons})"
+                self.record_of(job, _failure(self.out, evaluation, self.cfg, error, without_pairs=dict(evaluation.without_pairs)))
+
+    def collect(self, ready: list) -> None:
+        """The finished jobs' records, then the evaluations they complete, and a plain line now and then."""
+        import ray
+
+        for ref in ready:
+            job = self.pending.pop(ref)
+            try:
+                self.record_of(job, ray.get(ref))
+            except ray.exceptions.RayError as exc:  # the worker died twice, or the task could not run
+                self.record_of(job, _failure(self.out, job, self.cfg, lost_job_error(job, exc)))
+        self.submit_evaluations()
+        if self.plain and self.pending and time.monotonic() - self.last_line >= PLAIN_INTERVAL_S:
+            self.console.print(f"{len(self.records)}/{len(self.jobs)} jobs finished; {running_line(self.pending.values(), self.out)}")
+            self.last_line = time.monotonic()
 
 
 def _start_ray(address: str | None, num_cpus: int | None) -> bool:

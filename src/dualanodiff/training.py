@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ from dualanodiff.io import atomic_write_bytes, atomic_write_text, save_png
 from dualanodiff.masks import foreground_mask
 from dualanodiff.model.base import BaseModel, load_base_model
 from dualanodiff.model.dual import DualAnoDiffModel
-from dualanodiff.progress import Bars, no_bars
+from dualanodiff.progress import Bars, CostEstimate, no_bars
 from dualanodiff.runs import RunFolder
 from dualanodiff.signals import Stopped, deferred_signals
 
@@ -373,39 +374,22 @@ def train(
     log = log if main else (lambda message: None)
     cfg = _on_main_process(accelerator, lambda: prepare_run(cfg, out, resume, force))
     train_pairs, kind, normals = few_shot_pairs(cfg, log)
-
-    torch.manual_seed(cfg.train.seed)
-    base = load_base_model(cfg.model.base_model)
-    cfg.data.resolution = cfg.data.resolution or base.resolution
-    if cfg.data.resolution % (8 * base.vae_scale_factor):
-        raise UserError(f"data.resolution {cfg.data.resolution}: must be a multiple of {8 * base.vae_scale_factor}")
-    if main and not run.is_run():
-        cfg.to_yaml(run.config)  # the run exists from here: a stop while adapting continues with --resume
+    base = run_base(cfg, run, main)
     adapt_base(base, cfg, normals, kind, run, accelerator, log, bars)
     # an fp32 copy, taken before mixed precision casts the frozen parts; none once the run has its decoder
     refining = cfg.train.decoder_steps > 0 and main and not run.decoder.is_file()
     vae = copy.deepcopy(base.vae).to(accelerator.device) if refining else None
     model = trainable_model(base, cfg.train, cfg.model, accelerator.device)
     data = encode_training_set(model, train_pairs, kind, cfg.data.resolution, cfg.data.flips, cfg.data.u2net_weights)
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg.train)
-    rank, processes = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(cfg.train.seed)  # the same global batches on every process
-    checkpoint = run.latest_checkpoint() if resume else None
-    step, rows = 0, []
-    if checkpoint is not None:
-        step, rows = load_checkpoint(run, checkpoint, model, optimizer, generator, rank, processes)
-        log(f"resuming {out} from step {step}")
-    if step >= cfg.train.steps:
-        raise UserError(f"{out}: already trained for {step} steps; pass a larger --steps to continue")
-
+    last_good = run.latest_checkpoint() if resume else None
+    step, rows = resumed_state(run, last_good, cfg.train.steps, model, optimizer, generator, accelerator, log)
     if main:
-        cfg.to_yaml(run.config)
-        for stem, background in zip(data.stems, data.backgrounds):
-            save_png(run.backgrounds / f"{stem}.png", background)
+        save_run_inputs(run, cfg, data)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    last_good = checkpoint
+    report = step_reporter(progress if main else None, cfg.train.steps, step, log)
 
     def checkpoint_now() -> Path:
         generators = gather_object([generator.get_state()])  # every process's RNG, for an exact resume
@@ -416,40 +400,27 @@ def train(
         return run.checkpoint(step)
 
     with deferred_signals() as stop:
-        stopped = refine_run_decoder(vae, cfg, data, normals, run, stop, log, bars) if vae is not None else 0
-        if processes > 1:  # the others wait here for the main process's refinement, and stop with it
-            stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
+        # the other processes wait here for the main process's refinement, and stop with it
+        stopped = agreed_stop(refine_run_decoder(vae, cfg, data, normals, run, stop, log, bars) if vae is not None else 0, accelerator)
         if stopped:
             raise Stopped(stopped, "while refining the decoder (nothing kept); continue with --resume")
         model.train()
         try:
             while step < cfg.train.steps:
-                stopped = stop()
-                if processes > 1:  # every process stops at the same step, or the checkpoint's gather hangs
-                    stopped = int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
+                stopped = agreed_stop(stop(), accelerator)  # at one step on every process, or the gather hangs
                 if stopped:
                     break
-                loss, loss_global, loss_anomaly, loss_defect = batch_losses(ddp_model, data, generator, cfg, base, accelerator)
-                mean_losses = accelerator.reduce(torch.stack([loss_global, loss_anomaly, loss_defect]).detach(), "mean")
+                loss, *parts = batch_losses(ddp_model, data, generator, cfg, base, accelerator)
+                mean_losses = accelerator.reduce(torch.stack(parts).detach(), "mean")  # global, anomaly, defect
                 if not torch.isfinite(mean_losses[:2]).all():  # decided on the mean, so all processes stop together
-                    if main:
-                        write_loss(out, rows)
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise UserError(
-                        f"{out}: loss became {mean_losses[:2].sum().item()} at step {step + 1}; stopped, {where}; "
-                        "lower train.lr or use fp32"
-                    )
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    diverged(out, rows if main else None, mean_losses, step, last_good)
+                apply_gradients(loss, params, optimizer, accelerator)
                 step += 1
                 losses = dict(zip(LOSS_COLUMNS[1:], mean_losses.tolist()))
                 rows.append({"step": step, **{k: f"{v:.6f}" for k, v in losses.items()}})
                 if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                     last_good = checkpoint_now()
-                if progress is not None and main:
-                    progress(step, cfg.train.steps, losses)
+                report(step, losses)
         except KeyboardInterrupt:  # raised by a callback (the signals themselves stop between steps)
             if step > 0:
                 checkpoint_now()
@@ -462,6 +433,76 @@ def train(
             model.save_trainable(run.adapters)
         accelerator.wait_for_everyone()
     return out
+
+
+def run_base(cfg: Config, run: RunFolder, main: bool) -> BaseModel:
+    """The run's base model, its resolution settled in `cfg` (the base's own unless set); the main process saves the
+    run's config.yaml from here, so that a stop while adapting continues with --resume."""
+    torch.manual_seed(cfg.train.seed)
+    base = load_base_model(cfg.model.base_model)
+    cfg.data.resolution = cfg.data.resolution or base.resolution
+    if cfg.data.resolution % (8 * base.vae_scale_factor):
+        raise UserError(f"data.resolution {cfg.data.resolution}: must be a multiple of {8 * base.vae_scale_factor}")
+    if main and not run.is_run():
+        cfg.to_yaml(run.config)
+    return base
+
+
+def resumed_state(run: RunFolder, checkpoint: Path | None, steps: int, model, optimizer, generator, accelerator,
+                  log: Callable[[str], None]) -> tuple[int, list[dict]]:
+    """The step and loss rows to go on from: `checkpoint`'s, its weights, optimizer and RNG loaded, or a fresh start."""
+    step, rows = 0, []
+    if checkpoint is not None:
+        step, rows = load_checkpoint(run, checkpoint, model, optimizer, generator, accelerator.process_index,
+                                     accelerator.num_processes)
+        log(f"resuming {run.root} from step {step}")
+    if step >= steps:
+        raise UserError(f"{run.root}: already trained for {step} steps; pass a larger --steps to continue")
+    return step, rows
+
+
+def save_run_inputs(run: RunFolder, cfg: Config, data: TrainingSet) -> None:
+    """The run's settings and the few-shot backgrounds BCM reads at generation."""
+    cfg.to_yaml(run.config)
+    for stem, background in zip(data.stems, data.backgrounds):
+        save_png(run.backgrounds / f"{stem}.png", background)
+
+
+def apply_gradients(loss: torch.Tensor, params: list[torch.Tensor], optimizer, accelerator) -> None:
+    """Backward, clipping at `MAX_GRAD_NORM` (official), the optimizer's step."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_reporter(progress: Callable[[int, int, dict], None] | None, steps: int, start: int,
+                  log: Callable[[str], None]) -> Callable[[int, dict], None]:
+    """What hears of each step: `progress`, and a `CostEstimate` of the steps left (the paper's 5000 on a CPU)."""
+    estimate = CostEstimate(steps - start, log, f"training ({steps - start} steps)", "train.steps (--steps) shortens it")
+
+    def report(step: int, losses: dict) -> None:
+        estimate.advance()
+        if progress is not None:
+            progress(step, steps, losses)
+
+    return report
+
+
+def agreed_stop(stopped: int, accelerator) -> int:
+    """A stop signal's number as every process sees it: the largest over processes, so all stop together."""
+    if accelerator.num_processes == 1:
+        return stopped
+    return int(accelerator.reduce(torch.tensor(stopped, device=accelerator.device), "max").item())
+
+
+def diverged(out: Path, rows: list[dict] | None, losses: torch.Tensor, step: int, last_good: Path | None) -> NoReturn:
+    """Stop on a loss that is not finite, keeping the losses so far (`rows`: the main process's, else None)."""
+    if rows is not None:
+        write_loss(out, rows)
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    raise UserError(f"{out}: loss became {losses[:2].sum().item()} at step {step + 1}; stopped, {where}; "
+                    "lower train.lr or use fp32")
 
 
 def adapt_base(base: BaseModel, cfg: Config, normals: list[Path], kind: str, run: RunFolder, accelerator,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,11 +46,9 @@ from dualanodiff.evaluation.metrics import METRIC_KEYS
 from dualanodiff.evaluation.training import LEARNING_RATE
 from dualanodiff.images import batch_to_model_range
 from dualanodiff.masks import area_ratio
-from dualanodiff.progress import Bars, no_bars
+from dualanodiff.progress import Bars, CostEstimate, no_bars
 
 SELECTION = "fixed steps, no test-set selection"
-ESTIMATE_AFTER = 5  # training steps timed before the evaluation estimates its cost
-ESTIMATE_LIMIT = 600.0  # seconds above which it says so
 IS_SPLITS = 10  # torch-fidelity's default; fewer when a defect type has fewer generated images
 
 
@@ -108,39 +105,54 @@ def evaluate_generators(
 
     trainings = len(pairs) * cfg.seeds * (2 if classify else 1)
     bars = estimating_bars(bars, trainings * cfg.steps, log, f"{trainings} trainings of {cfg.steps} steps at {cfg.resolution} px")
-    rows = []
-    for name, found in pairs.items():
+    scoring = _Scoring(category, defects, cfg, rounding, resnet_weights, device, inception, lpips, classify, log, bars)
+    return {
+        "category": category.name,
+        "category_dir": str(category.root),
+        "defects": defects,
+        "protocol": _protocol(category, defects, cfg, rounding, resnet_weights, classify),
+        "notes": notes,
+        "generators": [scoring.row(name, found, roots[name]) for name, found in pairs.items()],
+    }
+
+
+@dataclasses.dataclass
+class _Scoring:
+    """What every row of one evaluation is scored with."""
+
+    category: Category
+    defects: list[str]
+    cfg: EvaluateConfig
+    rounding: str
+    resnet_weights: Path | None
+    device: str
+    inception: Callable | None
+    lpips: LPIPS | None
+    classify: bool
+    log: Callable[[str], None]
+    bars: Bars
+
+    def row(self, name: str, found: dict[str, PairPaths], roots: list[Path]) -> dict:
+        """One generator's row: its trainings at each seed, then its figures per defect type and overall."""
+        cfg, defects, category = self.cfg, self.defects, self.category
         by_defect = {defect: found[defect] for defect in defects}
         flat = [pair for defect in defects for pair in by_defect[defect]]
         alignments = {defect: pair_alignments(by_defect[defect], category.kind) for defect in defects}
         alignment = _mean([score for defect in defects for score in alignments[defect]])
-        log(f"{name}: {len(flat)} generated pairs over {len(defects)} defect types, mean alignment {alignment:.2f}")
-
-        each_seed = []
-        for k in range(cfg.seeds):
-            seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
-            row_bars = _labelled(bars, name if cfg.seeds == 1 else f"{name}, seed {seed_cfg.seed}")
-            each_seed.append({
-                "localization": evaluate_localization(
-                    category, flat, seed_cfg, rounding, defects, cfg.base_width, device, row_bars
-                ),
-                "accuracy": (
-                    evaluate_classification(category, by_defect, seed_cfg, rounding, resnet_weights, device, row_bars)
-                    if classify else None
-                ),
-            })
+        self.log(f"{name}: {len(flat)} generated pairs over {len(defects)} defect types, mean alignment {alignment:.2f}")
+        each_seed = [self.trainings(name, cfg.seed + k, flat, by_defect) for k in range(cfg.seeds)]
         localization = _mean_tree([result["localization"] for result in each_seed])
-        accuracy = _mean_tree([result["accuracy"] for result in each_seed]) if classify else None
+        accuracy = _mean_tree([result["accuracy"] for result in each_seed]) if self.classify else None
         per_defect = {}
         for defect in defects:
-            scores = _generation_scores(category, defect, by_defect[defect], rounding, cfg.resolution, inception, lpips)
+            pairs = by_defect[defect]
             per_defect[defect] = {
                 **localization["per_defect"][defect],
-                **scores,
-                **mask_areas(category, defect, by_defect[defect], rounding),
+                **_generation_scores(category, defect, pairs, self.rounding, cfg.resolution, self.inception, self.lpips),
+                **mask_areas(category, defect, pairs, self.rounding),
                 "accuracy": accuracy["per_defect"][defect] if accuracy else math.nan,
                 "alignment": _mean(alignments[defect]),
-                "pairs": len(by_defect[defect]),
+                "pairs": len(pairs),
             }
         metrics = {key: localization[key] for key in METRIC_KEYS}
         for key in ("is", "is_std", "ic_lpips"):
@@ -148,31 +160,21 @@ def evaluate_generators(
         metrics["accuracy"] = accuracy["accuracy"] if accuracy else math.nan
         metrics["alignment"], metrics["pairs"] = alignment, len(flat)
         metrics["area_ratio"] = _mean([per_defect[d]["area_ratio"] for d in defects])
-        rows.append(
-            {
-                "name": name,
-                "roots": [str(root) for root in roots[name]],
-                "pairs": {d: len(by_defect[d]) for d in defects},
-                "metrics": metrics,
-                "per_defect": per_defect,
-                "per_seed": [
-                    {
-                        "seed": cfg.seed + k,
-                        **{key: result["localization"][key] for key in METRIC_KEYS},
-                        "accuracy": result["accuracy"]["accuracy"] if classify else math.nan,
-                    }
-                    for k, result in enumerate(each_seed)
-                ],
-            }
-        )
-    return {
-        "category": category.name,
-        "category_dir": str(category.root),
-        "defects": defects,
-        "protocol": _protocol(category, defects, cfg, rounding, resnet_weights, classify),
-        "notes": notes,
-        "generators": rows,
-    }
+        per_seed = [{"seed": cfg.seed + k, **{key: result["localization"][key] for key in METRIC_KEYS},
+                     "accuracy": result["accuracy"]["accuracy"] if self.classify else math.nan}
+                    for k, result in enumerate(each_seed)]
+        return {"name": name, "roots": [str(root) for root in roots], "pairs": {d: len(by_defect[d]) for d in defects},
+                "metrics": metrics, "per_defect": per_defect, "per_seed": per_seed}
+
+    def trainings(self, name: str, seed: int, flat: PairPaths, by_defect: dict[str, PairPaths]) -> dict:
+        """The row's localizer (and classifier) trained at `seed`, scored on the real test split."""
+        seed_cfg = dataclasses.replace(self.cfg, seed=seed)
+        bars = _labelled(self.bars, name if self.cfg.seeds == 1 else f"{name}, seed {seed}")
+        localization = evaluate_localization(self.category, flat, seed_cfg, self.rounding, self.defects,
+                                             self.cfg.base_width, self.device, bars)
+        accuracy = (evaluate_classification(self.category, by_defect, seed_cfg, self.rounding, self.resnet_weights,
+                                            self.device, bars) if self.classify else None)
+        return {"localization": localization, "accuracy": accuracy}
 
 
 def mask_areas(category: Category, defect: str, pairs: PairPaths, rounding: str) -> dict[str, float]:
@@ -188,23 +190,17 @@ def mask_areas(category: Category, defect: str, pairs: PairPaths, rounding: str)
 
 
 def estimating_bars(bars: Bars, total_steps: int, log: Callable[[str], None], what: str) -> Bars:
-    """`bars` that, once the first training has run `ESTIMATE_AFTER` steps, say up front what the whole evaluation
-    will cost on this device and how to shorten it, when that is over `ESTIMATE_LIMIT` seconds (the paper's
-    protocol on a CPU takes hours, and a bar at 30 of 3000 steps does not say so)."""
-    first: list[float] = []
+    """`bars` whose first training's steps time the whole evaluation (`CostEstimate`): the paper's protocol on a
+    CPU takes hours."""
+    estimate = CostEstimate(total_steps, log, f"the evaluation ({what})", "evaluate.steps (--steps) or "
+                            "evaluate.resolution (--set evaluate.resolution=PX) shorten it")
 
     def factory(label: str, total: int | None = None):
         bar = bars(label, total)
 
         def update(done: int, total: int | None = None, note: str = "") -> None:
             bar(done, total, note=note)
-            if len(first) <= ESTIMATE_AFTER:
-                first.append(time.perf_counter())
-                if len(first) == ESTIMATE_AFTER + 1:
-                    seconds = (first[-1] - first[0]) / ESTIMATE_AFTER * total_steps
-                    if seconds > ESTIMATE_LIMIT:
-                        log(f"the evaluation will take about {seconds / 60:.0f} min on this device ({what}); "
-                            "evaluate.steps (--steps) or evaluate.resolution (--set evaluate.resolution=PX) shorten it")
+            estimate.advance()
 
         return update
 

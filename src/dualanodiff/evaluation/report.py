@@ -22,22 +22,13 @@ from dualanodiff.errors import UserError
 from dualanodiff.io import atomic_write_bytes, atomic_write_text, jsonable
 
 NOT_COMPUTED = "–"
-# (results key, column title, percent?)
-COLUMNS = (
-    ("pairs", "pairs", False),
-    ("pixel_auroc", "pixel AUROC", True),
-    ("pixel_ap", "pixel AP", True),
-    ("pixel_f1max", "pixel F1-max", True),
-    ("pixel_aupro", "pixel AUPRO", True),
-    ("image_auroc", "image AUROC", True),
-    ("image_ap", "image AP", True),
-    ("image_f1max", "image F1-max", True),
-    ("is", "IS", False),
-    ("ic_lpips", "IC-LPIPS", False),
-    ("accuracy", "accuracy", True),
-    ("alignment", "alignment", False),
-    ("area_ratio", "mask area ×few-shot", False),
-)
+TITLES = {  # results key -> column title
+    "pairs": "pairs", "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_f1max": "pixel F1-max",
+    "pixel_aupro": "pixel AUPRO", "image_auroc": "image AUROC", "image_ap": "image AP", "image_f1max": "image F1-max",
+    "is": "IS", "ic_lpips": "IC-LPIPS", "accuracy": "accuracy", "alignment": "alignment", "area_ratio": "mask area ×few-shot",
+}
+NOT_PERCENT = {"pairs", "is", "ic_lpips", "alignment", "area_ratio"}  # counts and ratios, shown as they are
+COLUMNS = tuple((key, title, key not in NOT_PERCENT) for key, title in TITLES.items())  # (key, title, percent?)
 
 
 def format_value(value: float | int | None, percent: bool) -> str:

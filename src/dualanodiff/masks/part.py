@@ -24,6 +24,9 @@ from skimage.segmentation import find_boundaries
 
 from dualanodiff.masks.u2net import u2net_saliency
 
+__all__ = ["area_ratio", "attention_to_mask", "clean_mask", "filter_verdict", "mask_overlay", "pair_consistency",
+           "part_onto", "part_to_mask", "u2net_part_mask"]  # what `dualanodiff.masks` re-exports
+
 PSNR_CAP = 100.0  # dB returned by `pair_consistency` when image and part agree exactly inside the mask
 MAX_TINT = 0.25  # furthest a flat part image's median may lie from mid-grey, per channel
 _NOISE_CEILING = 3.0  # x median distance (median of max_c |noise_c| is 1.26 sigma for Gaussian noise)
