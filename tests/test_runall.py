@@ -376,6 +376,8 @@ def test_summary_rows_and_averages(tmp_path):
     ]
     assert (rows[6]["pixel_auroc"], rows[6]["accuracy"], rows[6]["pairs"]) == (0.1, 0.25, None)
     assert rows[-1]["accuracy"] == 0.5  # b's evaluation has one defect type: no accuracy
+    accuracy_column = [key for key, _ in runall.SUMMARY_COLUMNS].index("accuracy")
+    assert runall.summary_cells([rows[6]])[0][accuracy_column] == "25.0"  # in percent, as the metrics
     assert rows[2]["pixel_auroc"] is None and rows[2]["pairs"] is None
     assert (rows[3]["pixel_auroc"], rows[3]["pairs"], rows[3]["seconds"]) == (0.7, 4, 6.0)
     over_defects, over_categories = rows[-2], rows[-1]

@@ -650,7 +650,7 @@ def summary_cells(rows: list[dict]) -> list[list[str]]:
         line = []
         for key, _ in SUMMARY_COLUMNS:
             value = row[key]
-            if key in METRIC_KEYS:
+            if key in SCORE_KEYS:  # localization metrics and accuracy: fractions shown in percent
                 line.append(format_value(value, percent=True))
             elif value is None:
                 line.append(NOT_COMPUTED)
