@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import numpy as np
+import yaml
 
 from dualanodiff.errors import UserError
 from dualanodiff.io import save_png
@@ -79,51 +80,20 @@ CATEGORIES: dict[str, SyntheticCategory] = {
 }
 """The benchmark categories: what ``write_dataset`` (and ``dualanodiff synth``) writes by default."""
 
+DRAWERS: dict[str, dict[str, _Defect]] = {  # a defect type's drawer on a category of each kind
+    "object": dict(scratch=_scratch, hole=_hole, crack=_crack, stain=_stain, missing_piece=_missing_piece, bent=_bent,
+                   contamination=_contamination, misprint=_misprint, color=_color),
+    "texture": dict(hole=_texture_hole, cut=_cut, stain=_stain, thread=_loose_thread, bent=_bent, scratch=_scratch,
+                    crack=_crack, color=_color, glue=_glue, fold=_fold, contamination=_contamination),
+}
+RENDERERS = dict(screw=_render_screw, washer=_render_washer, gear=_render_gear, chip=_render_chip, tablet=_render_tablet,
+                 bottle=_render_bottle, grid=_render_grid, wood=_render_wood, tile=_render_tile, leather=_render_leather,
+                 carpet=_render_carpet)
+FAMILY_TABLE = Path(__file__).resolve().parent.parent / "assets" / "synthetic" / "families.yaml"
 FAMILIES: dict[str, SyntheticCategory] = {
     **CATEGORIES,
-    "screw": SyntheticCategory(
-        "object", _render_screw,
-        {"scratch": _scratch, "bent": _bent, "contamination": _contamination, "missing_piece": _missing_piece},
-    ),
-    "washer": SyntheticCategory(
-        "object", _render_washer,
-        {"scratch": _scratch, "crack": _crack, "missing_piece": _missing_piece, "bent": _bent, "stain": _stain},
-    ),
-    "gear": SyntheticCategory(
-        "object", _render_gear,
-        {"missing_piece": _missing_piece, "scratch": _scratch, "contamination": _contamination, "crack": _crack},
-    ),
-    "chip": SyntheticCategory(
-        "object", _render_chip,
-        {"misprint": _misprint, "bent": _bent, "scratch": _scratch, "contamination": _contamination, "crack": _crack},
-    ),
-    "tablet": SyntheticCategory(
-        "object", _render_tablet,
-        {"crack": _crack, "stain": _stain, "missing_piece": _missing_piece, "color": _color,
-         "contamination": _contamination},
-    ),
-    "bottle": SyntheticCategory(
-        "object", _render_bottle,
-        {"missing_piece": _missing_piece, "contamination": _contamination, "crack": _crack, "scratch": _scratch},
-    ),
-    "grid": SyntheticCategory(
-        "texture", _render_grid, {"bent": _bent, "hole": _texture_hole, "contamination": _contamination, "cut": _cut}
-    ),
-    "wood": SyntheticCategory(
-        "texture", _render_wood,
-        {"scratch": _scratch, "hole": _texture_hole, "crack": _crack, "stain": _stain, "color": _color},
-    ),
-    "tile": SyntheticCategory(
-        "texture", _render_tile, {"crack": _crack, "stain": _stain, "glue": _glue, "contamination": _contamination}
-    ),
-    "leather": SyntheticCategory(
-        "texture", _render_leather,
-        {"cut": _cut, "fold": _fold, "color": _color, "glue": _glue, "hole": _texture_hole},
-    ),
-    "carpet": SyntheticCategory(
-        "texture", _render_carpet,
-        {"hole": _texture_hole, "cut": _cut, "color": _color, "contamination": _contamination, "thread": _loose_thread},
-    ),
+    **{name: SyntheticCategory(kind, RENDERERS[name], {defect: DRAWERS[kind][defect] for defect in defects})
+       for name, (kind, defects) in yaml.safe_load(FAMILY_TABLE.read_text()).items()},
 }
 """Every renderable category: the benchmark three and the further families of the pretraining world."""
 
