@@ -206,14 +206,12 @@ class DualAnoDiffPipeline(DiffusionPipeline):
         folder = Path(str(pretrained_model_name_or_path)).expanduser()
         if _saved_class(folder) == cls.__name__:
             return cls._from_saved(folder, device, dtype)
-        target = resolve_device(device)
-        precision = resolve_dtype(dtype, target)  # fail on bad options before loading the model
+        resolve_dtype(dtype, resolve_device(device))  # fail on bad options before loading the model
         cfg = replace(model_config or ModelConfig(), base_model=str(pretrained_model_name_or_path))
         base = load_base_model(cfg.base_model)
         if category is not None:
             fuse_category(base.unet, category)
-        model = DualAnoDiffModel(base, cfg).to(target, precision)
-        pipe = cls(model, make_scheduler(GenerateConfig().scheduler, base.scheduler.config), resolution)
+        pipe = cls._around(DualAnoDiffModel(base, cfg), device, dtype, resolution)
         pipe.category = category
         return pipe
 
@@ -262,12 +260,16 @@ class DualAnoDiffPipeline(DiffusionPipeline):
         resolution: int = 0,
     ) -> DualAnoDiffPipeline:
         """A pipeline around an in-memory model; `resolution` 0 means the backgrounds' size, else the base's."""
-        target = resolve_device(device)
-        model = model.to(target, resolve_dtype(dtype, target))
-        resolution = resolution or (backgrounds[0].shape[0] if backgrounds else model.base.resolution)
-        pipe = cls(model, make_scheduler(GenerateConfig().scheduler, model.base.scheduler.config), resolution)
+        pipe = cls._around(model, device, dtype, resolution or (backgrounds[0].shape[0] if backgrounds else 0))
         pipe.set_backgrounds(backgrounds)
         return pipe
+
+    @classmethod
+    def _around(cls, model: DualAnoDiffModel, device: str, dtype: str, resolution: int) -> DualAnoDiffPipeline:
+        """A pipeline around `model`, moved to `device` in `dtype`, with the default sampling settings."""
+        target = resolve_device(device)
+        model = model.to(target, resolve_dtype(dtype, target))
+        return cls(model, make_scheduler(GenerateConfig().scheduler, model.base.scheduler.config), resolution)
 
     def load_adapters(self, run: Path | str) -> DualAnoDiffPipeline:
         """Load a training run's adapters, prompts, few-shot backgrounds (BCM) and saved generate settings.
