@@ -20,7 +20,7 @@ from dualanodiff.generation import (
     generate,
     generate_config,
 )
-from dualanodiff.images import resize_image, resize_mask
+from dualanodiff.images import as_grey, is_grey, resize_image, resize_mask
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 from dualanodiff.runs import RunFolder
 
@@ -423,3 +423,37 @@ def test_strength_noises_the_start_images_to_that_share_of_the_schedule_and_reco
     assert [row["strength"] for row in manifest(tmp_path / "half" / "nut" / "hole")] == [0.5, 0.5]
     with pytest.raises(UserError, match=r"other settings \(strength 0.5 -> None\)"):
         generate(run, tmp_path / "half", GenerateConfig(steps=4, scheduler="ddim", device="cpu", num=3, filter=False, canvas="normal"))
+
+
+def test_a_grey_categorys_pairs_are_the_luma_of_what_the_model_drew_and_say_so(run, synthetic_root, tmp_path, capsys):
+    grey_data = tmp_path / "grey" / "nut"  # the same category photographed by a grey camera, stored as RGB
+    shutil.copytree(synthetic_root / "nut", grey_data)
+    for path in grey_data.rglob("*.png"):
+        if "ground_truth" not in path.parts:
+            Image.fromarray(as_grey(load_image(path))).save(path)
+    grey_run = tmp_path / "grey-run"
+    shutil.copytree(run, grey_run)
+    saved = Config.from_yaml(grey_run / "config.yaml")
+    saved.data.data = str(grey_data)
+    saved.to_yaml(grey_run / "config.yaml")
+    generate(run, tmp_path / "colour", fast(num=3, filter=False))
+    generate(grey_run, tmp_path / "grey-pairs", fast(num=3, filter=False), log=print)
+    assert "pairs written grey: the run's few-shot photos are grey" in capsys.readouterr().out
+    colour_rows, grey_rows = manifest(tmp_path / "colour" / "nut" / "hole"), manifest(tmp_path / "grey-pairs" / "nut" / "hole")
+    assert [row.get("grey") for row in colour_rows] == [None] * 3 and [row["grey"] for row in grey_rows] == [True] * 3
+    for colour, grey in zip(colour_rows, grey_rows):  # from noise, the model draws the same; the grey pairs keep its luma
+        for kind in ("image", "part"):
+            drawn = load_image(tmp_path / "colour" / "nut" / "hole" / colour[kind])
+            assert not is_grey(drawn) or kind == "part"
+            assert np.array_equal(load_image(tmp_path / "grey-pairs" / "nut" / "hole" / grey[kind]), as_grey(drawn))
+        assert np.array_equal(load_mask(tmp_path / "colour" / "nut" / "hole" / colour["mask"]),
+                              load_mask(tmp_path / "grey-pairs" / "nut" / "hole" / grey["mask"]))
+
+
+def test_is_grey_allows_jpeg_rounding_and_as_grey_is_the_601_luma():
+    image = np.zeros((2, 2, 3), np.uint8)
+    image[0, 0] = (200, 100, 50)
+    assert not is_grey(image)
+    assert as_grey(image)[0, 0].tolist() == [round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)] * 3  # 124
+    assert is_grey(as_grey(image)) and is_grey(np.array([[[90, 92, 91]]], np.uint8))
+    assert not is_grey(np.array([[[90, 93, 91]]], np.uint8))

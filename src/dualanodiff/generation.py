@@ -27,7 +27,7 @@ from dualanodiff.config import MAX_TRIES_FACTOR, Config, GenerateConfig, assignm
 from dualanodiff.data import load_image, load_mask, open_category, recorded_split
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
-from dualanodiff.images import resize_image, resize_mask
+from dualanodiff.images import as_grey, is_grey, resize_image, resize_mask
 from dualanodiff.masks import (
     area_ratio,
     filter_verdict,
@@ -244,8 +244,18 @@ def foreground_kind(run_cfg: Config) -> str:
     return open_category(run_cfg.data.data).kind
 
 
+def grey_category(run_cfg: Config) -> bool:
+    """Whether the run's few-shot images are grey photos (stored as RGB, like the magnetic tile's): then its pairs
+    are written grey, since the camera makes no colour and a tint the model adds would mark the defects (False
+    when the dataset is gone)."""
+    if not Path(run_cfg.data.data).is_dir():
+        return False
+    train, _ = recorded_split(run_cfg.data.data, run_cfg.data.defect, run_cfg.split.get("train", []))
+    return bool(train) and all(is_grey(load_image(pair.image)) for pair in train)
+
+
 def pair_settings(run: Path, run_cfg: Config, cfg: GenerateConfig, normal: Path | None, canvas: str | None,
-                  whole_images: bool) -> dict:
+                  whole_images: bool, grey: bool) -> dict:
     """What every pair record of one `generate` call carries: a folder takes pairs only made with the same."""
     return {
         "run": str(Path(run).resolve()),
@@ -256,6 +266,7 @@ def pair_settings(run: Path, run_cfg: Config, cfg: GenerateConfig, normal: Path 
         "canvas": canvas, "strength": cfg.start_strength if canvas and cfg.start_strength < 1 else None,
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
         "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
+        "grey": True if grey else None,  # None: colour, as folders from before it
     }
 
 
@@ -307,7 +318,8 @@ def generate(
     started = whole_images and cfg.canvas != "noise"
     check_inputs(cfg, run_cfg.data.u2net_weights, normal, mask)
     canvas = cfg.canvas if started or on_normals else None  # None: from noise, or into the given --normal image
-    settings = pair_settings(run, run_cfg, cfg, normal, canvas, whole_images)
+    grey = grey_category(run_cfg)
+    settings = pair_settings(run, run_cfg, cfg, normal, canvas, whole_images, grey)
     size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
     normals = NormalCanvas(run_cfg, kind, fg_weights) if on_normals else None
@@ -329,15 +341,13 @@ def generate(
             while kept < cfg.num and attempt < cap:
                 count = min(cfg.batch_size, cfg.num - kept, cap - attempt)
                 seeds = [cfg.seed + a for a in range(attempt, attempt + count)]
-                used = [{}] * count
-                if normals is not None:
-                    inputs, used = normals.inputs(seeds, cfg.start_strength)
-                elif starting_images is not None:
-                    starts, used = starting_images.inputs(seeds, cfg.start_strength)
-                    inputs = {**inputs, **starts}
+                batch_inputs, used = _batch_inputs(inputs, seeds, normals if normals is not None else starting_images,
+                                                   cfg.start_strength)
                 with stop.at_once(_resume_note(kept, cfg.num, writer.dir)):  # a stop drops this batch
-                    out = pipe(seeds=seeds, output_type="np", **inputs)
+                    out = pipe(seeds=seeds, output_type="np", **batch_inputs)
                 for offset, (image, pair_mask, part, seed) in enumerate(zip(out.images, out.masks, out.parts, out.seeds)):
+                    if grey:
+                        image, part = as_grey(image), as_grey(part)
                     record = {"attempt": attempt + offset, "seed": seed, **settings,
                               "background": _background_name(pipe, source, seed), **used[offset],
                               **judged(image, pair_mask, part, seed, kind, fg_weights, objects, cfg)}
@@ -356,8 +366,20 @@ def generate(
             raise Stopped(stop(), _resume_note(kept, cfg.num, writer.dir))
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
+    if grey:
+        log("pairs written grey: the run's few-shot photos are grey")
     log(mask_area_note(summary.folder, run_cfg))
     return summary
+
+
+def _batch_inputs(inputs: dict, seeds: list[int], canvas: NormalCanvas | StartImages | None,
+                  strength: float) -> tuple[dict, list[dict]]:
+    """The pipeline's inputs for one batch of `seeds` and what each pair used: the call's own, with the
+    canvas's per-pair images on top (a `NormalCanvas` gives them all)."""
+    if canvas is None:
+        return inputs, [{}] * len(seeds)
+    own, used = canvas.inputs(seeds, strength)
+    return (own if isinstance(canvas, NormalCanvas) else {**inputs, **own}), used
 
 
 def _resume_note(kept: int, num: int, folder: Path) -> str:

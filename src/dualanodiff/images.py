@@ -28,6 +28,21 @@ def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(_width_height(size), Image.NEAREST)) > 127
 
 
+GREY_TOLERANCE = 2  # grey levels the channels of a grey photo may differ by (JPEG rounding)
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """Whether an HxWx3 uint8 image is a grey photo stored as RGB: its channels equal at every pixel (within
+    `GREY_TOLERANCE`)."""
+    spread = image.max(axis=-1).astype(np.int16) - image.min(axis=-1)
+    return bool(spread.max(initial=0) <= GREY_TOLERANCE)
+
+
+def as_grey(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 with every channel the image's luma (ITU-R 601, PIL's "L")."""
+    return np.asarray(Image.fromarray(image).convert("L").convert("RGB"))
+
+
 def _width_height(size: Size) -> tuple[int, int]:
     return (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
 
