@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from dualanodiff.cli import main
-from dualanodiff.config import Config, GenerateConfig
+from dualanodiff.config import CANVAS_STRENGTH, Config, GenerateConfig
 from dualanodiff.data import load_image, load_mask, open_category
 from dualanodiff.errors import UserError
 from dualanodiff.generation import (
@@ -267,7 +267,7 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
     for row in rows:
         target, _, placed, placement = place_defect(np.random.default_rng(row["seed"]), defects, normals, category.kind)
         assert (row["canvas"], row["strength"], row["onto"], row["background"], row["shape_of"]) == (
-            "on-normals", 0.3, target.stem, target.stem, placement["source"])  # strength 0: the canvas's own, 0.3
+            "on-normals", 0.15, target.stem, target.stem, placement["source"])  # strength 0: the canvas's own, 0.15
         normal = resize_image(target.image, 32)
         image, mask = load_image(folder / row["image"]), load_mask(folder / row["mask"])
         assert np.array_equal(image[~mask], normal[~mask])
@@ -317,7 +317,7 @@ def test_a_noise_canvas_refuses_a_strength_below_one():
     with pytest.raises(UserError, match=r"^generate.strength 0.5: a noise canvas starts from pure noise; set generate.canvas"):
         check_config(GenerateConfig(strength=0.5))
     assert check_config(GenerateConfig(strength=1.0)).start_strength == 1.0
-    assert GenerateConfig(canvas="on-normals").start_strength == 0.3
+    assert GenerateConfig(canvas="on-normals").start_strength == CANVAS_STRENGTH["on-normals"] == 0.15
     assert GenerateConfig(canvas="normal").start_strength == 1.0
 
 

@@ -44,7 +44,7 @@ Share = Annotated[float, Range(0, 1)]
 PairSize = Union[int, Literal["model", "source"]]
 PAIR_SIZE_NAMES = ("model", "source")
 MAX_TRIES_FACTOR = 4  # generate samples at most num x this many pairs before giving up
-CANVAS_STRENGTH = {"noise": 1.0, "few-shot": 1.0, "normal": 1.0, "on-normals": 0.3}  # generate.strength 0 means these
+CANVAS_STRENGTH = {"noise": 1.0, "few-shot": 1.0, "normal": 1.0, "on-normals": 0.15}  # generate.strength 0 means these
 
 
 def parse_pair_size(value: Any, where: str = "--size") -> int | str:
@@ -134,8 +134,8 @@ class GenerateConfig:
     # only at their defects). `--normal IMAGE --mask M` draws into one given image instead
     canvas: Literal["noise", "few-shot", "normal", "on-normals"] = "noise"
     # the share of the schedule the canvas is noised to, as img2img's strength (1: the first step); 0: the canvas's
-    # own, `CANVAS_STRENGTH` (on-normals 0.3, the best mean pixel AP on nut/hole and on the held-out bottle:
-    # experiments/ON_NORMALS.md#2026-11-26-generate---on-normals-and-at-which-strength; whole images 1)
+    # own, `CANVAS_STRENGTH` (on-normals 0.15: on the magnetic tile photos far above 0.3, level with it on the held-out
+    # bottle, experiments/CATEGORY.md#the-redraws-strength-on-real-photos-2026-12-07; whole images 1)
     strength: Share = 0.0
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
     mask_floor: Share = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
