@@ -91,8 +91,8 @@ def test_the_demo_localizes_nut_at_96_px_and_the_held_out_bottle_at_the_datas_12
 
 
 def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep():
-    def notes(cfg, refined_decoder: bool = True) -> list[str]:
-        return render_report("whole_image_notes.md.j2", cfg=cfg, refined_decoder=refined_decoder).split("\n\n")
+    def notes(cfg) -> list[str]:
+        return render_report("whole_image_notes.md.j2", cfg=cfg).split("\n\n")
 
     cfg = demo_config("nut", "hole")
     cfg.generate.lay_part = False
@@ -101,11 +101,8 @@ def test_the_reports_whole_image_notes_say_where_sampling_started_and_how_deep()
     assert notes(cfg)[0].startswith("Sampling started from a few-shot image noised to 0.8 of the schedule ")
     assert notes(cfg)[-2].startswith("Decoded with the base's VAE decoder refined for 100 steps ")  # the recipe
     assert notes(cfg)[-1] == "" and len(notes(cfg)) == 3  # each note a paragraph
-    # the recipe asked for a refinement that the base's decoder, good enough on the category, made unnecessary
-    assert notes(cfg, refined_decoder=False)[-2].startswith("Decoded with the base's own VAE decoder: ")
-    assert len(notes(cfg, refined_decoder=False)) == 3
     cfg.generate.canvas, cfg.train.decoder_steps = "noise", 0
-    assert render_report("whole_image_notes.md.j2", cfg=cfg, refined_decoder=False) == ""
+    assert render_report("whole_image_notes.md.j2", cfg=cfg) == ""
 
 
 @pytest.mark.slow

@@ -6,9 +6,7 @@ decoder (and ``post_quant_conv``) on the category's normal images, its few-shot 
 images (grey outside the defect) brings the colours back. The encoder, and so every latent the adapters
 learn from or generation starts from, stays as it is: the refinement is independent of the LoRA training
 and changes only how generated latents are decoded. Stable Diffusion's VAE does not need it (its default,
-``train.decoder_steps: 0``, keeps the base's decoder); the embedded base's recipe turns it on, and the refinement
-is skipped where the base's decoder already reconstructs the category well (`ENOUGH_PSNR`): there it costs fidelity
-(nut: 32.5 dB before, 0.6-0.8 dB less after) and time, and buys no localizer points.
+``train.decoder_steps: 0``, keeps the base's decoder); the embedded base's recipe turns it on.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save
 
 from dualanodiff.errors import UserError
-from dualanodiff.evaluation.metrics import psnr
 from dualanodiff.images import batch_to_model_range
 from dualanodiff.io import atomic_write_bytes
 from dualanodiff.progress import Bars, loss_bar, no_bars
@@ -31,10 +28,6 @@ DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 LATENT_CROP = 16  # latent cells per side of a training crop (64 px at the VAE's 4x): a quarter of the cost
 BATCH = 8
 DECODER_LR = 2e-4  # what `train.decoder_steps` refines with
-# dB of the base decoder's reconstructions of the category from which it is kept as it is: the embedded base gives
-# synthetic nut 32.5, magnetic tile photos 35.0, the held-out bottle (green it greys) 26.4
-ENOUGH_PSNR = 30.0
-PSNR_IMAGES = 16  # images the reconstruction is measured on, spread over the refinement set
 
 
 def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,15 +56,6 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 32) ->
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
     return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
-    """Mean PSNR (dB) of uint8 `images` (N x 3 x H x W) through `vae` (posterior mean, decoded)."""
-    means, _ = encode_latents(vae, images, BATCH)
-    recon = torch.cat([vae.decode(chunk.to(vae.dtype)).sample.float().cpu() for chunk in means.split(BATCH)])
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return float(psnr(images.permute(0, 2, 3, 1).numpy(), recon.permute(0, 2, 3, 1).numpy()).mean())
 
 
 def refine_decoder(

@@ -332,7 +332,7 @@ def write_demo_report(out: Path, cfg: Config, pair_sets: list[str], stages: Stag
         ablation_table=_ablation_table(variants, figures_of, ap) if len(variants) > 1 else "",
         held_out=json.loads(held_out.read_text()) if held_out.is_file() else None,
         timing_table=markdown_table(["stage", "seconds"], [[name, f"{value:.0f}"] for name, value in stages.seconds.items()]),
-        seconds=seconds, refined_decoder=RunFolder(out / "runs" / OURS).decoder.is_file(),
+        seconds=seconds,
     )
     return _write_markdown_and_html(out, text)
 

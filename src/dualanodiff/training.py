@@ -53,7 +53,7 @@ from dualanodiff.data import (
     open_category,
     with_marked_masks,
 )
-from dualanodiff.decoder import DECODER_LR, ENOUGH_PSNR, PSNR_IMAGES, reconstruction_psnr, refine_decoder, save_decoder
+from dualanodiff.decoder import DECODER_LR, refine_decoder, save_decoder
 from dualanodiff.devices import DTYPES, cast_frozen, resolve_device
 from dualanodiff.errors import OtherSettings, UserError, describe_changes
 from dualanodiff.images import (
@@ -546,17 +546,10 @@ def normal_pictures(normals: list[Path], resolution: int) -> torch.Tensor:
 def refine_run_decoder(vae, cfg: Config, data: TrainingSet, normals: list[Path], run: RunFolder,
                        stop: Callable[[], int], log: Callable[[str], None], bars: Bars = no_bars) -> int:
     """`decoder.refine_decoder` on the category's `normals` and the few-shot images and parts, written to the
-    run's decoder.safetensors; returns the signal that stopped it (0 when done, and nothing written else).
-    Nothing is refined where the base's decoder reconstructs these images at `ENOUGH_PSNR` or better."""
+    run's decoder.safetensors; returns the signal that stopped it (0 when done, and nothing written else)."""
     images = torch.cat([normal_pictures(normals, cfg.data.resolution), as_batch(data.pictures)])
-    sample = images[torch.linspace(0, len(images) - 1, min(PSNR_IMAGES, len(images))).round().long()]
-    fidelity = reconstruction_psnr(vae, sample)
-    if fidelity >= ENOUGH_PSNR:
-        log(f"VAE decoder kept as the base's: it reconstructs the category's images at {fidelity:.1f} dB "
-            f"(train.decoder_steps refines it below {ENOUGH_PSNR:g} dB)")
-        return 0
     log(f"refining the VAE decoder on {len(normals)} normal and {len(data.pictures)} few-shot images "
-        f"({cfg.train.decoder_steps} steps; the base's reconstructs them at {fidelity:.1f} dB)")
+        f"({cfg.train.decoder_steps} steps)")
     weights = refine_decoder(vae, images, cfg.train.decoder_steps, DECODER_LR, cfg.train.seed, stop, bars)
     if weights is None:
         return stop()
