@@ -81,4 +81,3 @@ def test_saved_weights_load_back_and_a_foreign_file_is_refused(nut_images, tmp_p
     save_decoder({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(UserError, match="other.safetensors: not a decoder of this base model"):
         load_decoder(vae, tmp_path / "other.safetensors")
-

@@ -135,7 +135,7 @@ class GenerateConfig:
     canvas: Literal["noise", "few-shot", "normal", "on-normals"] = "noise"
     # the share of the schedule the canvas is noised to, as img2img's strength (1: the first step); 0: the canvas's
     # own, `CANVAS_STRENGTH` (on-normals 0.15: on the magnetic tile photos far above 0.3, level with it on the held-out
-    # bottle, experiments/CATEGORY.md#the-redraws-strength-on-real-photos-2026-12-07; whole images 1)
+    # bottle, experiments/CATEGORY.md#the-redraws-strength-grey-pairs-and-crack-on-real-photos-2026-12-07; whole images 1)
     strength: Share = 0.0
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
     mask_floor: Share = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect

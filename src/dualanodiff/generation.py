@@ -374,12 +374,12 @@ def generate(
 
 def _batch_inputs(inputs: dict, seeds: list[int], canvas: NormalCanvas | StartImages | None,
                   strength: float) -> tuple[dict, list[dict]]:
-    """The pipeline's inputs for one batch of `seeds` and what each pair used: the call's own, with the
-    canvas's per-pair images on top (a `NormalCanvas` gives them all)."""
+    """The pipeline's inputs for one batch of `seeds` and what each pair used: the call's own (none with a
+    canvas: `check_inputs` refuses --normal beside on-normals), with the canvas's per-pair images on top."""
     if canvas is None:
         return inputs, [{}] * len(seeds)
     own, used = canvas.inputs(seeds, strength)
-    return (own if isinstance(canvas, NormalCanvas) else {**inputs, **own}), used
+    return {**inputs, **own}, used
 
 
 def _resume_note(kept: int, num: int, folder: Path) -> str:
