@@ -19,8 +19,9 @@ from dualanodiff.generation import (
     REGION_MARGIN,
     generate,
     generate_config,
+    placement_rng,
 )
-from dualanodiff.images import as_grey, is_grey, resize_image, resize_mask
+from dualanodiff.images import as_grey, is_grey
 from dualanodiff.masks import filter_verdict, foreground_mask, part_to_mask
 from dualanodiff.runs import RunFolder
 
@@ -58,7 +59,7 @@ def test_without_filter_every_pair_is_written_with_its_verdict(run, synthetic_ro
         assert mask_png.mode == "L" and mask_png.size == (32, 32)
         assert set(np.unique(np.asarray(mask_png))) <= {0, 255}
         image, part, mask = load_image(folder / row["image"]), load_image(folder / row["part"]), load_mask(folder / row["mask"])
-        assert np.array_equal(mask, part_to_mask(part, cfg.mask_floor))
+        assert np.array_equal(mask, part_to_mask(part))
         assert row["verdict"] == filter_verdict(mask, foreground_mask(image, kind), cfg.max_area, cfg.min_on_object)
         assert row["mask_area"] == pytest.approx(mask.mean(), abs=1e-6)
     # the log compares the median mask area with the few-shot masks' (at their own size: areas are shares)
@@ -258,6 +259,7 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
 
     main(["generate", str(run), "--out", str(tmp_path), "--num", "3", "--steps", "2", "--no-filter", "--canvas", "on-normals",
           "--set", "generate.scheduler=ddim", "--set", "generate.batch_size=2", "--set", "generate.device=cpu"])
+    assert "pairs drawn at 64 px, the run trained at 32 px" in capsys.readouterr().err
     folder = tmp_path / "nut" / "hole"
     category = open_category(synthetic_root / "nut")
     normals = NormalPool(category)
@@ -265,15 +267,18 @@ def test_on_normals_draws_each_defect_into_a_real_normal_image_where_a_few_shot_
     rows = manifest(folder)
     assert len(rows) == 3
     for row in rows:
-        target, _, placed, placement = place_defect(np.random.default_rng(row["seed"]), defects, normals, category.kind)
+        target, _, placed, placement = place_defect(placement_rng(row["seed"]), defects, normals, category.kind)
+        crop_paste = place_defect(np.random.default_rng(row["seed"]), defects, normals, category.kind)[3]
+        assert placement != crop_paste  # crop-paste's pair of the same seed is placed apart: no set of both holds one twice
         assert (row["canvas"], row["strength"], row["onto"], row["background"], row["shape_of"]) == (
             "on-normals", 0.15, target.stem, target.stem, placement["source"])  # strength 0: the canvas's own, 0.15
-        normal = resize_image(target.image, 32)
+        # drawn at the photos' 64 px, twice the run's 32: outside its mask the pair is the real photo itself
         image, mask = load_image(folder / row["image"]), load_mask(folder / row["mask"])
-        assert np.array_equal(image[~mask], normal[~mask])
+        assert row["resolution"] == 64 and image.shape == target.image.shape == (64, 64, 3)
+        assert np.array_equal(image[~mask], target.image[~mask])
         margin = max(1, round(REGION_MARGIN * placed.shape[0]))
         grown = cv2.dilate(placed.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
-        assert not (mask & ~resize_mask(grown, 32)).any()
+        assert not (mask & ~grown).any()
     with pytest.raises(OtherSettings, match="canvas 'on-normals' -> None"):
         generate(run, tmp_path, fast(num=4, filter=False))
     started = ["generate", str(run), "--out", str(tmp_path / "started"), "--num", "2", "--steps", "2", "--no-filter",
@@ -319,6 +324,29 @@ def test_a_noise_canvas_refuses_a_strength_below_one():
     assert check_config(GenerateConfig(strength=1.0)).start_strength == 1.0
     assert GenerateConfig(canvas="on-normals").start_strength == CANVAS_STRENGTH["on-normals"] == 0.15
     assert GenerateConfig(canvas="normal").start_strength == 1.0
+
+
+def test_on_normals_draws_at_the_photos_side_up_to_twice_the_runs_and_an_asked_side_wins(run, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from dualanodiff.generation import sampling_side
+
+    trained_32, trained_128 = Config.from_yaml(run / "config.yaml"), Config()
+    trained_128.data.resolution = 128
+    photos = lambda side: SimpleNamespace(photo_side=side)  # noqa: E731  # what sampling_side reads of a NormalCanvas
+    sides = {(32, 64): 64, (32, 300): 64, (32, 48): 32, (128, 256): 256, (128, 200): 192, (128, 1024): 256, (128, 100): 128}
+    for (trained, photo), side in sides.items():
+        assert sampling_side(GenerateConfig(), trained_32 if trained == 32 else trained_128, photos(photo)) == side
+    assert sampling_side(GenerateConfig(), trained_128, None) == 128  # whole images: the run's side
+    assert sampling_side(GenerateConfig(resolution=64), trained_128, photos(1024)) == 64
+    generate(run, tmp_path, fast(num=1, filter=False, resolution=64))
+    row, = manifest(tmp_path / "nut" / "hole")
+    assert row["resolution"] == 64 and load_image(tmp_path / "nut" / "hole" / row["image"]).shape == (64, 64, 3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(run), "--out", str(tmp_path / "bad"), "--set", "generate.resolution=100"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0 and "\n" not in err and "generate.resolution 100: must be a multiple of 64" in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_few_shot_canvas_starts_each_image_from_the_few_shot_image_whose_background_bcm_gets(run, tmp_path, monkeypatch, capsys):

@@ -44,6 +44,7 @@ Share = Annotated[float, Range(0, 1)]
 PairSize = Union[int, Literal["model", "source"]]
 PAIR_SIZE_NAMES = ("model", "source")
 MAX_TRIES_FACTOR = 4  # generate samples at most num x this many pairs before giving up
+SAMPLING_SIDE_STEP = 64  # generate.resolution: 8 latent cells of an 8x VAE (SD 1.x), and so of the embedded 4x one
 CANVAS_STRENGTH = {"noise": 1.0, "few-shot": 1.0, "normal": 1.0, "on-normals": 0.15}  # generate.strength 0 means these
 
 
@@ -138,7 +139,6 @@ class GenerateConfig:
     # bottle, experiments/CATEGORY.md#the-redraws-strength-grey-pairs-and-crack-on-real-photos-2026-12-07; whole images 1)
     strength: Share = 0.0
     mask_method: Literal["threshold", "attention", "u2net"] = "threshold"
-    mask_floor: Share = 0.08  # minimum |part - grey| (in [0, 1]) that may count as defect
     filter: bool = True  # at most 4 x num pairs are sampled before giving up
     max_area: Share = 0.5  # drop masks covering more than this share of the image
     min_on_object: Share = 0.5  # objects: share of the mask that must lie on the foreground
@@ -150,6 +150,9 @@ class GenerateConfig:
     device: str = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     size: PairSize = "model"  # pairs written at the model's size, the dataset's ("source") or N x N pixels
+    # the side pairs are drawn at, in pixels (a multiple of SAMPLING_SIDE_STEP); 0: the run's training side, and on
+    # normals the dataset's image side where that is larger, up to twice training's (`generation.sampling_side`)
+    resolution: Size = 0
 
     @property
     def start_strength(self) -> float:
@@ -251,6 +254,8 @@ RETIRED: dict[str, tuple[str, Any]] = {
     "generate.on_normals_strength": ("replaced by generate.strength (with generate.canvas: on-normals)", 0.3),
     "generate.min_alignment": ("removed, filtered runs taught a localizer less (experiments/RECIPE.md)", 0.0),
     "generate.max_tries_factor": ("removed: at most 4 x num pairs are sampled", 4),
+    "generate.mask_floor": ("removed: a part image's pixels count as defect from 0.08 off its flat level; 0.16 measured "
+                            "level (experiments/CATEGORY.md, mask areas)", 0.08),
     "generate.min_component": ("removed: mask components under 16 pixels are dropped", 16),
     "evaluate.lr": ("removed: the localizer and the classifier train with Adam at 1e-3", 1e-3),
 }

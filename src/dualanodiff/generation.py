@@ -23,7 +23,7 @@ import yaml
 
 from dualanodiff.alignment import alignment_score
 from dualanodiff.baselines import NormalPool, anomaly_part, load_defects, place_defect
-from dualanodiff.config import MAX_TRIES_FACTOR, Config, GenerateConfig, assignments, validated
+from dualanodiff.config import MAX_TRIES_FACTOR, SAMPLING_SIDE_STEP, Config, GenerateConfig, assignments, validated
 from dualanodiff.data import load_image, load_mask, open_category, recorded_split
 from dualanodiff.devices import resolve_device, resolve_dtype
 from dualanodiff.errors import UserError
@@ -68,6 +68,7 @@ def generate_config(run: Path, config_file: Path | None = None, assigned: list[s
 
 BORDER_SHARE = 0.03  # of the image side: the frame where an object's defect is not expected
 OBJECT_FLOOR = 0.25  # of the few-shot images' mean object share: a foreground smaller than this is a speck
+ON_NORMALS_STREAM = 1  # `placement_rng`'s second seed word
 REGION_MARGIN = 1 / 32  # of the image side (a latent cell): how far canvas on-normals lets a defect outgrow its shape
 
 
@@ -138,6 +139,9 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
     if cfg.canvas == "noise" and 0 < cfg.strength < 1:
         raise UserError(f"generate.strength {cfg.strength:g}: a noise canvas starts from pure noise; set generate.canvas "
                         "(--canvas) to few-shot, normal or on-normals, or leave strength at 0")
+    if cfg.resolution % SAMPLING_SIDE_STEP:
+        raise UserError(f"generate.resolution {cfg.resolution}: must be a multiple of {SAMPLING_SIDE_STEP}, or 0 for the "
+                        "run's own side")
     make_scheduler(cfg.scheduler, {})
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     return cfg
@@ -166,7 +170,7 @@ def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> 
 class NormalCanvas:
     """Canvas ``on-normals``: each pair's defect is drawn into a real ``train/good`` image of the run's dataset,
     inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the
-    pair's seed), grown by `REGION_MARGIN` of the image side so the model may draw it larger; the image's own
+    pair's seed, in a stream of its own, `placement_rng`), grown by `REGION_MARGIN` of the image side so the model may draw it larger; the image's own
     background feeds BCM. The pairs then differ from real normal images only at their defects."""
 
     def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
@@ -179,13 +183,14 @@ class NormalCanvas:
         if not self.defects:
             raise UserError(f"--canvas on-normals: the run's few-shot pairs of {run_cfg.data.defect} are no longer in {category.root}")
         self.normals, self.kind, self.u2net_weights = NormalPool(category), kind, u2net_weights
+        self.photo_side = min(category.image_size())
 
     def inputs(self, seeds: list[int], strength: float) -> tuple[dict, list[dict]]:
         """The pipeline's per-pair inputs for `seeds` (normal images, regions, backgrounds and, below strength 1,
         the placed real defects as image and part to start from), and what each pair used."""
         inputs, records = {"normal_image": [], "mask": [], "background": [], "init_image": [], "init_part": []}, []
         for seed in seeds:
-            target, pasted, placed, placement = place_defect(np.random.default_rng(seed), self.defects, self.normals, self.kind)
+            target, pasted, placed, placement = place_defect(placement_rng(seed), self.defects, self.normals, self.kind)
             inputs["normal_image"].append(target.image)
             inputs["mask"].append(drawing_region(placed, target.foreground))
             inputs["background"].append(prepared_background(target.image, self.kind, self.u2net_weights))
@@ -197,6 +202,13 @@ class NormalCanvas:
         else:
             del inputs["init_image"], inputs["init_part"]
         return inputs, records
+
+
+def placement_rng(seed: int) -> np.random.Generator:
+    """Where canvas on-normals draws pair `seed`'s placement from: a stream apart from crop-paste's (which places pair
+    `seed` from ``default_rng(seed)``), so that the two sets made at the same seeds, trained on together, hold 2N
+    placements and not each one twice (experiments/CATEGORY.md#sampling-on-normals-at-the-photos-side-2026-12-07)."""
+    return np.random.default_rng([seed, ON_NORMALS_STREAM])
 
 
 def drawing_region(placed: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -254,8 +266,20 @@ def grey_category(run_cfg: Config) -> bool:
     return bool(train) and all(is_grey(load_image(pair.image)) for pair in train)
 
 
+def sampling_side(cfg: GenerateConfig, run_cfg: Config, normals: NormalCanvas | None) -> int:
+    """The side pairs are drawn at: ``generate.resolution``, else the run's training side; on normals the photos'
+    side where that is larger (down to a multiple of `SAMPLING_SIDE_STEP`), up to twice training's. There the defect
+    is drawn into a real photo, and a finer latent grid keeps a thin crack thin and a blowhole as small as the real
+    ones (experiments/CATEGORY.md#sampling-on-normals-at-the-photos-side-2026-12-07)."""
+    trained = run_cfg.data.resolution
+    if cfg.resolution or normals is None:
+        return cfg.resolution or trained
+    photo = normals.photo_side // SAMPLING_SIDE_STEP * SAMPLING_SIDE_STEP
+    return max(trained, min(photo, 2 * trained))
+
+
 def pair_settings(run: Path, run_cfg: Config, cfg: GenerateConfig, normal: Path | None, canvas: str | None,
-                  whole_images: bool, grey: bool) -> dict:
+                  whole_images: bool, grey: bool, side: int) -> dict:
     """What every pair record of one `generate` call carries: a folder takes pairs only made with the same."""
     return {
         "run": str(Path(run).resolve()),
@@ -267,12 +291,14 @@ def pair_settings(run: Path, run_cfg: Config, cfg: GenerateConfig, normal: Path 
         "size": None if cfg.size == "model" else cfg.size,  # None: folders from before --size compare equal
         "lay_part": True if whole_images and cfg.lay_part else None,  # None: folders from before it compare equal
         "grey": True if grey else None,  # None: colour, as folders from before it
+        "resolution": side if side != run_cfg.data.resolution else None,  # None: the run's side, as folders from before it
     }
 
 
-def sampling_pipeline(run: Path, run_cfg: Config, cfg: GenerateConfig) -> DualAnoDiffPipeline:
-    """The run's pipeline with these sampling settings, its own progress bar off (the caller's counts pairs)."""
-    pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype)
+def sampling_pipeline(run: Path, run_cfg: Config, cfg: GenerateConfig, side: int) -> DualAnoDiffPipeline:
+    """The run's pipeline with these sampling settings at `side` pixels, its own progress bar off (the caller's counts
+    pairs)."""
+    pipe = DualAnoDiffPipeline.from_run(run, cfg.device, cfg.dtype, side)
     pipe.use_config(cfg)
     pipe.set_progress_bar_config(disable=True)
     pipe.u2net_weights = run_cfg.data.u2net_weights
@@ -319,10 +345,11 @@ def generate(
     check_inputs(cfg, run_cfg.data.u2net_weights, normal, mask)
     canvas = cfg.canvas if started or on_normals else None  # None: from noise, or into the given --normal image
     grey = grey_category(run_cfg)
-    settings = pair_settings(run, run_cfg, cfg, normal, canvas, whole_images, grey)
-    size = pair_size(cfg.size, run_cfg.data.data)
     kind, fg_weights = foreground_kind(run_cfg), run_cfg.data.u2net_weights or None
     normals = NormalCanvas(run_cfg, kind, fg_weights) if on_normals else None
+    side = sampling_side(cfg, run_cfg, normals)
+    settings = pair_settings(run, run_cfg, cfg, normal, canvas, whole_images, grey, side)
+    size = pair_size(cfg.size, run_cfg.data.data)
     starting_images = StartImages(run_cfg, cfg.canvas, kind, fg_weights) if started else None
     with PairWriter(Path(out), Path(run_cfg.data.data).name, run_cfg.data.defect, size) as writer, deferred_signals() as stop:
         if force:
@@ -333,7 +360,7 @@ def generate(
         if progress is not None:
             progress(kept, cfg.num)
         if kept < cfg.num and attempt < cap:
-            pipe = sampling_pipeline(run, run_cfg, cfg)
+            pipe = sampling_pipeline(run, run_cfg, cfg, side)
             objects = few_shot_objects(run_cfg, kind, fg_weights)
             inputs, source = _inputs(pipe, kind, fg_weights, normal, mask)
             estimate = CostEstimate(cfg.num - kept, log, f"generation ({cfg.num - kept} pairs)",
@@ -366,6 +393,8 @@ def generate(
             raise Stopped(stop(), _resume_note(kept, cfg.num, writer.dir))
     summary = GenerationSummary(writer.dir, kept, attempt - kept, attempt, time.monotonic() - start)
     _report(summary, cfg, verdicts, log)
+    if side != run_cfg.data.resolution:
+        log(f"pairs drawn at {side} px, the run trained at {run_cfg.data.resolution} px")
     if grey:
         log("pairs written grey: the run's few-shot photos are grey")
     log(mask_area_note(summary.folder, run_cfg))

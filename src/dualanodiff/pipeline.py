@@ -245,13 +245,13 @@ class DualAnoDiffPipeline(DiffusionPipeline):
         staging.rename(folder)
 
     @classmethod
-    def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32") -> DualAnoDiffPipeline:
+    def from_run(cls, run: Path | str, device: str = "auto", dtype: str = "fp32", resolution: int = 0) -> DualAnoDiffPipeline:
         """The run's base model (with its category LoRA where it has one), trained adapters, few-shot backgrounds
-        and generate settings."""
+        and generate settings, drawing at `resolution` pixels (0: the run's training side)."""
         folder = RunFolder(run)
         cfg = folder.load_config()
         category = folder.category if folder.category.is_file() else None
-        pipe = cls.from_pretrained(cfg.model.base_model, cfg.model, device, dtype, cfg.data.resolution, category)
+        pipe = cls.from_pretrained(cfg.model.base_model, cfg.model, device, dtype, resolution or cfg.data.resolution, category)
         return pipe.load_adapters(run)
 
     @classmethod
@@ -377,7 +377,7 @@ class DualAnoDiffPipeline(DiffusionPipeline):
             return attention_to_mask(attention, part.shape[:2])
         if cfg.mask_method == "u2net":
             return u2net_part_mask(part, self.u2net_weights)
-        return part_to_mask(part, cfg.mask_floor)
+        return part_to_mask(part)
 
     def _generators(self, num_images: int | None, generator, seeds: list[int] | None):
         """(generators, seeds) of a call: per-pair generators from `seeds`, the caller's list, one shared
