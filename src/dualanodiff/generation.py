@@ -169,9 +169,10 @@ def run_dataset(run_cfg: Config, option: str, needed_for: str, instead: str) -> 
 
 class NormalCanvas:
     """Canvas ``on-normals``: each pair's defect is drawn into a real ``train/good`` image of the run's dataset,
-    inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the
-    pair's seed, in a stream of its own, `placement_rng`), grown by `REGION_MARGIN` of the image side so the model may draw it larger; the image's own
-    background feeds BCM. The pairs then differ from real normal images only at their defects."""
+    inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the pair's
+    seed, in a stream of its own, `placement_rng`), grown by `REGION_MARGIN` of the image side so the model may draw
+    it larger; the image's own background feeds BCM. The pairs then differ from real normal images only at their
+    defects. `photo_side`: the dataset's image side (`sampling_side`)."""
 
     def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
         category = open_category(run_dataset(run_cfg, "--canvas on-normals", "its train/good images are where the defects go",
