@@ -331,14 +331,17 @@ def test_on_normals_draws_at_the_photos_side_up_to_twice_the_runs_and_an_asked_s
 
     from dualanodiff.generation import sampling_side
 
-    trained_32, trained_128 = Config.from_yaml(run / "config.yaml"), Config()
-    trained_128.data.resolution = 128
+    def trained_at(side: int) -> Config:
+        cfg = Config()
+        cfg.data.resolution = side
+        return cfg
+
     photos = lambda side: SimpleNamespace(photo_side=side)  # noqa: E731  # what sampling_side reads of a NormalCanvas
     sides = {(32, 64): 64, (32, 300): 64, (32, 48): 32, (128, 256): 256, (128, 200): 192, (128, 1024): 256, (128, 100): 128}
     for (trained, photo), side in sides.items():
-        assert sampling_side(GenerateConfig(), trained_32 if trained == 32 else trained_128, photos(photo)) == side
-    assert sampling_side(GenerateConfig(), trained_128, None) == 128  # whole images: the run's side
-    assert sampling_side(GenerateConfig(resolution=64), trained_128, photos(1024)) == 64
+        assert sampling_side(GenerateConfig(), trained_at(trained), photos(photo)) == side
+    assert sampling_side(GenerateConfig(), trained_at(128), None) == 128  # whole images: the run's side
+    assert sampling_side(GenerateConfig(resolution=64), trained_at(128), photos(1024)) == 64
     generate(run, tmp_path, fast(num=1, filter=False, resolution=64))
     row, = manifest(tmp_path / "nut" / "hole")
     assert row["resolution"] == 64 and load_image(tmp_path / "nut" / "hole" / row["image"]).shape == (64, 64, 3)

@@ -172,7 +172,7 @@ class NormalCanvas:
     inside the shape of one of the run's few-shot defects placed on it as crop-paste places it (from the pair's
     seed, in a stream of its own, `placement_rng`), grown by `REGION_MARGIN` of the image side so the model may draw
     it larger; the image's own background feeds BCM. The pairs then differ from real normal images only at their
-    defects. `photo_side`: the dataset's image side (`sampling_side`)."""
+    defects. `photo_side`: the side of the run's few-shot photos (`sampling_side`)."""
 
     def __init__(self, run_cfg: Config, kind: str, u2net_weights: str | None):
         category = open_category(run_dataset(run_cfg, "--canvas on-normals", "its train/good images are where the defects go",
@@ -184,7 +184,7 @@ class NormalCanvas:
         if not self.defects:
             raise UserError(f"--canvas on-normals: the run's few-shot pairs of {run_cfg.data.defect} are no longer in {category.root}")
         self.normals, self.kind, self.u2net_weights = NormalPool(category), kind, u2net_weights
-        self.photo_side = min(category.image_size())
+        self.photo_side = min(self.defects[0].image.shape[:2])  # the run's own photos, already read
 
     def inputs(self, seeds: list[int], strength: float) -> tuple[dict, list[dict]]:
         """The pipeline's per-pair inputs for `seeds` (normal images, regions, backgrounds and, below strength 1,
