@@ -122,6 +122,15 @@ def test_localizer_benchmark_records_one_row_of_both_layouts(tmp_path, monkeypat
     assert cells[3] == "b2 32 px w2" and float(cells[6]) > 0
 
 
+def test_evaluation_workers_benchmark_records_both_ways(tmp_path, monkeypatch, capsys):
+    import evaluation_workers
+
+    argv = ["--trainings", "2", "--size", "32", "--steps", "2", "--rounds", "1"]
+    printed, cells = _run_recording(evaluation_workers, argv, "Evaluation workers", tmp_path, monkeypatch, capsys)
+    assert printed["ratio"] == pytest.approx(printed["one after the other s"] / printed["side by side s"])
+    assert cells[3] == f"2 x 2 steps, 32 px, {printed['cores']} cores" and float(cells[5]) > 0
+
+
 def test_merged_sampling_benchmark_records_both_ways_and_merging_cuts_flops(tmp_path, monkeypatch, capsys):
     import merged_sampling
 

@@ -1,12 +1,20 @@
 """`evaluate_generators`: which defect types are compared, what is said about what is not, rows made of
-several roots, and the alignment of each row's pairs."""
+several roots, the alignment of each row's pairs, and trainings on worker processes (the same figures; a SIGINT
+stops them all)."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dualanodiff.alignment import alignment_score
 from dualanodiff.config import EvaluateConfig
@@ -14,6 +22,7 @@ from dualanodiff.data import few_shot_split, load_image, load_mask, open_categor
 from dualanodiff.errors import UserError
 from dualanodiff.evaluation import evaluate_generators
 from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.evaluation.parallel import usable_cores
 from dualanodiff.masks import foreground_mask
 from dualanodiff.pairs import PairWriter
 
@@ -182,3 +191,59 @@ def test_a_long_evaluation_says_up_front_what_it_will_cost_and_how_to_shorten_it
         if said:
             assert "(4 trainings of 6 steps at 64 px) will take about" in estimates[0]
             assert estimates[0].endswith("; evaluate.steps (--steps) or evaluate.resolution (--set evaluate.resolution=PX) shorten it")
+
+
+def test_figures_from_two_workers_equal_those_of_one_process(synthetic_root, roots, recorded_bars):
+    """Two rows at two seeds, localizer and classifier: every training's figures are the same to the bit."""
+    cfg = EvaluateConfig(steps=3, batch_size=4, resolution=64, base_width=4, seeds=2)
+    one = evaluate_generators(synthetic_root / "nut", roots, cfg, device="cpu", workers=1)
+    two = evaluate_generators(synthetic_root / "nut", roots, cfg, device="cpu", workers=2, bars=recorded_bars)
+    assert [row["per_seed"] for row in two["generators"]] == [row["per_seed"] for row in one["generators"]]
+    assert [row["per_defect"] for row in two["generators"]] == [row["per_defect"] for row in one["generators"]]
+    labels = {f"{row}, seed {seed}: {what}" for row in roots for seed in (0, 1)
+              for what in ("localization U-Net", "classification ResNet-34")}
+    assert recorded_bars.totals == dict.fromkeys(labels, 3)
+    assert all([done for done, _ in updates] == [1, 2, 3] for updates in recorded_bars.updates.values())
+
+
+def children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(child) for child in open(path).read().split()] if os.path.exists(path) else []
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] in ("Z", "X")  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(usable_cores() < 2 or not os.path.exists("/proc/self/task"), reason="needs 2 cores and /proc")
+def test_sigint_while_workers_train_stops_them_all_and_writes_nothing(synthetic_root, roots, tmp_path):
+    """A real SIGINT at a random step of the workers' trainings: exit 130 with the one line, no report, no worker
+    left running."""
+    report = tmp_path / "out" / "report.md"
+    args = [str(Path(sys.executable).parent / "dualanodiff"), "evaluate", "--data", str(synthetic_root / "nut"),
+            "--defect", "hole", "--generated", f"a={roots['full']}", "--generated", f"b={roots['partial']}",
+            "--steps", "5000", "--set", "evaluate.resolution=32", "--set", "evaluate.base_width=4",
+            "--no-classification", "--workers", "2", "--report", str(report)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started, training = time.monotonic(), set()
+    for line in process.stderr:  # both rows' bars have started: both workers train
+        training |= {row for row in "ab" if line.startswith(f"{row}: localization U-Net ")}
+        if training == set("ab"):
+            break
+    time.sleep(torch.rand(1).item())
+    workers = children(process.pid)
+    assert len(workers) >= 2 and time.monotonic() - started < 120
+    process.send_signal(signal.SIGINT)
+    err = process.stderr.read()
+    assert process.wait(60) == 130
+    assert err.strip().splitlines()[-1].endswith(
+        "stopped by SIGINT before anything was written; run the same command again to evaluate")
+    assert not (tmp_path / "out").exists()
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(gone(pid) for pid in workers)

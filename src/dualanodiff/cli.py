@@ -466,6 +466,10 @@ def evaluate(
         None, "--resnet-weights", help="torchvision's ImageNet resnet34-*.pth for the classifier (else random init).",
     ),
     no_classification: bool = typer.Option(False, "--no-classification", help="Skip the ResNet-34 classification."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="On the CPU, trainings run at once, each on one thread (default: one per core); "
+        "the figures are the same for any number.",
+    ),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown report, and beside it its bar chart "
                                           "(.png), the results (.json, raw fractions) and the table (.csv)."),
     assigned: Optional[list[str]] = SET_OPTION,
@@ -474,6 +478,7 @@ def evaluate(
     """Compare generators: U-Net localization, ResNet-34 classification, IS and IC-LPIPS, in one table."""
     from dualanodiff.config import assignments
     from dualanodiff.evaluation import evaluate_generators, write_report
+    from dualanodiff.evaluation.parallel import usable_cores
     from dualanodiff.evaluation.report import chart_path, check_outputs
 
     options = {("evaluate", "steps"): steps, ("evaluate", "seeds"): seeds}
@@ -489,7 +494,7 @@ def evaluate(
             results = evaluate_generators(
                 data, roots, cfg, defects=defect or None, rounding=split_rounding,
                 inception_weights=inception_weights, lpips_weights=lpips_weights, resnet_weights=resnet_weights,
-                classification=not no_classification, log=_log, bars=bars,
+                classification=not no_classification, workers=workers or usable_cores(), log=_log, bars=bars,
             )
         written = write_report(results, report, json_path=json_path, csv_path=csv_path, force=force)
     print_results(results)

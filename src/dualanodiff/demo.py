@@ -250,6 +250,7 @@ def _evaluate(cfg: Config, out: Path, pair_sets: list[str], hooks: DemoHooks, co
     """Every pair set's localization row; ``combined`` adds crop-paste + our on-normals pairs as one more row
     (with --ablation only: a fifth localizer would take the plain demo past 10 minutes)."""
     from dualanodiff.evaluation import evaluate_generators, write_report
+    from dualanodiff.evaluation.parallel import usable_cores
 
     rows: dict[str, Path | list[Path]] = {name: out / "generated" / name for name in pair_sets + list(BASELINES)}
     if combined:
@@ -262,6 +263,7 @@ def _evaluate(cfg: Config, out: Path, pair_sets: list[str], hooks: DemoHooks, co
         defects=[cfg.data.defect],
         classification=False,
         device=cfg.train.device,
+        workers=usable_cores(),
         log=hooks.log,
         bars=hooks.bar,
     )

@@ -43,6 +43,7 @@ from dualanodiff.evaluation.inputs import (
 )
 from dualanodiff.evaluation.localization import check_resolution, evaluate_localization
 from dualanodiff.evaluation.metrics import METRIC_KEYS
+from dualanodiff.evaluation.parallel import run_trainings
 from dualanodiff.evaluation.training import LEARNING_RATE
 from dualanodiff.images import batch_to_model_range
 from dualanodiff.masks import area_ratio
@@ -64,6 +65,7 @@ def evaluate_generators(
     resnet_weights: Path | None = None,
     classification: bool = True,
     device: str = "auto",
+    workers: int = 1,
     log: Callable[[str], None] = lambda message: None,
     bars: Bars = no_bars,
 ) -> dict:
@@ -78,7 +80,9 @@ def evaluate_generators(
     row's localizer and classifier are trained at seeds ``cfg.seed``, ``cfg.seed + 1``, ... and their figures
     are the mean; ``per_seed`` lists each training's `METRIC_KEYS` and ``accuracy``. Each row's trainings
     advance bars of ``bars`` labelled with the row's name (``crop-paste: localization U-Net``; with several
-    seeds ``crop-paste, seed 1: localization U-Net``).
+    seeds ``crop-paste, seed 1: localization U-Net``). On the CPU every training runs on one thread, up to
+    ``workers`` at once in processes of their own (`parallel.run_trainings`): the figures do not depend on
+    ``workers``.
     """
     category = open_category(category_dir)
     check_resolution(cfg.resolution)
@@ -105,42 +109,81 @@ def evaluate_generators(
 
     trainings = len(pairs) * cfg.seeds * (2 if classify else 1)
     bars = estimating_bars(bars, trainings * cfg.steps, log, f"{trainings} trainings of {cfg.steps} steps at {cfg.resolution} px")
-    scoring = _Scoring(category, defects, cfg, rounding, resnet_weights, device, inception, lpips, classify, log, bars)
+    jobs = [
+        Training(name, cfg.seed + k, category, by_defect, defects, cfg, rounding, resnet_weights, classify, device)
+        for name, by_defect in pairs.items() for k in range(cfg.seeds)
+    ]
+    scoring = _Scoring(category, defects, cfg, rounding, inception, lpips, classify, log)
+    alignments = {name: scoring.alignments(name, found) for name, found in pairs.items()}
+    trained = run_trainings(train_and_score, jobs, workers, device, bars)
+    each_seed = {name: trained[k * cfg.seeds:(k + 1) * cfg.seeds] for k, name in enumerate(pairs)}
     return {
         "category": category.name,
         "category_dir": str(category.root),
         "defects": defects,
         "protocol": _protocol(category, defects, cfg, rounding, resnet_weights, classify),
         "notes": notes,
-        "generators": [scoring.row(name, found, roots[name]) for name, found in pairs.items()],
+        "generators": [scoring.row(name, found, roots[name], alignments[name], each_seed[name])
+                       for name, found in pairs.items()],
     }
 
 
 @dataclasses.dataclass
+class Training:
+    """One row's localizer (and classifier) at one seed: what a worker process needs to train and score them."""
+
+    name: str
+    seed: int
+    category: Category
+    pairs: dict[str, PairPaths]  # defect type -> the row's pairs
+    defects: list[str]
+    cfg: EvaluateConfig
+    rounding: str
+    resnet_weights: Path | None
+    classify: bool
+    device: str
+
+
+def train_and_score(job: Training, bars: Bars) -> dict:
+    """The row's localizer (and classifier) trained at the job's seed, scored on the real test split; bars named
+    by the row (and the seed, with several)."""
+    cfg = dataclasses.replace(job.cfg, seed=job.seed)
+    bars = _labelled(bars, job.name if job.cfg.seeds == 1 else f"{job.name}, seed {job.seed}")
+    flat = [pair for defect in job.defects for pair in job.pairs[defect]]
+    localization = evaluate_localization(job.category, flat, cfg, job.rounding, job.defects, cfg.base_width,
+                                         job.device, bars)
+    accuracy = (evaluate_classification(job.category, {d: job.pairs[d] for d in job.defects}, cfg, job.rounding,
+                                        job.resnet_weights, job.device, bars) if job.classify else None)
+    return {"localization": localization, "accuracy": accuracy}
+
+
+@dataclasses.dataclass
 class _Scoring:
-    """What every row of one evaluation is scored with."""
+    """What every row of one evaluation is scored with besides its trainings."""
 
     category: Category
     defects: list[str]
     cfg: EvaluateConfig
     rounding: str
-    resnet_weights: Path | None
-    device: str
     inception: Callable | None
     lpips: LPIPS | None
     classify: bool
     log: Callable[[str], None]
-    bars: Bars
 
-    def row(self, name: str, found: dict[str, PairPaths], roots: list[Path]) -> dict:
-        """One generator's row: its trainings at each seed, then its figures per defect type and overall."""
+    def alignments(self, name: str, found: dict[str, PairPaths]) -> dict[str, list[float]]:
+        """Defect type -> the alignment scores of the row's pairs; says how many pairs the row trains on."""
+        alignments = {defect: pair_alignments(found[defect], self.category.kind) for defect in self.defects}
+        count, mean = sum(len(found[d]) for d in self.defects), _mean([a for s in alignments.values() for a in s])
+        self.log(f"{name}: {count} generated pairs over {len(self.defects)} defect types, mean alignment {mean:.2f}")
+        return alignments
+
+    def row(self, name: str, found: dict[str, PairPaths], roots: list[Path], alignments: dict[str, list[float]],
+            each_seed: list[dict]) -> dict:
+        """One generator's row: its figures per defect type and overall from its trainings at each seed."""
         cfg, defects, category = self.cfg, self.defects, self.category
         by_defect = {defect: found[defect] for defect in defects}
         flat = [pair for defect in defects for pair in by_defect[defect]]
-        alignments = {defect: pair_alignments(by_defect[defect], category.kind) for defect in defects}
         alignment = _mean([score for defect in defects for score in alignments[defect]])
-        self.log(f"{name}: {len(flat)} generated pairs over {len(defects)} defect types, mean alignment {alignment:.2f}")
-        each_seed = [self.trainings(name, cfg.seed + k, flat, by_defect) for k in range(cfg.seeds)]
         localization = _mean_tree([result["localization"] for result in each_seed])
         accuracy = _mean_tree([result["accuracy"] for result in each_seed]) if self.classify else None
         per_defect = {}
@@ -165,16 +208,6 @@ class _Scoring:
                     for k, result in enumerate(each_seed)]
         return {"name": name, "roots": [str(root) for root in roots], "pairs": {d: len(by_defect[d]) for d in defects},
                 "metrics": metrics, "per_defect": per_defect, "per_seed": per_seed}
-
-    def trainings(self, name: str, seed: int, flat: PairPaths, by_defect: dict[str, PairPaths]) -> dict:
-        """The row's localizer (and classifier) trained at `seed`, scored on the real test split."""
-        seed_cfg = dataclasses.replace(self.cfg, seed=seed)
-        bars = _labelled(self.bars, name if self.cfg.seeds == 1 else f"{name}, seed {seed}")
-        localization = evaluate_localization(self.category, flat, seed_cfg, self.rounding, self.defects,
-                                             self.cfg.base_width, self.device, bars)
-        accuracy = (evaluate_classification(self.category, by_defect, seed_cfg, self.rounding, self.resnet_weights,
-                                            self.device, bars) if self.classify else None)
-        return {"localization": localization, "accuracy": accuracy}
 
 
 def mask_areas(category: Category, defect: str, pairs: PairPaths, rounding: str) -> dict[str, float]:
