@@ -21,6 +21,7 @@ NOT_USED_WHEN_ABSENT = {
                  "assigned"},
 }
 OPTION_NAME_OF_KEY = {"use_filter": "filter"}  # parameter name -> config key name, where they differ
+MACHINE_DEFAULTS = {"workers": "one per usable core"}  # defaults the machine decides, shown in words
 
 
 def _help(command: str) -> str:
@@ -38,6 +39,9 @@ def test_help_shows_every_default_and_marks_required_options(command):
         if param.required:
             assert param.show_default is not False
             assert f"{flag} " in text and "[required]" in text
+        elif param.name in MACHINE_DEFAULTS:
+            assert param.show_default == MACHINE_DEFAULTS[param.name]
+            assert f"[default: ({param.show_default})]" in text, flag
         elif isinstance(param.show_default, str):  # left to the config: shows the config's key and value
             key, _, shown = param.show_default.removeprefix("the run's ").partition(": ")
             if command == "generate":

@@ -467,8 +467,8 @@ def evaluate(
     ),
     no_classification: bool = typer.Option(False, "--no-classification", help="Skip the ResNet-34 classification."),
     workers: Optional[int] = typer.Option(
-        None, "--workers", min=1, help="On the CPU, trainings run at once, each on one thread (default: one per core); "
-        "the figures are the same for any number.",
+        None, "--workers", min=1, help="On the CPU, trainings run at once, each on one thread; the figures are the "
+        "same for any number.", show_default="one per usable core",
     ),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown report, and beside it its bar chart "
                                           "(.png), the results (.json, raw fractions) and the table (.csv)."),
