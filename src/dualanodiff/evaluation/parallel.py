@@ -5,7 +5,8 @@ training runs on one thread, in as many processes as ``workers`` says: a trainin
 for any number of workers and any number of cores (a thread count changes the order of float sums, and a
 200-step localizer's pixel AP with it), and the protocol's small networks, which use a second thread poorly,
 lose nothing by it (on 2 cores the demo's four localizers side by side train at 1.2-1.35x the throughput of
-one after the other on both threads; random-data benchmark 1.04-1.08x: benchmarks/RESULTS.md). On a GPU the trainings run one after the other in this process.
+one after the other on both threads; random-data benchmark 1.04-1.08x: benchmarks/RESULTS.md). On a GPU the
+trainings run one after the other in this process.
 
 Worker processes are spawned (fork after PyTorch's thread pool started can hang): a script that
 evaluates with ``workers`` > 1 keeps its top-level work under ``if __name__ == "__main__":``.
