@@ -20,7 +20,7 @@ from _common import append_row, environment
 
 from dualanodiff.config import EvaluateConfig
 from dualanodiff.evaluation.localization import train_localization_model
-from dualanodiff.evaluation.parallel import run_trainings, usable_cores
+from dualanodiff.evaluation.parallel import run_trainings, torch_threads, usable_cores
 from dualanodiff.progress import no_bars
 
 
@@ -36,12 +36,10 @@ def train_one(job: tuple[int, int, int], bars) -> dict:
 
 
 def one_after_the_other(jobs: list, threads: int) -> float:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     start = time.perf_counter()
-    for job in jobs:
-        train_one(job, no_bars)
-    torch.set_num_threads(before)
+    with torch_threads(threads):
+        for job in jobs:
+            train_one(job, no_bars)
     return time.perf_counter() - start
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dualanodiff.evaluation.parallel import torch_threads
+
 torch.set_num_threads(2)
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut-photos"
@@ -21,10 +23,8 @@ def one_thread():
     """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one thread is as
     fast, and immune to OpenMP stalls, where two spinning threads make each step many times slower on a
     busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads():
+        yield
 
 
 @pytest.fixture(scope="session")

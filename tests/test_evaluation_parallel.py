@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dualanodiff.errors import UserError
-from dualanodiff.evaluation.parallel import one_thread, run_trainings
+from dualanodiff.evaluation.parallel import run_trainings, torch_threads
 
 
 def threads_and_bar(job: int, bars) -> dict:
@@ -40,7 +40,7 @@ def test_in_this_process_a_job_runs_on_one_thread_and_the_thread_count_comes_bac
     results = run_trainings(threads_and_bar, [0, 1], workers=1, device="cpu", bars=recorded_bars)
     assert [(r["threads"], r["pid"]) for r in results] == [(1, os.getpid())] * 2
     assert torch.get_num_threads() == threads
-    with pytest.raises(ValueError), one_thread():
+    with pytest.raises(ValueError), torch_threads():
         raise ValueError
     assert torch.get_num_threads() == threads
 

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +53,7 @@ from dualanodiff.errors import (
 )
 from dualanodiff.evaluation import compare
 from dualanodiff.evaluation import report as report_files
+from dualanodiff.evaluation.parallel import torch_threads
 from dualanodiff.pairs import LOCK, PairWriter, kept_rows
 from dualanodiff.runs import RunFolder
 
@@ -295,8 +295,6 @@ def test_sigint_during_pretrain_base_checkpoints_at_a_step_and_resume_gives_the_
     which nothing is left to stop). A tiny run can finish faster than any timer, so the step, not a delay, is drawn."""
     args = ["pretrain-base", "--preset", "tiny", "--resolution", "32", "--steps-vae", "4", "--steps-decoder", "4",
             "--steps-unet", "10", "--workers", "1", "--device", "cpu"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     log = cli._log
     target = random.choice(["VAE step 2/", "VAE step 4/", "decoder step 2/", "decoder step 4/", "UNet step 2/",
                             "UNet step 4/", "UNet step 6/", "UNet step 8/"])
@@ -307,7 +305,7 @@ def test_sigint_during_pretrain_base_checkpoints_at_a_step_and_resume_gives_the_
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(cli, "_log", armed)
-    try:
+    with torch_threads():
         code, _, err = run_cli(*args, "--out", tmp_path / "stopped")
         monkeypatch.setattr(cli, "_log", log)
         state = torch.load(tmp_path / "stopped" / "checkpoint" / "state.pt", weights_only=True)
@@ -318,8 +316,6 @@ def test_sigint_during_pretrain_base_checkpoints_at_a_step_and_resume_gives_the_
         assert steps < (4, 4, 10)
         assert run_cli(*args, "--out", tmp_path / "stopped", "--resume")[0] == 0
         assert run_cli(*args, "--out", tmp_path / "whole")[0] == 0
-    finally:
-        torch.set_num_threads(threads)
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         expected, got = load_file(tmp_path / "whole" / part), load_file(tmp_path / "stopped" / part)
         assert all(torch.equal(expected[k], got[k]) for k in expected), part
@@ -536,23 +532,12 @@ def test_progress_outside_a_terminal_prints_plain_lines(tmp_path, run_cli):
     assert len(lines) >= 3 and all("/s" in line for line in lines[1:])
 
 
-@contextmanager
-def one_torch_thread():
-    """Tiny models train many times faster on one thread than on two spinning ones on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_evaluate_outside_a_terminal_prints_plain_progress_lines_of_each_training(synthetic_root, perlin_pairs, tmp_path,
                                                                                   run_cli, monkeypatch):
     monkeypatch.setattr(progress, "PLAIN_SECONDS", math.inf)  # lines by tenths of the work only: an exact count
     args = evaluate_args(synthetic_root, perlin_pairs, tmp_path / "report.md")
     args[args.index("--steps") + 1] = "20"
-    with one_torch_thread():
+    with torch_threads():  # tiny models train many times faster on one thread than on two spinning ones
         code, _, err = run_cli(*args)
     assert code == 0, err
     steps = re.findall(r"^perlin: localization U-Net (\d+)/20 \(\d+%\) loss \d+\.\d{4}", err, re.MULTILINE)
@@ -561,7 +546,7 @@ def test_evaluate_outside_a_terminal_prints_plain_progress_lines_of_each_trainin
 
 def test_pretrain_base_outside_a_terminal_prints_plain_progress_lines_beside_its_log_lines(tmp_path, run_cli, monkeypatch):
     monkeypatch.setattr(progress, "PLAIN_SECONDS", math.inf)
-    with one_torch_thread():
+    with torch_threads():
         code, _, err = run_cli("pretrain-base", "--preset", "tiny", "--resolution", "32", "--steps-vae", "4",
                                "--steps-unet", "10", "--workers", "1", "--device", "cpu", "--out", tmp_path / "base")
     assert code == 0, err

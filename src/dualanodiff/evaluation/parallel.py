@@ -41,10 +41,10 @@ def usable_cores() -> int:
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """PyTorch's intra-op threads set to one inside, restored after."""
+def torch_threads(count: int = 1) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``count`` inside, restored after."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -60,7 +60,7 @@ def run_trainings(
     if resolve_device(device).type != "cpu":
         return [work(job, bars) for job in jobs]
     if workers <= 1 or len(jobs) <= 1:
-        with one_thread():
+        with torch_threads():
             return [work(job, bars) for job in jobs]
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
